@@ -1,0 +1,155 @@
+"""Multi-head attention with GQA, rotary, q/k norms, soft-capping and sliding windows.
+
+Canonical weights (``nn.Linear``, [out, in]): ``q_proj`` [H*dh, dm], ``k_proj`` / ``v_proj`` [Hkv*dh, dm],
+``o_proj`` [dm, H*dh]; optional ``q_norm`` / ``k_norm``.
+
+Fast path: when neither ``hook_attn_scores`` nor ``hook_pattern`` has a hook (and there is no soft-cap),
+attention runs through ``mx.fast.scaled_dot_product_attention``: GQA without tiling k/v, no [B,H,P,P]
+tensor materialised. ``hook_result`` ([B,P,H,dm]) is computed only when hooked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from ..config import HookedConfig
+from ..hooks import HookPoint
+from .norms import Norm
+
+
+def linear_weight(layer: nn.Module) -> mx.array:
+    """The float [out, in] weight of an ``nn.Linear`` or ``nn.QuantizedLinear`` (dequantized)."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
+                             mode=getattr(layer, "mode", "affine"))
+    return layer.weight
+
+
+def causal_mask(q_len: int, k_len: int, window: int | None = None) -> mx.array:
+    """Bool [q_len, k_len], True where query i (at absolute position k_len - q_len + i) may attend key j."""
+    offset = k_len - q_len
+    qi = mx.arange(offset, offset + q_len)[:, None]
+    kj = mx.arange(k_len)[None, :]
+    mask = kj <= qi
+    if window is not None:
+        mask = mask & (kj > qi - window)
+    return mask
+
+
+class Attention(nn.Module):
+    """Attention for one block.
+
+    Input x: [B,P,dm] (already normalised). ``mask``: None (no masking), ``"causal"``, or a bool array
+    broadcastable to [B,1,Pq,Pk] (True = attend). ``cache``: an mlx-lm KV cache (``update_and_fetch``).
+    """
+
+    def __init__(self, cfg: HookedConfig, layer_idx: int):
+        super().__init__()
+        dm, H, Hkv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.d_head = H, Hkv, dh
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_softcap
+        self.layer_type = cfg.layer_types[layer_idx]
+        self.window = cfg.sliding_window if self.layer_type == "sliding_attention" else None
+        self.q_proj = nn.Linear(dm, H * dh, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(dm, Hkv * dh, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(dm, Hkv * dh, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * dh, dm, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm = Norm(dh, cfg.normalization if cfg.normalization != "ln" else "rms", cfg.norm_eps)
+            self.k_norm = Norm(dh, cfg.normalization if cfg.normalization != "ln" else "rms", cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = Norm(H * dh, "rms", cfg.norm_eps)
+            self.k_norm = Norm(Hkv * dh, "rms", cfg.norm_eps)
+        self.use_rope = cfg.positional == "rotary"
+        if self.use_rope:
+            base = cfg.rope_theta
+            scaling = cfg.rope_scaling
+            if self.layer_type == "sliding_attention" and cfg.rope_local_theta is not None:
+                base, scaling = cfg.rope_local_theta, None
+            self.rope = initialize_rope(cfg.rotary_dim, base, cfg.rope_traditional, scaling, cfg.n_ctx)
+        self.hook_q = HookPoint()  # [B,P,H,dh]
+        self.hook_k = HookPoint()  # [B,P,Hkv,dh]
+        self.hook_v = HookPoint()  # [B,P,Hkv,dh]
+        self.hook_rot_q = HookPoint()  # [B,P,H,dh]
+        self.hook_rot_k = HookPoint()  # [B,P,Hkv,dh]
+        self.hook_attn_scores = HookPoint()  # [B,H,Pq,Pk]
+        self.hook_pattern = HookPoint()  # [B,H,Pq,Pk]
+        self.hook_z = HookPoint()  # [B,P,H,dh]
+        self.hook_result = HookPoint()  # [B,P,H,dm]
+
+    @property
+    def needs_manual(self) -> bool:
+        return bool(self.softcap) or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
+
+    def __call__(self, x: mx.array, mask: Any = "causal", cache: Any = None, offset: Any = None) -> mx.array:
+        B, P, _ = x.shape
+        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.d_head
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.hook_q(q.reshape(B, P, H, dh))
+        k = self.hook_k(k.reshape(B, P, Hkv, dh))
+        v = self.hook_v(v.reshape(B, P, Hkv, dh))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        # [B,heads,P,dh] for rope and attention
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if offset is None:
+            offset = cache.offset if cache is not None else 0
+        if self.use_rope:
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if self.hook_rot_q.has_hooks:
+            q = self.hook_rot_q(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        if self.hook_rot_k.has_hooks:
+            k = self.hook_rot_k(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+
+        if self.needs_manual:
+            z = self._manual_attention(q, k, v, mask)
+        else:
+            if isinstance(mask, str) and (self.window is not None or q.shape[2] != k.shape[2]):
+                mask = causal_mask(q.shape[2], k.shape[2], self.window)
+            elif mask is not None and not isinstance(mask, str) and self.window is not None:
+                mask = mask & causal_mask(q.shape[2], k.shape[2], self.window)
+            z = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        z = self.hook_z(z.transpose(0, 2, 1, 3))  # [B,P,H,dh]
+        if self.hook_result.has_hooks:
+            w_o = linear_weight(self.o_proj).reshape(-1, H, dh).astype(z.dtype)  # [dm,H,dh]
+            result = self.hook_result(mx.einsum("bphd,mhd->bphm", z, w_o))  # [B,P,H,dm]
+            out = result.sum(axis=2)
+            if "bias" in self.o_proj:
+                out = out + self.o_proj.bias
+            return out
+        return self.o_proj(z.reshape(B, P, H * dh))
+
+    def _manual_attention(self, q, k, v, mask):
+        """Explicit softmax(q k^T) v, materialising scores and pattern for the hooks."""
+        H, Hkv = self.n_heads, self.n_kv_heads
+        if Hkv != H:
+            k = mx.repeat(k, H // Hkv, axis=1)
+            v = mx.repeat(v, H // Hkv, axis=1)
+        scores = (q * self.scale) @ k.swapaxes(-1, -2)  # [B,H,Pq,Pk]
+        if self.softcap:
+            scores = mx.tanh(scores / self.softcap) * self.softcap
+        Pq, Pk = scores.shape[-2:]
+        if isinstance(mask, str):
+            mask = causal_mask(Pq, Pk, self.window)
+        elif mask is not None and self.window is not None:
+            mask = mask & causal_mask(Pq, Pk, self.window)
+        if mask is not None:
+            if mask.dtype == mx.bool_:
+                scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+            else:
+                scores = scores + mask.astype(scores.dtype)
+        scores = self.hook_attn_scores(scores)
+        pattern = mx.softmax(scores.astype(mx.float32), axis=-1)
+        pattern = mx.where(mx.isnan(pattern), 0.0, pattern).astype(q.dtype)  # fully masked rows
+        pattern = self.hook_pattern(pattern)
+        return pattern @ v  # [B,H,Pq,dh]

@@ -1,0 +1,90 @@
+"""Transformer blocks, embeddings and the unembedding, with TL's residual-stream hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import HookedConfig
+from ..hooks import HookPoint
+from .attention import Attention
+from .mlp import MLP, GatedMLP
+from .norms import Norm
+
+
+def make_mlp(cfg: HookedConfig) -> nn.Module:
+    if cfg.gated_mlp:
+        return GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias)
+    return MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias)
+
+
+class TransformerBlock(nn.Module):
+    """One block: pre-norm (optionally post-norm too, or parallel attention + MLP).
+
+    Sequential: resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid)).
+    Parallel (NeoX): resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)); no hook_resid_mid.
+    With ``cfg.post_norms`` the sublayer outputs pass ``ln1_post`` / ``ln2_post`` before their hooks.
+    Hooks (all [B,P,dm]): hook_resid_pre, hook_attn_out, hook_resid_mid, hook_mlp_out, hook_resid_post.
+    """
+
+    def __init__(self, cfg: HookedConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.parallel = cfg.parallel_attn_mlp
+        self.pre_norms = cfg.pre_norms
+        if cfg.pre_norms:
+            self.ln1 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        if cfg.post_norms:
+            self.ln1_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        if cfg.pre_norms:
+            self.ln2 = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.mlp = self.make_mlp(cfg)
+        if cfg.post_norms:
+            self.ln2_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        if not self.parallel:
+            self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def make_mlp(self, cfg: HookedConfig) -> nn.Module:
+        return make_mlp(cfg)
+
+    def _attn(self, x, mask, cache, offset):
+        h = self.attn(self.ln1(x) if self.pre_norms else x, mask, cache, offset)
+        return self.hook_attn_out(self.ln1_post(h) if "ln1_post" in self else h)
+
+    def _mlp(self, x):
+        h = self.mlp(self.ln2(x) if self.pre_norms else x)
+        return self.hook_mlp_out(self.ln2_post(h) if "ln2_post" in self else h)
+
+    def __call__(self, resid: mx.array, mask: Any = "causal", cache: Any = None, offset: Any = None) -> mx.array:
+        resid = self.hook_resid_pre(resid)
+        if self.parallel:
+            resid = resid + self._attn(resid, mask, cache, offset) + self._mlp(resid)
+        else:
+            resid = self.hook_resid_mid(resid + self._attn(resid, mask, cache, offset))
+            resid = resid + self._mlp(resid)
+        return self.hook_resid_post(resid)
+
+
+class Unembed(nn.Module):
+    """Logits from the final residual. Tied models use the embedding (``embed.as_linear``), else
+    ``lm_head`` ([V, dm]). Hooks: ``hook_in`` [B,P,dm], ``hook_out`` [B,P,V] (before any soft-cap)."""
+
+    def __init__(self, cfg: HookedConfig):
+        super().__init__()
+        self.tied = cfg.tie_word_embeddings
+        if not self.tied:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.d_vocab, bias=bool(cfg.extra.get("unembed_bias", False)))
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
+
+    def __call__(self, x: mx.array, embed: nn.Module) -> mx.array:
+        x = self.hook_in(x)
+        logits = embed.as_linear(x) if self.tied else self.lm_head(x)
+        return self.hook_out(logits)

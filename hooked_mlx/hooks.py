@@ -1,0 +1,211 @@
+"""``HookPoint`` and ``HookedRootModule``: named points where activations can be read or replaced.
+
+A hook is ``fn(act, hook) -> act | None``. Returning an array replaces the activation (same shape and
+dtype, else an error names the hook, what it got and what it expected); returning None keeps it.
+``hook`` is the ``HookPoint``: ``hook.name``, ``hook.layer()``, ``hook.ctx`` (a dict kept between calls
+until ``reset_hooks``).
+
+MLX has no backward hooks: gradients of activations are computed functionally by
+``HookedTransformer.run_with_cache(..., incl_bwd=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .names import unknown_name_error
+
+HookFn = Callable[[mx.array, "HookPoint"], Union[mx.array, None]]
+NameOrFilter = Union[str, Callable[[str], bool]]
+
+
+class HookPoint(nn.Module):
+    """An identity module that calls the hooks attached to it.
+
+    When no hook is attached the call is a plain ``return x``: hooks cost nothing when unused.
+    """
+
+    def __init__(self):
+        super().__init__()
+        # Kept outside the Module dict so that parameters()/tree utilities never see them.
+        object.__setattr__(self, "name", None)
+        object.__setattr__(self, "_hooks", [])  # list of (fn, level, is_permanent)
+        object.__setattr__(self, "ctx", {})
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._hooks)
+
+    def add_hook(self, fn: HookFn, level: int = 0, is_permanent: bool = False, prepend: bool = False):
+        entry = (fn, level, is_permanent)
+        if prepend:
+            self._hooks.insert(0, entry)
+        else:
+            self._hooks.append(entry)
+
+    def remove_hooks(self, including_permanent: bool = False, level: int | None = None):
+        keep = []
+        for fn, lvl, perm in self._hooks:
+            if perm and not including_permanent:
+                keep.append((fn, lvl, perm))
+            elif level is not None and lvl != level:
+                keep.append((fn, lvl, perm))
+        object.__setattr__(self, "_hooks", keep)
+
+    def clear_context(self):
+        self.ctx.clear()
+
+    def layer(self) -> int:
+        """The block index of this hook (``blocks.3.attn.hook_q`` -> 3)."""
+        parts = (self.name or "").split(".")
+        if len(parts) < 2 or parts[0] != "blocks":
+            raise ValueError(f"Hook {self.name!r} is not inside a block, so it has no layer index.")
+        return int(parts[1])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self._hooks:
+            return x
+        for fn, _, _ in list(self._hooks):
+            out = fn(x, self)
+            if out is None:
+                continue
+            if not isinstance(out, mx.array):
+                raise TypeError(
+                    f"Hook {getattr(fn, '__name__', fn)!r} on {self.name!r} returned {type(out).__name__}; "
+                    f"a hook must return an mx.array of shape {tuple(x.shape)} and dtype {x.dtype}, or None."
+                )
+            if tuple(out.shape) != tuple(x.shape):
+                raise ValueError(
+                    f"Hook {getattr(fn, '__name__', fn)!r} on {self.name!r} returned shape {tuple(out.shape)}; "
+                    f"expected {tuple(x.shape)} (the activation's own shape). Return an array of the same "
+                    f"shape, or None to keep the activation."
+                )
+            if out.dtype != x.dtype:
+                raise ValueError(
+                    f"Hook {getattr(fn, '__name__', fn)!r} on {self.name!r} returned dtype {out.dtype}; "
+                    f"expected {x.dtype}. Cast with `.astype({x.dtype})`."
+                )
+            x = out
+        return x
+
+    def __repr__(self):
+        return f"HookPoint({self.name!r}, hooks={len(self._hooks)})"
+
+
+class HookedRootModule(nn.Module):
+    """Root module that names its ``HookPoint``s and manages hooks by name or filter."""
+
+    def setup(self):
+        """Name every HookPoint after its module path and build ``hook_dict`` / ``mod_dict``."""
+        object.__setattr__(self, "mod_dict", {})
+        object.__setattr__(self, "hook_dict", {})
+        object.__setattr__(self, "_context_level", 0)
+        for name, module in self.named_modules():
+            if name == "":
+                continue
+            self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                object.__setattr__(module, "name", name)
+                self.hook_dict[name] = module
+        # named_modules is not in forward order; sort blocks numerically for readable listings
+        object.__setattr__(self, "hook_dict", dict(sorted(self.hook_dict.items(), key=lambda kv: _order(kv[0]))))
+
+    # -- resolving names -------------------------------------------------------------------------
+    def resolve_hook_names(self, name_or_filter: NameOrFilter) -> list[str]:
+        """Names that ``name_or_filter`` selects. A string must be a valid name (TL shorthands allowed)."""
+        if isinstance(name_or_filter, str):
+            from .names import get_act_name
+
+            name = name_or_filter if name_or_filter in self.hook_dict else get_act_name(name_or_filter)
+            if name not in self.hook_dict:
+                raise unknown_name_error(name_or_filter, self.hook_dict.keys())
+            return [name]
+        if callable(name_or_filter):
+            return [n for n in self.hook_dict if name_or_filter(n)]
+        if isinstance(name_or_filter, (list, tuple, set)):
+            out: list[str] = []
+            for item in name_or_filter:
+                out += [n for n in self.resolve_hook_names(item) if n not in out]
+            return out
+        raise TypeError(
+            f"A hook is selected by a name (str), a list of names, or a filter fn(name) -> bool; "
+            f"got {type(name_or_filter).__name__}."
+        )
+
+    # -- adding and removing -----------------------------------------------------------------------
+    def add_hook(
+        self,
+        name: NameOrFilter,
+        hook: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        if dir != "fwd":
+            raise ValueError(
+                f"dir={dir!r}: MLX has no backward hooks. Use run_with_cache(..., incl_bwd=True) for "
+                f"activation gradients, or mx.grad over a function of hooked activations."
+            )
+        if not callable(hook):
+            raise TypeError(f"The hook for {name!r} must be callable fn(act, hook), got {type(hook).__name__}.")
+        for n in self.resolve_hook_names(name):
+            self.hook_dict[n].add_hook(hook, level=self._context_level if level is None else level,
+                                       is_permanent=is_permanent, prepend=prepend)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        for hp in self.hook_dict.values():
+            hp.remove_hooks(including_permanent=including_permanent, level=level)
+            if clear_contexts:
+                hp.clear_context()
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False):
+        """Context manager: the hooks are active inside and removed on exit (only this context's hooks)."""
+        if list(bwd_hooks):
+            raise ValueError("bwd_hooks are not supported on MLX; use run_with_cache(..., incl_bwd=True).")
+        object.__setattr__(self, "_context_level", self._context_level + 1)
+        level = self._context_level
+        try:
+            for name, fn in fwd_hooks:
+                self.add_hook(name, fn, level=level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(clear_contexts=clear_contexts, level=level)
+            object.__setattr__(self, "_context_level", level - 1)
+
+    @property
+    def has_any_hooks(self) -> bool:
+        return any(hp.has_hooks for hp in self.hook_dict.values())
+
+    def active_hook_names(self) -> list[str]:
+        return [n for n, hp in self.hook_dict.items() if hp.has_hooks]
+
+
+def _order(name: str):
+    """Forward order: top-level input hooks, then blocks by layer (each in BLOCK_HOOKS order), then the rest."""
+    from .names import BLOCK_HOOKS, EXTRA_BLOCK_HOOKS, TOP_HOOKS
+
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        rel = ".".join(parts[2:])
+        order = list(BLOCK_HOOKS)
+        if rel in order:
+            return (1, int(parts[1]), order.index(rel) * 10)
+        extra = {"attn.q_norm": "attn.hook_q", "attn.k_norm": "attn.hook_k", "ln1_post": "hook_attn_out",
+                 "ln2_post": "hook_mlp_out", "mlp.hook_expert": "mlp.hook_pre"}
+        for prefix, anchor in extra.items():
+            if rel.startswith(prefix):
+                return (1, int(parts[1]), order.index(anchor) * 10 + (5 if "post" in prefix else -5))
+        return (1, int(parts[1]), 10_000)
+    top = list(TOP_HOOKS)
+    if name in top[:2]:
+        return (0, 0, top.index(name))
+    return (2, 0, top.index(name) if name in top else 100)

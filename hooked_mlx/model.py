@@ -1,0 +1,524 @@
+"""``HookedTransformer``: a native MLX transformer with TransformerLens's hook names and API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import ActivationCache
+from .components import Norm, TransformerBlock, Unembed, linear_weight
+from .config import HookedConfig
+from .hooks import HookedRootModule, HookPoint
+
+Input = Union[str, Sequence[str], mx.array, Sequence[int], Sequence[Sequence[int]]]
+
+_DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
+           "float16": mx.float16, "fp16": mx.float16, "half": mx.float16}
+
+
+def parse_dtype(dtype) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("mx.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("mx.")]
+    raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or an mx.Dtype.")
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, str(dtype))
+
+
+class HookedTransformer(HookedRootModule):
+    """A decoder-only transformer whose every intermediate activation is a named ``HookPoint``.
+
+    Module tree (= canonical weight names = hook names): ``embed`` (+ ``hook_embed``), optional
+    ``pos_embed`` (+ ``hook_pos_embed``), ``blocks.{l}`` (``ln1``, ``attn``, ``ln2``, ``mlp``, hooks),
+    ``ln_final``, ``unembed`` (``hook_in``, ``hook_out``).
+    """
+
+    def __init__(self, cfg: HookedConfig, tokenizer: Any = None):
+        super().__init__()
+        from .models import get_family
+
+        object.__setattr__(self, "cfg", cfg)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "_compiled", None)
+        object.__setattr__(self, "use_compile", os.environ.get("HOOKED_MLX_NO_COMPILE", "0") in ("", "0"))
+        family = get_family(cfg.architecture)
+        block_cls = getattr(family, "Block", TransformerBlock)
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [B,P,dm]
+        if cfg.positional == "learned":
+            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.hook_pos_embed = HookPoint()  # [B,P,dm]
+        self.blocks = [block_cls(cfg, i) for i in range(cfg.n_layers)]
+        self.ln_final = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
+        self.unembed = Unembed(cfg)
+        self.setup()
+
+    # ------------------------------------------------------------------------------------------
+    # loading
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike,
+        dtype=None,
+        dequantize: bool = False,
+        revision: str | None = None,
+        **processing,
+    ) -> "HookedTransformer":
+        """Load an mlx-lm / HF directory, a canonical hooked_mlx directory, a .gguf file or a hub id.
+
+        dtype: "float32" / "bfloat16" / "float16" or an ``mx.Dtype`` (default: the checkpoint's).
+        dequantize: turn quantized weights into float weights (default: quantized models run quantized).
+        Hub ids resolve through ``huggingface_hub`` (from the local cache when offline).
+        """
+        from .loading import read_checkpoint
+
+        ck = read_checkpoint(path_or_repo, revision=revision)
+        return cls.from_checkpoint(ck, dtype=dtype, dequantize=dequantize, **processing)
+
+    @classmethod
+    def from_checkpoint(cls, ck, dtype=None, dequantize: bool = False, **processing) -> "HookedTransformer":
+        from .loading import dequantize_weights, quantization_params
+
+        cfg, weights = ck.cfg, dict(ck.weights)
+        dt = parse_dtype(dtype)
+        model = cls(cfg)
+        in_features = {name: m.weight.shape[-1] for name, m in model.named_modules()
+                       if isinstance(m, (nn.Linear, nn.Embedding))}
+        quantized = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
+        if quantized and dequantize:
+            weights = dequantize_weights(weights, in_features, cfg.quantization, dt)
+            cfg.quantization = None
+            quantized = []
+        if quantized:
+            unknown = [p for p in quantized if p not in in_features]
+            if unknown:
+                raise ValueError(f"Quantized tensors for unknown modules {unknown[:5]} in {ck.source}.")
+            params = {p: quantization_params(weights, p, in_features[p], cfg.quantization) for p in quantized}
+            nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
+        if dt is None:
+            floats = [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
+            dt = floats[0] if floats else mx.float32
+            if "embed.weight" in weights and mx.issubdtype(weights["embed.weight"].dtype, mx.floating):
+                dt = weights["embed.weight"].dtype
+            elif "embed.scales" in weights:
+                dt = weights["embed.scales"].dtype
+        weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+        model._load_weights_checked(weights, ck.source)
+        model.set_dtype_name(dt)
+        tok = ck.tokenizer
+        if tok is None and ck.tokenizer_dir is not None:
+            tok = _load_tokenizer(ck.tokenizer_dir, cfg)
+        elif tok is not None and not hasattr(tok, "_tokenizer"):
+            from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+            tok = TokenizerWrapper(tok)
+        object.__setattr__(model, "tokenizer", tok)
+        object.__setattr__(model, "source", ck.source)
+        object.__setattr__(model, "hf_config", ck.hf_config)
+        object.__setattr__(model, "metadata", ck.metadata)
+        if processing:
+            from .processing import process_weights  # added by the weight-processing work
+
+            process_weights(model, **processing)
+        mx.eval(model.parameters())
+        return model
+
+    def set_dtype_name(self, dt: mx.Dtype):
+        self.cfg.dtype = dtype_name(dt)
+
+    def _load_weights_checked(self, weights: dict[str, mx.array], source):
+        from mlx.utils import tree_flatten
+
+        expected = dict(tree_flatten(self.parameters()))
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Checkpoint {source} does not match the {self.cfg.architecture} model built from its config: "
+                f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected "
+                f"{unexpected[:6]}{'...' if len(unexpected) > 6 else ''}. Is config.json from the same model?"
+            )
+        bad = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
+               if tuple(weights[k].shape) != tuple(v.shape)]
+        if bad:
+            k, got, exp = bad[0]
+            raise ValueError(f"Checkpoint {source}: {k} has shape {got}, the config implies {exp} "
+                             f"({len(bad)} mismatched tensors).")
+        self.load_weights(list(weights.items()), strict=True)
+
+    # ------------------------------------------------------------------------------------------
+    # tokens
+    # ------------------------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer (its checkpoint has no tokenizer files), so text input is not "
+                "possible. Pass token ids (an mx.array [batch, pos] or a list of ints) instead."
+            )
+        return self.tokenizer
+
+    @property
+    def bos_token_id(self) -> int | None:
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        return bos if bos is not None else self.cfg.bos_token_id
+
+    def _tokenizer_adds_bos(self) -> bool:
+        tok = self._require_tokenizer()
+        bos = self.bos_token_id
+        if bos is None:
+            return False
+        ids = tok.encode("a")
+        return len(ids) > 0 and ids[0] == bos
+
+    def _encode(self, text: str, prepend_bos: bool | None) -> list[int]:
+        tok = self._require_tokenizer()
+        ids = list(tok.encode(text))
+        bos = self.bos_token_id
+        if prepend_bos is None or bos is None:
+            if prepend_bos and bos is None:
+                raise ValueError("prepend_bos=True but this tokenizer defines no BOS token.")
+            return ids
+        has = len(ids) > 0 and ids[0] == bos and self._tokenizer_adds_bos()
+        if prepend_bos and not has:
+            ids = [bos] + ids
+        elif not prepend_bos and has:
+            ids = ids[1:]
+        return ids
+
+    def to_tokens(self, input: str | Sequence[str], prepend_bos: bool | None = None,
+                  padding_side: str = "right", truncate: bool = True) -> mx.array:
+        """Token ids [batch, pos] (int32). BOS follows the tokenizer's own setting unless ``prepend_bos``
+        says otherwise. A list of texts of unequal length is padded on ``padding_side`` with the pad id."""
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("to_tokens takes a string or a list of strings.")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        seqs = [self._encode(t, prepend_bos) for t in texts]
+        if truncate:
+            seqs = [s[: self.cfg.n_ctx] for s in seqs]
+        n = max(len(s) for s in seqs)
+        pad = self.pad_token_id
+        rows = [([pad] * (n - len(s)) + s) if padding_side == "left" else (s + [pad] * (n - len(s))) for s in seqs]
+        return mx.array(rows, dtype=mx.int32)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None) if tok is not None else None, self.cfg.pad_token_id,
+                     getattr(tok, "eos_token_id", None) if tok is not None else None, self.cfg.bos_token_id):
+            if isinstance(cand, int):
+                return cand
+        return 0
+
+    def to_string(self, tokens) -> str | list[str]:
+        """Decode [pos] -> str, or [batch, pos] -> list[str]."""
+        tok = self._require_tokenizer()
+        if isinstance(tokens, mx.array):
+            tokens = tokens.tolist()
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        if tokens and isinstance(tokens[0], list):
+            return [tok.decode(t) for t in tokens]
+        return tok.decode(list(tokens))
+
+    def to_str_tokens(self, input, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+        """Each token as its own string: from text, a [pos] or a [batch, pos] array."""
+        tok = self._require_tokenizer()
+        if isinstance(input, str):
+            ids = self._encode(input, prepend_bos)
+        elif isinstance(input, mx.array):
+            if input.ndim == 2:
+                return [self.to_str_tokens(row) for row in input]
+            ids = input.tolist()
+        else:
+            ids = list(input)
+        return [tok.decode([int(i)]) if not hasattr(tok, "convert_ids_to_tokens") else _piece(tok, int(i)) for i in ids]
+
+    def to_single_token(self, string: str) -> int:
+        ids = self._encode(string, prepend_bos=False)
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token.")
+        return ids[0]
+
+    def get_token_position(self, single_token: str | int, input, mode: str = "first",
+                           prepend_bos: bool | None = None) -> int:
+        """Position of ``single_token`` in ``input`` (text or a 1-row token array); ``mode`` first/last."""
+        tok_id = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        toks = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(input, str) else mx.array(input)
+        if toks.ndim == 2:
+            if toks.shape[0] != 1:
+                raise ValueError(f"get_token_position needs one sequence, got batch {toks.shape[0]}.")
+            toks = toks[0]
+        hits = [i for i, t in enumerate(toks.tolist()) if t == tok_id]
+        if not hits:
+            raise ValueError(f"Token {single_token!r} (id {tok_id}) does not occur in the input.")
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}.")
+        return hits[0] if mode == "first" else hits[-1]
+
+    def _as_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str = "right") -> mx.array:
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            return self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        if not isinstance(input, mx.array):
+            try:
+                input = mx.array(input)
+            except Exception as e:
+                raise TypeError(f"Input must be text, a list of texts, or token ids; got {type(input).__name__}.") from e
+        if input.ndim == 1:
+            input = input[None]
+        if input.ndim != 2 or not mx.issubdtype(input.dtype, mx.integer):
+            raise ValueError(
+                f"Token input must be an integer array [batch, pos] (or [pos]); got shape {tuple(input.shape)} "
+                f"and dtype {input.dtype}. Float activations go through start_at_layer instead."
+            )
+        if input.size and (int(input.max()) >= self.cfg.d_vocab or int(input.min()) < 0):
+            raise ValueError(f"Token ids must lie in [0, {self.cfg.d_vocab}); got min {int(input.min())}, "
+                             f"max {int(input.max())}.")
+        return input
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+    def embed_tokens(self, tokens: mx.array) -> mx.array:
+        """Residual stream entering block 0: [B,P] -> [B,P,dm]."""
+        x = self.embed(tokens)
+        if self.cfg.embed_scale is not None:
+            x = x * mx.array(self.cfg.embed_scale, dtype=x.dtype)
+        x = self.hook_embed(x)
+        if self.cfg.positional == "learned":
+            x = x + self.hook_pos_embed(self.pos_embed(mx.arange(tokens.shape[1])))
+        return x
+
+    def _final(self, resid: mx.array) -> mx.array:
+        logits = self.unembed(self.ln_final(resid), self.embed)
+        if self.cfg.final_softcap:
+            cap = self.cfg.final_softcap
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def _run(self, tokens: mx.array, start_at_layer: int | None = None, stop_at_layer: int | None = None,
+             residual: mx.array | None = None, mask: Any = "causal", cache: Any = None) -> mx.array:
+        n = self.cfg.n_layers
+        start = 0 if start_at_layer is None else _layer_index(start_at_layer, n, "start_at_layer")
+        stop = n if stop_at_layer is None else _layer_index(stop_at_layer, n, "stop_at_layer")
+        x = self.embed_tokens(tokens) if start == 0 or residual is None else residual
+        if start > 0 and residual is None:
+            raise ValueError("start_at_layer needs the residual stream entering that layer as input.")
+        for i in range(start, stop):
+            x = self.blocks[i](x, mask, cache[i] if cache is not None else None)
+        return x if stop_at_layer is not None else self._final(x)
+
+    def _fast_forward(self, tokens: mx.array) -> mx.array:
+        if not self.use_compile:
+            return self._run(tokens)
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", mx.compile(lambda t: self._run(t), inputs=self.state))
+        return self._compiled(tokens)
+
+    def forward(
+        self,
+        input: Input,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str = "right",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        tokens: mx.array | None = None,
+        past_kv_cache: Any = None,
+    ):
+        """Run the model.
+
+        input: text, list of texts, token ids [B,P]; with ``start_at_layer`` a residual [B,P,dm].
+        return_type: "logits" [B,P,V], "loss" (scalar mean next-token loss, or [B,P-1] with
+        ``loss_per_token``), "both" (logits, loss), or None. ``stop_at_layer`` (exclusive) returns the
+        residual stream [B,P,dm] entering that layer; ``start_at_layer`` (inclusive) takes it.
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None; got {return_type!r}.")
+        residual = None
+        if start_at_layer is not None:
+            residual = input if isinstance(input, mx.array) else mx.array(input)
+            if residual.ndim != 3 or residual.shape[-1] != self.cfg.d_model:
+                raise ValueError(f"With start_at_layer the input is a residual [batch, pos, {self.cfg.d_model}]; "
+                                 f"got shape {tuple(residual.shape)}.")
+            toks = tokens
+            if toks is None and return_type in ("loss", "both"):
+                raise ValueError("return_type='loss' with start_at_layer needs tokens=... for the targets.")
+        else:
+            toks = self._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        fast = (start_at_layer is None and stop_at_layer is None and past_kv_cache is None
+                and not self.has_any_hooks)
+        if fast:
+            out = self._fast_forward(toks)
+        else:
+            out = self._run(toks, start_at_layer, stop_at_layer, residual, cache=past_kv_cache)
+        if stop_at_layer is not None or return_type is None:
+            return out if stop_at_layer is not None else None
+        if return_type == "logits":
+            return out
+        loss = lm_cross_entropy(out, toks, per_token=loss_per_token)
+        return loss if return_type == "loss" else (out, loss)
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------------------------------
+    # hooks and caches
+    # ------------------------------------------------------------------------------------------
+    def run_with_hooks(self, *args, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (),
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, **kwargs):
+        """Forward with ``fwd_hooks = [(name or filter, fn), ...]`` active for this call only."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            return self.forward(*args, **kwargs)
+
+    def _names(self, names_filter) -> list[str]:
+        if names_filter is None:
+            return list(self.hook_dict)
+        return self.resolve_hook_names(names_filter)
+
+    def run_with_cache(self, *args, names_filter=None, incl_bwd: bool = False,
+                       metric: Callable[[Any], mx.array] | None = None, remove_batch_dim: bool = False,
+                       **kwargs):
+        """Forward, returning ``(output, ActivationCache)``.
+
+        names_filter: None (every hook), a name, a list of names, or fn(name) -> bool.
+        incl_bwd: also store d metric / d activation under ``NAME_grad``. ``metric(output)`` must return a
+        scalar; by default the output itself must be a scalar (``return_type="loss"``). MLX has no backward
+        hooks: the gradients are computed functionally, by adding a zero perturbation at every cached hook
+        and differentiating the metric with respect to the perturbations.
+        """
+        names = self._names(names_filter)
+        store: dict[str, mx.array] = {}
+
+        def save(act, hook):
+            store[hook.name] = act
+
+        with self.hooks([(n, save) for n in names]):
+            out = self.forward(*args, **kwargs)
+        mx.eval(out, store)
+        if incl_bwd:
+            grads = self._activation_grads(store, metric, args, kwargs)
+            for n, g in grads.items():
+                store[n + "_grad"] = g
+            mx.eval(store)
+        cache = ActivationCache(store, self)
+        if remove_batch_dim:
+            cache.remove_batch_dim()
+        return out, cache
+
+    def _activation_grads(self, acts: dict, metric, args, kwargs) -> dict[str, mx.array]:
+        names = list(acts)
+
+        def f(deltas):
+            def add(act, hook):
+                return act + deltas[hook.name]
+
+            with self.hooks([(n, add) for n in names]):
+                out = self.forward(*args, **kwargs)
+            value = metric(out) if metric is not None else out
+            if not isinstance(value, mx.array) or value.size != 1:
+                raise ValueError(
+                    "incl_bwd=True needs a scalar to differentiate: pass metric=fn(output) -> scalar, or "
+                    "return_type='loss'. Got " + (f"shape {tuple(value.shape)}" if isinstance(value, mx.array)
+                                                  else type(value).__name__) + "."
+                )
+            return value.reshape(())
+
+        deltas = {n: mx.zeros_like(a) for n, a in acts.items()}
+        return mx.grad(f)(deltas)
+
+    # ------------------------------------------------------------------------------------------
+    # misc
+    # ------------------------------------------------------------------------------------------
+    @property
+    def W_U(self) -> mx.array:
+        """Unembedding [d_model, d_vocab] (dequantized)."""
+        w = linear_weight(self.embed) if self.cfg.tie_word_embeddings else linear_weight(self.unembed.lm_head)
+        return w.T
+
+    @property
+    def W_E(self) -> mx.array:
+        """Embedding [d_vocab, d_model] (dequantized)."""
+        return linear_weight(self.embed)
+
+    def num_params(self) -> int:
+        from mlx.utils import tree_flatten
+
+        total = 0
+        for name, v in tree_flatten(self.parameters()):
+            if name.endswith(".scales") or name.endswith(".biases"):
+                continue
+            if v.dtype == mx.uint32:
+                # packed quantized weight: find its bits from the owning module
+                mod = self.mod_dict.get(name.rsplit(".", 1)[0])
+                total += v.size * 32 // getattr(mod, "bits", 4)
+            else:
+                total += v.size
+        return total
+
+    def __repr__(self):
+        c = self.cfg
+        q = f", quantized {c.quantization['bits']}-bit" if c.quantization else ""
+        return (f"HookedTransformer({c.architecture}: {c.n_layers} layers, d_model {c.d_model}, "
+                f"{c.n_heads} heads ({c.n_key_value_heads} kv), d_mlp {c.d_mlp}, vocab {c.d_vocab}, "
+                f"{c.dtype}{q}, {len(self.hook_dict)} hooks)")
+
+
+def lm_cross_entropy(logits: mx.array, tokens: mx.array, per_token: bool = False) -> mx.array:
+    """Next-token cross-entropy in float32: [B,P-1] per token, or its mean."""
+    if tokens.shape[1] < 2:
+        raise ValueError("A loss needs at least 2 tokens per sequence.")
+    logp = nn.log_softmax(logits[:, :-1].astype(mx.float32), axis=-1)
+    tgt = tokens[:, 1:]
+    nll = -mx.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    return nll if per_token else nll.mean()
+
+
+def _layer_index(i: int, n: int, what: str) -> int:
+    j = i + n if i < 0 else i
+    if not 0 <= j <= n:
+        raise ValueError(f"{what}={i} is out of range for a model with {n} layers (allowed: -{n}..{n}).")
+    return j
+
+
+def _piece(tok, i: int) -> str:
+    """One token's text, as the tokenizer would print it within a sequence (SentencePiece '▁' -> ' ')."""
+    piece = tok.convert_ids_to_tokens(i)
+    if piece is None:
+        return tok.decode([i])
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        try:
+            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
+        except ValueError:
+            return piece
+    text = tok.decode([i])
+    if piece.startswith("▁"):
+        return " " + text.lstrip(" ") if text.strip() else piece.replace("▁", " ")
+    if piece.startswith("Ġ"):
+        return text if text.startswith(" ") else " " + text
+    return text
+
+
+def _load_tokenizer(path: Path, cfg: HookedConfig):
+    files = [f for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+             if (Path(path) / f).exists()]
+    if not files:
+        return None
+    from mlx_lm.utils import load_tokenizer
+
+    eos = cfg.eos_token_id
+    eos = [eos] if isinstance(eos, int) else eos
+    try:
+        return load_tokenizer(Path(path), eos_token_ids=eos)
+    except Exception as e:
+        raise ValueError(f"Could not load the tokenizer in {path}: {type(e).__name__}: {e}") from e

@@ -1,0 +1,135 @@
+"""Every canonical hook name, its shape, and ``get_act_name`` -- the one place hook names live.
+
+Notation: B batch, P pos, H n_heads, Hkv n_key_value_heads, dh d_head, dm d_model, dmlp d_mlp,
+V d_vocab, E num_experts, k experts per token.
+
+The names and shapes follow TransformerLens (TL). Differences from TL, on purpose:
+* every hook always exists; no config flag gates one (``hook_result`` included);
+* ``ln1`` runs once per block, so its hooks fire once;
+* per-head q/k norms (Qwen3, Gemma-3) keep the 4-D shape [B,P,H,dh] (TL flattens to 2-D).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+#: hooks that exist once per model: name -> (shape, meaning)
+TOP_HOOKS: dict[str, tuple[str, str]] = {
+    "hook_embed": ("[B,P,dm]", "token embedding (after any embedding scale)"),
+    "hook_pos_embed": ("[B,P,dm]", "learned position embedding (models with learned positions only)"),
+    "ln_final.hook_scale": ("[B,P,1]", "final norm: sqrt(mean(x^2)+eps) (RMSNorm) or std (LayerNorm)"),
+    "ln_final.hook_normalized": ("[B,P,dm]", "final norm output before its weight"),
+    "unembed.hook_in": ("[B,P,dm]", "input of the unembedding (after ln_final)"),
+    "unembed.hook_out": ("[B,P,V]", "logits, before any final soft-cap"),
+}
+
+#: hooks that exist once per block, relative to ``blocks.{l}.``: name -> (shape, meaning)
+BLOCK_HOOKS: dict[str, tuple[str, str]] = {
+    "hook_resid_pre": ("[B,P,dm]", "residual stream entering the block"),
+    "ln1.hook_scale": ("[B,P,1]", "attention-input norm scale"),
+    "ln1.hook_normalized": ("[B,P,dm]", "attention-input norm output before its weight"),
+    "attn.hook_q": ("[B,P,H,dh]", "queries, before rotary"),
+    "attn.hook_k": ("[B,P,Hkv,dh]", "keys of the new positions, before rotary (n_kv heads under GQA)"),
+    "attn.hook_v": ("[B,P,Hkv,dh]", "values of the new positions (n_kv heads under GQA)"),
+    "attn.hook_rot_q": ("[B,P,H,dh]", "queries after rotary"),
+    "attn.hook_rot_k": ("[B,P,Hkv,dh]", "keys after rotary"),
+    "attn.hook_attn_scores": ("[B,H,Pq,Pk]", "scaled, soft-capped and masked (-inf) attention logits"),
+    "attn.hook_pattern": ("[B,H,Pq,Pk]", "attention probabilities"),
+    "attn.hook_z": ("[B,P,H,dh]", "pattern @ v, per query head"),
+    "attn.hook_result": ("[B,P,H,dm]", "per-head output z_h @ W_O[h], before b_O"),
+    "hook_attn_out": ("[B,P,dm]", "attention output (with b_O and any post-attention norm)"),
+    "hook_resid_mid": ("[B,P,dm]", "residual between attention and MLP (absent in parallel blocks)"),
+    "ln2.hook_scale": ("[B,P,1]", "MLP-input norm scale"),
+    "ln2.hook_normalized": ("[B,P,dm]", "MLP-input norm output before its weight"),
+    "mlp.hook_pre": ("[B,P,dmlp]", "plain MLP: x@W_in+b_in; gated MLP: the gate branch x@W_gate"),
+    "mlp.hook_pre_linear": ("[B,P,dmlp]", "gated MLP only: the linear branch x@W_in"),
+    "mlp.hook_post": ("[B,P,dmlp]", "plain: act(pre); gated: act(pre) * pre_linear"),
+    "hook_mlp_out": ("[B,P,dm]", "MLP output (with b_out and any post-MLP norm)"),
+    "hook_resid_post": ("[B,P,dm]", "residual stream leaving the block"),
+}
+
+#: family-specific block hooks (present only in the families that have the component)
+EXTRA_BLOCK_HOOKS: dict[str, tuple[str, str]] = {
+    "attn.q_norm.hook_scale": ("[B,P,H,1] (per head) or [B,P,1] (full)", "query norm scale"),
+    "attn.q_norm.hook_normalized": ("[B,P,H,dh] or [B,P,H*dh]", "query norm output before its weight"),
+    "attn.k_norm.hook_scale": ("[B,P,Hkv,1] or [B,P,1]", "key norm scale"),
+    "attn.k_norm.hook_normalized": ("[B,P,Hkv,dh] or [B,P,Hkv*dh]", "key norm output before its weight"),
+    "ln1_post.hook_scale": ("[B,P,1]", "post-attention norm scale (Gemma-2/3, OLMo2)"),
+    "ln1_post.hook_normalized": ("[B,P,dm]", "post-attention norm output before its weight"),
+    "ln2_post.hook_scale": ("[B,P,1]", "post-MLP norm scale (Gemma-2/3, OLMo2)"),
+    "ln2_post.hook_normalized": ("[B,P,dm]", "post-MLP norm output before its weight"),
+    "mlp.hook_expert_weights": ("[B*P,E]", "router softmax over all experts"),
+    "mlp.hook_expert_indices": ("[B*P,k]", "indices of the experts each token is routed to"),
+}
+
+# --- get_act_name (TL's rules) ----------------------------------------------------------------------
+
+_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+_LAYER_TYPES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "result", "pattern", "attn_scores"}
+_MLP = {"pre", "post", "mid", "pre_linear"}
+
+
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """Expand a TL-style shorthand into a full hook name.
+
+    ``get_act_name("pattern", 0)`` -> ``"blocks.0.attn.hook_pattern"``; ``get_act_name("resid_pre", 3)``
+    -> ``"blocks.3.hook_resid_pre"``; ``get_act_name("k6")`` -> ``"blocks.6.attn.hook_k"``;
+    ``get_act_name("scale", 2, "ln1")`` -> ``"blocks.2.ln1.hook_scale"``; ``get_act_name("embed")`` ->
+    ``"hook_embed"``. A full name (containing "." or starting with "hook_") is returned unchanged.
+    """
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    m = re.match(r"^([a-z]+)(\d+)([a-z]?.*)$", name)
+    if m is not None and layer is None:
+        name, layer, layer_type = m.group(1), int(m.group(2)), (m.group(3) or None)
+    name = _ALIASES.get(name, name)
+    if layer_type is not None:
+        layer_type = _LAYER_TYPES.get(layer_type, layer_type)
+    if name in ("scale", "normalized") and layer is None:
+        return f"ln_final.hook_{name}"
+    if layer is None:
+        return f"hook_{name}"
+    prefix = f"blocks.{layer}."
+    if name in _ATTN:
+        return f"{prefix}attn.hook_{name}"
+    if name in _MLP:
+        return f"{prefix}mlp.hook_{name}"
+    if name in ("scale", "normalized"):
+        if not layer_type:
+            raise ValueError(
+                f"get_act_name({name!r}, {layer}) needs a layer_type: 'ln1', 'ln2' (or 'ln1_post', 'ln2_post')"
+            )
+        return f"{prefix}{layer_type}.hook_{name}"
+    if layer_type:
+        return f"{prefix}{layer_type}.hook_{name}"
+    return f"{prefix}hook_{name}"
+
+
+def closest_names(name: str, valid, n: int = 5) -> list[str]:
+    """The valid names closest to ``name`` (for error messages)."""
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
+    if not close:
+        suffix = name.rsplit(".", 1)[-1]
+        close = [v for v in valid if v.endswith(suffix)][:n]
+    return close
+
+
+def unknown_name_error(name: str, valid, what: str = "hook") -> ValueError:
+    close = closest_names(name, valid)
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    return ValueError(
+        f"Unknown {what} name {name!r}.{hint} List every name with `model.hook_dict.keys()` "
+        f"or `hooked-mlx hooks MODEL`."
+    )

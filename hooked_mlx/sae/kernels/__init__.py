@@ -1,0 +1,18 @@
+"""SAE kernels: ``reference`` (pure MLX, every back end) is the definition fused back ends must match.
+
+A fused back end plugs in by providing the same functions (``topk_encode``, ``topk_decode`` ...) wrapped
+in ``mx.custom_function`` with a ``.vjp``, and registering itself in ``BACKENDS``; ``get_backend(name)``
+returns the module the trainer calls.
+"""
+
+from __future__ import annotations
+
+from . import reference
+
+BACKENDS = {"reference": reference}
+
+
+def get_backend(name: str = "reference"):
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown SAE kernel back end {name!r}; available: {sorted(BACKENDS)}.")
+    return BACKENDS[name]

@@ -1,0 +1,168 @@
+"""``SAE``: one module for the four architectures, with one encode / decode / forward interface.
+
+Parameters (float32, row-major ``x @ W``): ``W_enc`` [d_in,d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae,d_in]
+(row i = latent i's direction), ``b_dec`` [d_in], and ``threshold`` [d_sae] for JumpReLU (trained) and
+BatchTopK (the running global threshold, the same value in every entry; not trained by gradient).
+
+Inference semantics (x [..., d_in]):
+
+* pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+* relu: f = relu(pre);  topk: the k largest of relu(pre) per token;  jumprelu / batchtopk: f = relu(pre) *
+  (pre > threshold)
+* x_hat = f @ W_dec + b_dec
+
+A saved SAE always takes raw activations: input normalisation used during training is folded into the
+weights (``fold_input_scale``) before the file is written.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import SAEConfig, TOPK_FAMILY
+from .kernels import reference as K
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder over ``cfg.d_in``-wide activations with ``cfg.resolved_d_sae`` latents."""
+
+    def __init__(self, cfg: SAEConfig, key: mx.array | None = None):
+        super().__init__()
+        if cfg.d_in <= 0:
+            raise ValueError(
+                "SAEConfig.d_in = 0: set it to the width of the hooked activation (the trainer and the loaders "
+                "fill it in from the model or the file)."
+            )
+        object.__setattr__(self, "cfg", cfg)
+        D, F = cfg.d_in, cfg.resolved_d_sae
+        key = mx.random.key(cfg.seed) if key is None else key
+        W = mx.random.normal((F, D), key=key)
+        norm = 1.0 if cfg.resolved_decoder_unit_norm else cfg.decoder_init_norm
+        W = W * (norm / mx.linalg.norm(W, axis=-1, keepdims=True))
+        self.W_dec = W
+        self.W_enc = mx.array(W.T)
+        self.b_enc = mx.zeros((F,))
+        self.b_dec = mx.zeros((D,))
+        if cfg.architecture == "jumprelu":
+            self.threshold = mx.full((F,), cfg.jumprelu_init_threshold, dtype=mx.float32)
+        elif cfg.architecture == "batchtopk":
+            self.threshold = mx.zeros((F,))
+            self.freeze(keys=["threshold"], recurse=False)
+
+    # -- sizes ------------------------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def _check(self, x: mx.array) -> mx.array:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"SAE input has last dimension {x.shape[-1]}, expected d_in = {self.d_in} (hook "
+                f"{self.cfg.hook_name or '?'}). Pass activations of shape [..., {self.d_in}]."
+            )
+        return x.astype(mx.float32) if x.dtype != mx.float32 else x
+
+    def encode_pre(self, x: mx.array) -> mx.array:
+        """Pre-activations [..., d_sae]."""
+        x = self._check(x)
+        return K.encode_pre(x, self.W_enc, self.b_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None)
+
+    def activation(self, pre: mx.array) -> mx.array:
+        """Latents [..., d_sae] from pre-activations, with the inference semantics of the architecture."""
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return mx.maximum(pre, 0)
+        if arch == "topk":
+            lead = pre.shape[:-1]
+            p2 = pre.reshape(-1, pre.shape[-1])
+            vals, idx = K.topk_select(p2, self.cfg.k)
+            return K.scatter_dense(vals, idx, self.d_sae).reshape(*lead, self.d_sae)
+        # jumprelu and batchtopk (JumpReLU with the learned / running threshold)
+        return mx.where(pre > self.threshold, mx.maximum(pre, 0), 0)
+
+    def encode(self, x: mx.array) -> mx.array:
+        """Latents f [..., d_sae] (dense, mostly zeros)."""
+        return self.activation(self.encode_pre(x))
+
+    def encode_sparse(self, x: mx.array, k: int | None = None) -> tuple[mx.array, mx.array]:
+        """The k largest latents per token: (values [..., k], indices [..., k]) sorted by value, descending.
+
+        ``k`` defaults to ``cfg.k``. For non-TopK architectures entries beyond the active ones are zeros.
+        """
+        k = self.cfg.k if k is None else k
+        if not 1 <= k <= self.d_sae:
+            raise ValueError(f"k = {k} is invalid: expected 1 <= k <= d_sae ({self.d_sae}).")
+        f = self.encode(x)
+        idx = mx.argsort(-f, axis=-1)[..., :k]
+        return mx.take_along_axis(f, idx, axis=-1), idx
+
+    def decode(self, f: mx.array) -> mx.array:
+        """Reconstruction [..., d_in] = f @ W_dec + b_dec."""
+        return f @ self.W_dec + self.b_dec
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """Reconstruction x_hat [..., d_in] of x [..., d_in]."""
+        x = self._check(x)
+        if self.cfg.architecture == "topk":
+            lead = x.shape[:-1]
+            vals, idx = K.topk_encode(x.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
+                                      self.cfg.apply_b_dec_to_input)
+            return K.topk_decode(vals, idx, self.W_dec, self.b_dec).reshape(*lead, self.d_in)
+        return self.decode(self.encode(x))
+
+    # -- weight surgery ---------------------------------------------------------------------------------
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``x * scale`` take raw ``x`` (outputs in raw units): exact for every arch.
+
+        W_enc *= s, W_dec /= s, b_dec /= s (pre-activations and thresholds are unchanged).
+        """
+        s = float(scale)
+        if s == 1.0:
+            return
+        self.W_enc = self.W_enc * s
+        self.W_dec = self.W_dec / s
+        self.b_dec = self.b_dec / s
+
+    def decoder_norms(self) -> mx.array:
+        return mx.linalg.norm(self.W_dec, axis=-1)
+
+    def fold_decoder_norms(self) -> None:
+        """Rescale so every decoder row has unit norm, keeping x_hat the same for ReLU / TopK / JumpReLU.
+
+        W_enc[:, i] *= n_i, b_enc *= n_i, threshold *= n_i, W_dec[i] /= n_i (valid because the activation
+        functions are positively homogeneous; TopK ranking would change, so TopK is refused).
+        """
+        if self.cfg.architecture in TOPK_FAMILY:
+            raise ValueError("fold_decoder_norms changes TopK rankings; TopK-family decoders are kept at unit norm.")
+        n = mx.maximum(self.decoder_norms(), 1e-12)
+        self.W_enc = self.W_enc * n
+        self.b_enc = self.b_enc * n
+        self.W_dec = self.W_dec / n[:, None]
+        if "threshold" in self:
+            self.threshold = self.threshold * n
+
+    def set_batchtopk_threshold(self, theta: float | mx.array) -> None:
+        if self.cfg.architecture != "batchtopk":
+            raise ValueError("set_batchtopk_threshold applies to batchtopk SAEs only.")
+        self.threshold = mx.full((self.d_sae,), theta, dtype=mx.float32) if not isinstance(theta, mx.array) \
+            else mx.broadcast_to(theta.astype(mx.float32), (self.d_sae,))
+
+    def num_params(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+    def __repr__(self) -> str:
+        extra = f", k={self.cfg.k}" if self.cfg.architecture in TOPK_FAMILY else ""
+        hook = f", hook={self.cfg.hook_name!r}" if self.cfg.hook_name else ""
+        return f"SAE({self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{extra}{hook})"
