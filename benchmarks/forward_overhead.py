@@ -1,0 +1,107 @@
+"""Forward overhead of hooks: mlx-lm's own forward vs HookedTransformer (no hooks) vs run_with_cache (all hooks).
+
+Same checkpoint, same process, same inputs. The anchor is mlx-lm's forward measured in this run; the script
+prints each ratio against it (goals: no hooks <= 1.03x, caching every hook <= 1.5x).
+
+    python benchmarks/forward_overhead.py [--json OUT.json] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+from mlx_lm.utils import load_model
+
+from hooked_mlx import HookedTransformer
+
+ROOT = Path(__file__).resolve().parent.parent
+STORIES = ROOT.parent / "shared" / "models" / "stories260K"
+
+LARGE = {
+    "model_type": "llama", "hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1376,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 8192,
+    "max_position_embeddings": 1024, "rope_theta": 10000.0, "tie_word_embeddings": False,
+}
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median seconds of fn() (which must evaluate its result), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def build_large(path: Path) -> Path:
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(LARGE))
+    mx.eval(model.parameters())
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(LARGE))
+    return path
+
+
+def bench(name: str, path: Path, batch: int, seq: int, repeats: int) -> dict:
+    ref, _ = load_model(path)
+    model = HookedTransformer.from_pretrained(path)
+    toks = mx.random.randint(3, model.cfg.d_vocab, (batch, seq)).astype(mx.int32)
+
+    def run_ref():
+        mx.eval(ref(toks))
+
+    def run_fast():
+        mx.eval(model(toks))
+
+    def run_cache():
+        out, cache = model.run_with_cache(toks)
+        mx.eval(out)
+
+    t_ref = timeit(run_ref, repeats)
+    t_fast = timeit(run_fast, repeats)
+    t_cache = timeit(run_cache, max(3, repeats // 2))
+    n_hooks = len(model.hook_dict)
+    row = {"model": name, "batch": batch, "seq": seq, "hooks": n_hooks, "mlx_lm_ms": t_ref * 1e3,
+           "hooked_no_hooks_ms": t_fast * 1e3, "run_with_cache_all_ms": t_cache * 1e3,
+           "ratio_no_hooks": t_fast / t_ref, "ratio_cache_all": t_cache / t_ref}
+    print(f"{name:<28} B={batch:<3} P={seq:<4} mlx-lm {t_ref*1e3:8.2f} ms | no hooks {t_fast*1e3:8.2f} ms "
+          f"({t_fast/t_ref:.3f}x) | run_with_cache({n_hooks} hooks) {t_cache*1e3:8.2f} ms ({t_cache/t_ref:.3f}x)")
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    print(f"device: {mx.default_device()}  BLAS: {hooked_mlx._blas.LOADED}")
+    rows = []
+    if STORIES.exists():
+        rows.append(bench("stories260K", STORIES, 1, 64, args.repeats))
+        rows.append(bench("stories260K", STORIES, 8, 128, args.repeats))
+    with tempfile.TemporaryDirectory() as d:
+        large = build_large(Path(d) / "large")
+        rows.append(bench("random llama 8L d512", large, 8, 128, max(5, args.repeats // 2)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": "forward_overhead", "device": str(mx.default_device()),
+                                               "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
