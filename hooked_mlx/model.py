@@ -13,6 +13,7 @@ from .cache import ActivationCache
 from .components import Norm, TransformerBlock, Unembed, linear_weight
 from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
+from .weights_view import WeightsViewMixin
 
 Input = Union[str, Sequence[str], mx.array, Sequence[int], Sequence[Sequence[int]]]
 
@@ -32,7 +33,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, str(dtype))
 
 
-class HookedTransformer(HookedRootModule):
+class HookedTransformer(WeightsViewMixin, HookedRootModule):
     """A decoder-only transformer whose every intermediate activation is a named ``HookPoint``.
 
     Module tree (= canonical weight names = hook names): ``embed`` (+ ``hook_embed``), optional
@@ -195,9 +196,13 @@ class HookedTransformer(HookedRootModule):
         return ids
 
     def to_tokens(self, input: str | Sequence[str], prepend_bos: bool | None = None,
-                  padding_side: str = "right", truncate: bool = True) -> mx.array:
+                  padding_side: str = "right", truncate: bool = True, return_mask: bool = False):
         """Token ids [batch, pos] (int32). BOS follows the tokenizer's own setting unless ``prepend_bos``
-        says otherwise. A list of texts of unequal length is padded on ``padding_side`` with the pad id."""
+        says otherwise. A list of texts of unequal length is padded on ``padding_side`` with the pad id.
+
+        return_mask: also return the attention mask [batch, pos] (bool, True = real token), to pass to
+        ``forward`` / ``run_with_cache`` / ``generate`` as ``attention_mask=`` with these tokens. (Text input
+        needs no mask argument: the model pads and masks it itself.)"""
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("to_tokens takes a string or a list of strings.")
@@ -209,7 +214,12 @@ class HookedTransformer(HookedRootModule):
         n = max(len(s) for s in seqs)
         pad = self.pad_token_id
         rows = [([pad] * (n - len(s)) + s) if padding_side == "left" else (s + [pad] * (n - len(s))) for s in seqs]
-        return mx.array(rows, dtype=mx.int32)
+        tokens = mx.array(rows, dtype=mx.int32)
+        if not return_mask:
+            return tokens
+        mask = [([False] * (n - len(s)) + [True] * len(s)) if padding_side == "left"
+                else ([True] * len(s) + [False] * (n - len(s))) for s in seqs]
+        return tokens, mx.array(mask, dtype=mx.bool_)
 
     @property
     def pad_token_id(self) -> int:
@@ -266,9 +276,19 @@ class HookedTransformer(HookedRootModule):
             raise ValueError(f"mode must be 'first' or 'last', got {mode!r}.")
         return hits[0] if mode == "first" else hits[-1]
 
-    def _as_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str = "right") -> mx.array:
+    def _as_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str = "right",
+                   return_mask: bool = False):
+        """Token ids [B,P]; with ``return_mask`` also the padding mask (None unless text of unequal length)."""
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            return self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            toks, mask = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side or "right",
+                                        return_mask=True)
+            if bool(mask.all()):
+                mask = None
+            return (toks, mask) if return_mask else toks
+        toks = self._as_token_array(input)
+        return (toks, None) if return_mask else toks
+
+    def _as_token_array(self, input) -> mx.array:
         if not isinstance(input, mx.array):
             try:
                 input = mx.array(input)
@@ -289,14 +309,23 @@ class HookedTransformer(HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
-    def embed_tokens(self, tokens: mx.array) -> mx.array:
-        """Residual stream entering block 0: [B,P] -> [B,P,dm]."""
+    def embed_tokens(self, tokens: mx.array, positions: mx.array | None = None,
+                     valid: mx.array | None = None) -> mx.array:
+        """Residual stream entering block 0: [B,P] -> [B,P,dm].
+
+        positions: absolute positions [B,P] for learned position embeddings (default 0..P-1); pad
+        positions (``valid`` False) get a zero position embedding, as in TL."""
         x = self.embed(tokens)
         if self.cfg.embed_scale is not None:
             x = x * mx.array(self.cfg.embed_scale, dtype=x.dtype)
         x = self.hook_embed(x)
         if self.cfg.positional == "learned":
-            x = x + self.hook_pos_embed(self.pos_embed(mx.arange(tokens.shape[1])))
+            if positions is None:
+                positions = mx.arange(tokens.shape[1])
+            pos = self.pos_embed(mx.clip(positions, 0, self.cfg.n_ctx - 1))
+            if valid is not None:
+                pos = pos * valid[..., None].astype(pos.dtype)
+            x = x + self.hook_pos_embed(mx.broadcast_to(pos, x.shape))
         return x
 
     def _final(self, resid: mx.array) -> mx.array:
@@ -306,16 +335,52 @@ class HookedTransformer(HookedRootModule):
             logits = mx.tanh(logits / cap) * cap
         return logits
 
-    def _run(self, tokens: mx.array, start_at_layer: int | None = None, stop_at_layer: int | None = None,
-             residual: mx.array | None = None, mask: Any = "causal", cache: Any = None) -> mx.array:
+    def _mask_setup(self, attention_mask: mx.array, q_len: int, past: int):
+        """From a padding mask [B, past+P] (True = real token) build the block mask [B,1,P,past+P] (causal,
+        no pad keys; a pad query attends only to itself so no row is empty), the per-row rotary offsets [B]
+        and the absolute positions [B,P] of the new tokens (first real token = position 0)."""
+        valid = attention_mask.astype(mx.bool_)
+        B, K = valid.shape
+        if K != past + q_len:
+            raise ValueError(f"attention_mask has {K} positions; expected {past + q_len} (the {past} cached "
+                             f"positions plus the {q_len} new ones).")
+        vi = valid.astype(mx.int32)
+        n_left = mx.argmax(vi, axis=1).astype(mx.int32)  # index of the first real token per row
+        n_real = vi.sum(axis=1)
+        last = K - 1 - mx.argmax(vi[:, ::-1], axis=1)
+        if bool(((last - n_left + 1 != n_real) & (n_real > 0)).any()):
+            raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right "
+                             "padding); got a row with a pad token between real tokens.")
+        qi = mx.arange(past, past + q_len)
+        kj = mx.arange(K)
+        causal = kj[None, :] <= qi[:, None]  # [P,K]
+        qvalid = valid[:, past:]
+        mask = (causal[None] & valid[:, None, :]) | ((kj[None, :] == qi[:, None])[None] & ~qvalid[:, :, None])
+        offsets = past - n_left
+        positions = qi[None, :] - n_left[:, None]
+        return mask[:, None], offsets, positions, qvalid
+
+    def _run(self, tokens: mx.array | None, start_at_layer: int | None = None, stop_at_layer: int | None = None,
+             residual: mx.array | None = None, mask: Any = "causal", cache: Any = None,
+             attention_mask: mx.array | None = None) -> mx.array:
         n = self.cfg.n_layers
         start = 0 if start_at_layer is None else _layer_index(start_at_layer, n, "start_at_layer")
         stop = n if stop_at_layer is None else _layer_index(stop_at_layer, n, "stop_at_layer")
-        x = self.embed_tokens(tokens) if start == 0 or residual is None else residual
         if start > 0 and residual is None:
             raise ValueError("start_at_layer needs the residual stream entering that layer as input.")
+        q_len = residual.shape[1] if residual is not None else tokens.shape[1]
+        past = int(cache[0].offset) if cache is not None and cache[0] is not None else 0
+        offset = positions = valid = None
+        if attention_mask is not None:
+            mask, offset, positions, valid = self._mask_setup(attention_mask, q_len, past)
+        elif past and self.cfg.positional == "learned":
+            positions = mx.arange(past, past + q_len)
+        if residual is None:
+            x = self.embed_tokens(tokens, positions, valid)
+        else:
+            x = residual
         for i in range(start, stop):
-            x = self.blocks[i](x, mask, cache[i] if cache is not None else None)
+            x = self.blocks[i](x, mask, cache[i] if cache is not None else None, offset)
         return x if stop_at_layer is not None else self._final(x)
 
     def _fast_forward(self, tokens: mx.array) -> mx.array:
@@ -331,18 +396,27 @@ class HookedTransformer(HookedRootModule):
         return_type: str | None = "logits",
         loss_per_token: bool = False,
         prepend_bos: bool | None = None,
-        padding_side: str = "right",
+        padding_side: str | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         tokens: mx.array | None = None,
         past_kv_cache: Any = None,
+        attention_mask: mx.array | None = None,
     ):
         """Run the model.
 
         input: text, list of texts, token ids [B,P]; with ``start_at_layer`` a residual [B,P,dm].
         return_type: "logits" [B,P,V], "loss" (scalar mean next-token loss, or [B,P-1] with
         ``loss_per_token``), "both" (logits, loss), or None. ``stop_at_layer`` (exclusive) returns the
-        residual stream [B,P,dm] entering that layer; ``start_at_layer`` (inclusive) takes it.
+        residual stream [B,P,dm] entering that layer; ``start_at_layer`` (inclusive) takes it. Both accept
+        negative values and combine (run blocks ``start..stop-1`` only).
+
+        Batches of unequal length: a list of texts is padded on ``padding_side`` ("right" by default,
+        or "left") and masked automatically: every row's logits equal that prompt run alone, pad tokens
+        are never attended to and get no position, and the loss skips them. For pre-tokenized padded
+        input pass ``attention_mask`` [B,P] (True/1 = real token), e.g. from
+        ``model.to_tokens(texts, padding_side="left", return_mask=True)``. With ``past_kv_cache`` the mask
+        covers the cached positions too ([B, past + P]).
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None; got {return_type!r}.")
@@ -352,22 +426,33 @@ class HookedTransformer(HookedRootModule):
             if residual.ndim != 3 or residual.shape[-1] != self.cfg.d_model:
                 raise ValueError(f"With start_at_layer the input is a residual [batch, pos, {self.cfg.d_model}]; "
                                  f"got shape {tuple(residual.shape)}.")
-            toks = tokens
-            if toks is None and return_type in ("loss", "both"):
+            toks = None if tokens is None else self._as_token_array(tokens)
+            if toks is None and return_type in ("loss", "both") and stop_at_layer is None:
                 raise ValueError("return_type='loss' with start_at_layer needs tokens=... for the targets.")
         else:
-            toks = self._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            toks, text_mask = self._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side,
+                                              return_mask=True)
+            if attention_mask is None:
+                attention_mask = text_mask
+        if attention_mask is not None:
+            attention_mask = mx.array(attention_mask).astype(mx.bool_)
+            if attention_mask.ndim == 1:
+                attention_mask = attention_mask[None]
         fast = (start_at_layer is None and stop_at_layer is None and past_kv_cache is None
-                and not self.has_any_hooks)
+                and attention_mask is None and not self.has_any_hooks)
         if fast:
             out = self._fast_forward(toks)
         else:
-            out = self._run(toks, start_at_layer, stop_at_layer, residual, cache=past_kv_cache)
+            out = self._run(toks, start_at_layer, stop_at_layer, residual, cache=past_kv_cache,
+                            attention_mask=attention_mask)
         if stop_at_layer is not None or return_type is None:
             return out if stop_at_layer is not None else None
         if return_type == "logits":
             return out
-        loss = lm_cross_entropy(out, toks, per_token=loss_per_token)
+        loss_mask = attention_mask
+        if loss_mask is not None and loss_mask.shape[1] != toks.shape[1]:
+            loss_mask = loss_mask[:, -toks.shape[1]:]
+        loss = lm_cross_entropy(out, toks, per_token=loss_per_token, attention_mask=loss_mask)
         return loss if return_type == "loss" else (out, loss)
 
     __call__ = forward
@@ -386,6 +471,18 @@ class HookedTransformer(HookedRootModule):
             return list(self.hook_dict)
         return self.resolve_hook_names(names_filter)
 
+    def attention_mask(self, input: Input, prepend_bos: bool | None = None, padding_side: str | None = None,
+                       attention_mask: mx.array | None = None, **_) -> mx.array | None:
+        """The padding mask [B,P] (bool, True = real token) that ``forward`` uses for this input, or None
+        when nothing is padded. Same arguments as ``forward``; ``run_with_cache`` stores it as
+        ``cache.attention_mask``."""
+        if attention_mask is not None:
+            m = mx.array(attention_mask).astype(mx.bool_)
+            return m[None] if m.ndim == 1 else m
+        if isinstance(input, mx.array) and input.ndim == 3:
+            return None
+        return self._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side, return_mask=True)[1]
+
     def run_with_cache(self, *args, names_filter=None, incl_bwd: bool = False,
                        metric: Callable[[Any], mx.array] | None = None, remove_batch_dim: bool = False,
                        **kwargs):
@@ -396,6 +493,11 @@ class HookedTransformer(HookedRootModule):
         scalar; by default the output itself must be a scalar (``return_type="loss"``). MLX has no backward
         hooks: the gradients are computed functionally, by adding a zero perturbation at every cached hook
         and differentiating the metric with respect to the perturbations.
+
+        Padded batches: the cache's ``attention_mask`` [B,P] (True = real token; None when nothing is
+        padded) says which positions are real. Cached values at pad positions are neutral so that reductions
+        over positions need no mask: 0 for activations and patterns, -inf for attention scores (like causal
+        masking), 1 for norm scales.
         """
         names = self._names(names_filter)
         store: dict[str, mx.array] = {}
@@ -411,7 +513,13 @@ class HookedTransformer(HookedRootModule):
             for n, g in grads.items():
                 store[n + "_grad"] = g
             mx.eval(store)
-        cache = ActivationCache(store, self)
+        input = args[0] if args else kwargs.get("input")
+        mask = self.attention_mask(input, **{k: v for k, v in kwargs.items()
+                                             if k in ("prepend_bos", "padding_side", "attention_mask")})
+        if mask is not None:
+            store = {k: _neutralise_pads(k, v, mask) for k, v in store.items()}
+            mx.eval(store)
+        cache = ActivationCache(store, self, attention_mask=mask)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, cache
@@ -438,19 +546,23 @@ class HookedTransformer(HookedRootModule):
         return mx.grad(f)(deltas)
 
     # ------------------------------------------------------------------------------------------
+    # generation and lenses
+    # ------------------------------------------------------------------------------------------
+    def generate(self, input: Input = "", max_new_tokens: int = 10, **kwargs):
+        """Generate with a KV cache and the active hooks; see ``hooked_mlx.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
+    def logit_lens(self, input: Input, **kwargs):
+        """Per-layer predictions of the residual stream; see ``hooked_mlx.lens.logit_lens``."""
+        from .lens import logit_lens
+
+        return logit_lens(self, input, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
     # misc
     # ------------------------------------------------------------------------------------------
-    @property
-    def W_U(self) -> mx.array:
-        """Unembedding [d_model, d_vocab] (dequantized)."""
-        w = linear_weight(self.embed) if self.cfg.tie_word_embeddings else linear_weight(self.unembed.lm_head)
-        return w.T
-
-    @property
-    def W_E(self) -> mx.array:
-        """Embedding [d_vocab, d_model] (dequantized)."""
-        return linear_weight(self.embed)
-
     def num_params(self) -> int:
         from mlx.utils import tree_flatten
 
@@ -474,14 +586,49 @@ class HookedTransformer(HookedRootModule):
                 f"{c.dtype}{q}, {len(self.hook_dict)} hooks)")
 
 
-def lm_cross_entropy(logits: mx.array, tokens: mx.array, per_token: bool = False) -> mx.array:
-    """Next-token cross-entropy in float32: [B,P-1] per token, or its mean."""
+def lm_cross_entropy(logits: mx.array, tokens: mx.array, per_token: bool = False,
+                     attention_mask: mx.array | None = None) -> mx.array:
+    """Next-token cross-entropy in float32: [B,P-1] per token, or its mean.
+
+    attention_mask [B,P] (True = real token): predictions from or of a pad token are excluded (0 in the
+    per-token loss, left out of the mean)."""
     if tokens.shape[1] < 2:
         raise ValueError("A loss needs at least 2 tokens per sequence.")
     logp = nn.log_softmax(logits[:, :-1].astype(mx.float32), axis=-1)
     tgt = tokens[:, 1:]
     nll = -mx.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    return nll if per_token else nll.mean()
+    if attention_mask is None:
+        return nll if per_token else nll.mean()
+    m = attention_mask.astype(mx.bool_)
+    keep = (m[:, 1:] & m[:, :-1]).astype(nll.dtype)
+    nll = nll * keep
+    return nll if per_token else nll.sum() / mx.maximum(keep.sum(), 1)
+
+
+def _neutralise_pads(name: str, act: mx.array, mask: mx.array) -> mx.array:
+    """Set a cached activation's pad positions to a neutral value (see ``run_with_cache``).
+
+    mask: [B, K] (True = real); the activation's positions are the last P of the K (a KV cache holds the
+    first K - P)."""
+    B = mask.shape[0]
+    base = name[: -len("_grad")] if name.endswith("_grad") else name
+    if base.endswith("hook_attn_scores") or base.endswith("hook_pattern"):
+        Pq, Pk = act.shape[-2:]
+        keep = mask[:, -Pq:][:, None, :, None] & mask[:, -Pk:][:, None, None, :]
+        fill = -mx.inf if base.endswith("hook_attn_scores") and not name.endswith("_grad") else 0
+        return mx.where(keep, act, mx.array(fill, act.dtype))
+    if base.endswith("hook_expert_weights") or base.endswith("hook_expert_indices"):
+        if act.shape[0] % B:
+            return act
+        P = act.shape[0] // B
+        keep = mask[:, -P:].reshape(-1)
+        return mx.where(keep[:, None], act, mx.zeros_like(act))
+    if act.ndim < 2 or act.shape[0] != B or act.shape[1] > mask.shape[1]:
+        return act
+    P = act.shape[1]
+    keep = mask[:, -P:].reshape((B, P) + (1,) * (act.ndim - 2))
+    fill = 1 if base.endswith("hook_scale") and not name.endswith("_grad") else 0
+    return mx.where(keep, act, mx.array(fill, act.dtype))
 
 
 def _layer_index(i: int, n: int, what: str) -> int:
