@@ -165,7 +165,8 @@ def _qtype_for(hf: str, qtype: QT, embed_qtype: QT | None) -> QT:
 
 
 def write_tiny_gguf(path: Path, weights: dict, tok: dict, qtype: QT = QT.F32, embed_qtype: QT | None = None,
-                    arch: str = "llama") -> dict[str, np.ndarray]:
+                    arch: str = "llama", rope_base: float = 10000.0,
+                    extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Write a tiny llama GGUF the way llama.cpp's converter does; return, per HF name, the float32 values a
     reader must recover (the weights themselves, or gguf's own dequantization of the stored blocks)."""
     wr = gguf.GGUFWriter(str(path), arch)
@@ -176,7 +177,7 @@ def write_tiny_gguf(path: Path, weights: dict, tok: dict, qtype: QT = QT.F32, em
     wr.add_head_count(N_HEADS)
     wr.add_head_count_kv(N_KV)
     wr.add_rope_dimension_count(HEAD_DIM)
-    wr.add_rope_freq_base(10000.0)
+    wr.add_rope_freq_base(rope_base)
     wr.add_layer_norm_rms_eps(1e-5)
     wr.add_file_type(int(qtype))
     wr.add_tokenizer_model(tok["model"])
@@ -209,6 +210,8 @@ def write_tiny_gguf(path: Path, weights: dict, tok: dict, qtype: QT = QT.F32, em
             wr.add_tensor(_gguf_name(hf), blocks, raw_dtype=qt)
             deq = gguf_dequantize(gguf_quantize(w, qt), qt).reshape(w.shape)  # HF layout, same blocks
             expected[hf] = deq.astype(np.float32)
+    for name, t in (extra or {}).items():
+        wr.add_tensor(name, t)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -335,6 +338,29 @@ def test_mixed_float_embedding_is_marked_unquantized(tmp_path, gpt2_tok):
     assert _mlx_lm_model(ck)(mx.array([[1, 2, 3]])).shape == (1, 3, vocab)
 
 
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path, gpt2_tok):
+    """rope_freqs.weight (llama.cpp's Llama-3.1 frequency divisors) is turned back into rope_scaling "llama3"
+    with which mlx-lm's RoPE reproduces the divisors."""
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    base, rs = 500000.0, {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 16.0,
+                          "original_max_position_embeddings": 8192}
+    inv = base ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)  # 1 / frequency
+    wl = 2 * np.pi * inv
+    smooth = (8192 / wl - 1.0) / (16.0 - 1.0)
+    div = np.where(wl < 8192 / 16.0, 1.0, np.where(wl > 8192, 32.0, 1 / ((1 - smooth) / 32.0 + smooth)))
+    assert ((div > 1) & (div < 32)).sum() >= 2  # the interpolated band is visible
+    f = tmp_path / "rope.gguf"
+    write_tiny_gguf(f, _hf_weights(len(gpt2_tok["tokens"])), gpt2_tok, rope_base=base,
+                    extra={"rope_freqs.weight": div.astype(np.float32)})
+    ck = load_gguf(f)
+    got = ck.hf_config["rope_scaling"]
+    assert got["rope_type"] == "llama3" and got["factor"] == 32.0
+    rope = initialize_rope(HEAD_DIM, base, False, got, 256)
+    np.testing.assert_allclose(np.array(rope._freqs), inv * div, rtol=1e-4)
+    assert "rope_freqs.weight" not in ck.weights
+
+
 # -- tokenizers -------------------------------------------------------------------------------------
 
 
@@ -357,6 +383,32 @@ def test_gpt2_tokenizer_matches_reference(tmp_path, bpe_vocab, gpt2_tok, pre):
     text = ck.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                             tokenize=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_every_pre_tokenizer_builds_and_round_trips(bpe_vocab):
+    """Each llama.cpp pre-tokenizer name maps to regexes the tokenizers library compiles; byte-level
+    tokenizers decode back to the input; digits are grouped the way the family does it."""
+    from hooked_mlx.loading.gguf import PRE_TOKENIZERS, build_tokenizer
+
+    tokens, merges = bpe_vocab
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+          "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (len(tokens) - 3), "tokenizer.ggml.bos_token_id": 1}
+    digits = {"gpt2": ["12345"], "smollm": list("12345"), "llama-bpe": ["123", "45"], "qwen2": list("12345")}
+    for pre in PRE_TOKENIZERS:
+        t = build_tokenizer({**md, "tokenizer.ggml.pre": pre})
+        for s in TEST_STRINGS:
+            assert t.decode(t.encode(s, add_special_tokens=False)) == s, (pre, s)
+        if pre in digits:
+            pieces = [p for p, _ in t.backend_tokenizer.pre_tokenizer.pre_tokenize_str("12345")]
+            assert pieces == digits[pre], (pre, pieces)
+    # llama.cpp adds BOS by default for llama3-style vocabularies; add_bos_token overrides
+    assert build_tokenizer({**md, "tokenizer.ggml.pre": "llama-bpe"}).encode("a")[0] == 1
+    assert build_tokenizer({**md, "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": False}
+                           ).encode("a")[0] != 1
+    with pytest.raises(ValueError, match="pre-tokenizer 'nope'.*Supported: .*smollm"):
+        build_tokenizer({**md, "tokenizer.ggml.pre": "nope"})
+    with pytest.raises(ValueError, match="tokenizer model 'bert'.*'gpt2'.*'llama'"):
+        build_tokenizer({**md, "tokenizer.ggml.model": "bert"})
 
 
 def test_spm_tokenizer_matches_sentencepiece(tmp_path, spm):

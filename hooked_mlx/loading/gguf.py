@@ -289,6 +289,8 @@ def load_gguf(path: str | Path, dequantize: bool = False, dtype: mx.Dtype | None
 
     cfg = _config_from_metadata(metadata, infos)
     raw = mx.load(str(path))
+    if "rope_freqs.weight" in raw:
+        _apply_rope_freqs(cfg, np.array(raw["rope_freqs.weight"].astype(mx.float32)), metadata)
     weights, quant = _convert_tensors(raw, infos, cfg, dequantize=dequantize, dtype=dtype)
     if quant:
         cfg["quantization"] = quant
@@ -361,17 +363,56 @@ def _config_from_metadata(md: dict, infos: list[GGUFTensorInfo]) -> dict:
         cfg["rope_scaling"] = rs
     elif scaling not in (None, "none") and not (factor is None or float(factor) == 1.0):
         raise ValueError(f"GGUF RoPE scaling type {scaling!r} is not supported (linear and yarn are).")
-    if "rope_freqs.weight" in names:
-        warnings.warn(
-            "This GGUF carries rope_freqs.weight (Llama-3.1-style RoPE frequency factors). They are not "
-            "reconstructed into rope_scaling; positions beyond a few thousand tokens may be slightly off.",
-            stacklevel=3,
-        )
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         v = md.get(f"tokenizer.ggml.{name}_token_id")
         if v is not None:
             cfg[key] = int(v)
     return cfg
+
+
+def _llama3_factors(wavelens: np.ndarray, rs: dict) -> np.ndarray:
+    """Per-frequency divisors of Llama-3 RoPE scaling (mlx-lm's ``Llama3RoPE``) for ``rs``."""
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    smooth = (old / wavelens - low) / (high - low)
+    medium = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelens > old / low, factor, np.where(wavelens < old / high, 1.0, medium))
+
+
+def _apply_rope_freqs(cfg: dict, factors: np.ndarray, md: dict) -> None:
+    """Turn llama.cpp's ``rope_freqs.weight`` (Llama-3.1-style frequency divisors, ``[head_dim / 2]``) back
+    into an HF ``rope_scaling`` of type "llama3".
+
+    The divisors only pin down ``factor`` and, from the smoothly interpolated band, the line
+    ``smooth = old_ctx / (high - low) / wavelen - low / (high - low)``; any (old_ctx, low, high) on it gives
+    identical frequencies, so old_ctx is taken from the metadata (default 8192) and low / high solved for.
+    The reconstruction is checked against the stored divisors; if it does not reproduce them, a warning says
+    so and RoPE runs unscaled.
+    """
+    r = factors.astype(np.float64).reshape(-1)
+    if np.allclose(r, 1.0):
+        return
+    dims = cfg["head_dim"]
+    wavelens = 2 * np.pi * float(cfg["rope_theta"]) ** (np.arange(0, dims, 2) / dims)
+    factor = float(r.max())
+    old = int(md.get("llama.rope.scaling.original_context_length") or 8192)
+    med = (r > 1 + 1e-4) & (r < factor * (1 - 1e-4))
+    low, high = 1.0, 4.0  # Llama 3.1's values, when the band has fewer than two frequencies
+    if med.sum() >= 2:
+        smooth = (1 / r[med] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(1 / wavelens[med], smooth, 1)
+        low = -b * old / a
+        high = low + old / a
+    rs = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"), "low_freq_factor": float(f"{low:.6g}"),
+          "high_freq_factor": float(f"{high:.6g}"), "original_max_position_embeddings": old}
+    if r.shape[0] == wavelens.shape[0] and np.allclose(_llama3_factors(wavelens, rs), r, rtol=1e-3):
+        cfg["rope_scaling"] = rs
+        return
+    warnings.warn(
+        "This GGUF carries rope_freqs.weight (RoPE frequency divisors) that do not match Llama-3 RoPE scaling; "
+        "they are ignored, so RoPE runs unscaled (outputs may differ from llama.cpp's).",
+        stacklevel=3,
+    )
 
 
 def _unpermute_rows(n_head: int, n_rows: int) -> mx.array:
