@@ -476,7 +476,7 @@ def test_unsupported_tensor_type(tmp_path, gpt2_tok):
         load_gguf(g)
 
 
-def test_header_reader(tmp_path, gpt2_tok):
+def test_header_reader(tmp_path, gpt2_tok, monkeypatch):
     f = tmp_path / "h.gguf"
     write_tiny_gguf(f, _hf_weights(len(gpt2_tok["tokens"])), gpt2_tok, qtype=QT.Q4_1)
     md, infos = read_gguf_header(f)
@@ -485,6 +485,14 @@ def test_header_reader(tmp_path, gpt2_tok):
     by = {t.name: t for t in infos}
     assert by["blk.0.attn_k.weight"].shape == (N_KV * HEAD_DIM, D)
     assert by["blk.0.attn_k.weight"].type_name == "Q4_1" and by["output_norm.weight"].type_name == "F32"
+    import hooked_mlx.loading.gguf as g
+
+    monkeypatch.setattr(g, "_HEADER_CHUNK", 64)  # the header is read in growing chunks
+    assert read_gguf_header(f) == (md, infos)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(f.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="truncated GGUF header"):
+        read_gguf_header(cut)
     with pytest.raises(ValueError, match="not a GGUF file"):
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(b"nope" * 10)

@@ -128,21 +128,32 @@ class GGUFTensorInfo:
         return _GGML_TYPES.get(self.type_id, f"type {self.type_id}")
 
 
+_HEADER_CHUNK = 1 << 22  # first read of a header, in bytes
+
+
+class _ShortBuffer(Exception):
+    """The header extends past the bytes read so far."""
+
+
 class _Reader:
     def __init__(self, buf: bytes):
         self.buf = buf
         self.pos = 0
 
+    def take(self, n: int) -> int:
+        """Advance by ``n`` bytes; return the old position."""
+        if self.pos + n > len(self.buf):
+            raise _ShortBuffer
+        self.pos += n
+        return self.pos - n
+
     def scalar(self, fmt: str):
-        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return v
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
         n = self.scalar("<Q")
-        s = self.buf[self.pos: self.pos + n]
-        self.pos += n
-        return s.decode("utf-8", errors="replace")
+        start = self.take(n)
+        return self.buf[start: start + n].decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
         if vtype == _STR:
@@ -153,9 +164,10 @@ class _Reader:
                 return [self.string() for _ in range(n)]
             if etype == _ARR:
                 return [self.value(_ARR) for _ in range(n)]
+            if etype not in _NP_DTYPE:
+                raise ValueError(f"unknown GGUF metadata array element type {etype}")
             dt = np.dtype(_NP_DTYPE[etype])
-            arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
-            self.pos += n * dt.itemsize
+            arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.take(n * dt.itemsize))
             return [bool(x) for x in arr] if etype == _BOOL else arr.tolist()
         if vtype not in _SCALAR_FMT:
             raise ValueError(f"unknown GGUF metadata value type {vtype}")
@@ -177,16 +189,15 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensorI
         if version not in (2, 3):
             hint = " (a big-endian file?)" if version > 0xFFFF else ""
             raise ValueError(f"{path}: GGUF version {version}{hint} is not supported; expected version 2 or 3.")
-        f.seek(0)
-        # the header (metadata + tensor table) is at the front; grow the read until it parses
-        size = 1 << 22
+        # the header (metadata + tensor table) is at the front; read more until it parses
+        size = _HEADER_CHUNK
         while True:
-            buf = f.read(size) if size else b""
             f.seek(0)
+            buf = f.read(size)
             try:
                 return _parse_header(buf)
-            except struct.error:
-                if len(buf) < size:  # whole file read and still short
+            except _ShortBuffer:
+                if len(buf) < size:  # the whole file was read
                     raise ValueError(f"{path}: truncated GGUF header.") from None
                 size *= 4
 
