@@ -310,12 +310,10 @@ def load_gguf(path: str | Path, dequantize: bool = False, dtype: mx.Dtype | None
     return GGUFCheckpoint(cfg, weights, tokenizer, metadata, {t.name: t.type_name for t in infos})
 
 
-def _meta(md: dict, key: str, default=None, required: bool = True):
-    if key in md:
-        return md[key]
-    if default is None and required:
+def _meta(md: dict, key: str):
+    if key not in md:
         raise ValueError(f"GGUF metadata is missing {key!r}, which a llama model needs.")
-    return default
+    return md[key]
 
 
 def _f32(x) -> float:
@@ -638,7 +636,7 @@ def build_tokenizer(md: dict):
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         chat_template=md.get("tokenizer.chat_template"),
-        model_max_length=int(md.get("llama.context_length", md.get(f"{md.get('general.architecture')}.context_length", 2048))),
+        model_max_length=int(md.get(f"{md.get('general.architecture', 'llama')}.context_length", 2048)),
         clean_up_tokenization_spaces=False,
         **kwargs,
     )
