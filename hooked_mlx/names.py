@@ -61,6 +61,13 @@ EXTRA_BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "ln2_post.hook_normalized": ("[B,P,dm]", "post-MLP norm output before its weight"),
     "mlp.hook_expert_weights": ("[B*P,E]", "router softmax over all experts"),
     "mlp.hook_expert_indices": ("[B*P,k]", "indices of the experts each token is routed to"),
+    "mlp.hook_expert_pre": ("[B,P,k,dmlp]", "MoE: gate branch x@W_gate[e] of each routed expert"),
+    "mlp.hook_expert_pre_linear": ("[B,P,k,dmlp]", "MoE: linear branch x@W_in[e] of each routed expert"),
+    "mlp.hook_expert_post": ("[B,P,k,dmlp]", "MoE: act(pre) * pre_linear of each routed expert"),
+    "mlp.hook_expert_out": ("[B,P,k,dm]", "MoE: each routed expert's output, before its routing weight"),
+    "mlp.shared_expert.hook_pre": ("[B,P,dmlp_shared]", "Qwen2-MoE shared expert: gate branch"),
+    "mlp.shared_expert.hook_pre_linear": ("[B,P,dmlp_shared]", "Qwen2-MoE shared expert: linear branch"),
+    "mlp.shared_expert.hook_post": ("[B,P,dmlp_shared]", "Qwen2-MoE shared expert: act(pre) * pre_linear"),
 }
 
 # --- get_act_name (TL's rules) ----------------------------------------------------------------------

@@ -22,8 +22,9 @@ from .norms import Norm
 
 
 def linear_weight(layer: nn.Module) -> mx.array:
-    """The float [out, in] weight of an ``nn.Linear`` or ``nn.QuantizedLinear`` (dequantized)."""
-    if isinstance(layer, nn.QuantizedLinear):
+    """The float [out, in] weight of an ``nn.Linear`` / ``nn.QuantizedLinear`` (dequantized); also the
+    [vocab, dm] table of an ``nn.Embedding`` / ``nn.QuantizedEmbedding``."""
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
                              mode=getattr(layer, "mode", "affine"))
     return layer.weight

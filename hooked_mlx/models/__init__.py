@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-FAMILY_MODULES = ["llama"]
+FAMILY_MODULES = ["llama", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "olmo2", "mixtral",
+                  "qwen_moe"]
 
 _REGISTRY: dict[str, ModuleType] | None = None
 
