@@ -65,7 +65,7 @@ def cmd_convert(args) -> int:
     out = Path(args.out) if args.out else _default_out(args.src)
     print(f"converting {args.src} -> {out}  ({model})")
     save_canonical(model, out, tokenizer_dir=ck.tokenizer_dir,
-                   tokenizer=getattr(model.tokenizer, "_tokenizer", model.tokenizer) if ck.tokenizer_dir is None else None,
+                   tokenizer=ck.tokenizer if ck.tokenizer_dir is None else None,
                    hf_config=ck.hf_config)
     # reload both and compare logits on a fixed prompt
     src_model = HookedTransformer.from_pretrained(args.src, dtype=args.dtype, dequantize=args.dequantize,

@@ -552,3 +552,32 @@ def test_smollm2_answers_paris():
     answer = t.decode(out)
     print("SmolLM2 answer:", repr(answer))
     assert "Paris" in answer
+
+
+# -- through HookedTransformer and the CLI ----------------------------------------------------------
+
+
+def test_hooked_transformer_and_convert_from_gguf(tmp_path, gpt2_tok, capsys):
+    """from_pretrained("x.gguf") equals the original HF-layout weights run by mlx-lm; `hooked-mlx convert
+    x.gguf OUT` writes a canonical checkpoint (tokenizer and chat template included) with identical logits."""
+    from hooked_mlx import HookedTransformer
+    from hooked_mlx.cli import main
+
+    vocab = len(gpt2_tok["tokens"])
+    hf = _hf_weights(vocab, seed=3, tied=True)
+    f = tmp_path / "tiny.gguf"
+    expected = write_tiny_gguf(f, hf, gpt2_tok, qtype=QT.Q4_1, embed_qtype=QT.Q8_0)
+    x = mx.array([[5, 17, 42, 99, 3, 250, 7, 8, 120, 64]])
+    model = HookedTransformer.from_pretrained(f)
+    assert model.cfg.quantization is not None and model.mod_dict["embed"].bits == 8
+    ref = _ref_model(expected, load_gguf(f, dtype=mx.float32))(x)
+    np.testing.assert_allclose(np.array(model(x)), np.array(ref), atol=2e-3, rtol=2e-3)
+    deq = HookedTransformer.from_pretrained(f, dequantize=True)
+    np.testing.assert_allclose(np.array(deq(x)), np.array(ref), atol=1e-4, rtol=1e-4)
+    assert model.tokenizer.chat_template == CHAT_TEMPLATE
+    assert main(["convert", str(f), str(tmp_path / "canon")]) == 0
+    assert "= 0" in capsys.readouterr().out
+    again = HookedTransformer.from_pretrained(tmp_path / "canon")
+    assert mx.abs(again(x) - model(x)).max().item() == 0.0
+    assert again.tokenizer.encode("hello world") == model.tokenizer.encode("hello world")
+    assert again.tokenizer.chat_template == CHAT_TEMPLATE

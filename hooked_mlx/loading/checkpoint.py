@@ -140,6 +140,7 @@ def _read_gguf(path: Path) -> Checkpoint:
     g = load_gguf(path)
     ck = from_hf(g.hf_config, g.weights, path, tokenizer_dir=None)
     ck.tokenizer = g.tokenizer
+    ck.tokenizer_dir = None  # the tokenizer is rebuilt from the GGUF metadata, not read from files
     ck.metadata = {"gguf": True, **{k: v for k, v in g.metadata.items() if isinstance(v, (str, int, float))}}
     return ck
 
@@ -165,8 +166,11 @@ def dequantize_weights(weights: dict[str, mx.array], in_features: dict[str, int]
     for key in [k for k in weights if k.endswith(".scales")]:
         prefix = key[: -len(".scales")]
         p = quantization_params(weights, prefix, in_features[prefix], cfg_q)
-        w = mx.dequantize(weights[f"{prefix}.weight"], weights[key], weights.get(f"{prefix}.biases"),
-                          p["group_size"], p["bits"], mode=p["mode"])
+        scales, biases = weights[key], weights.get(f"{prefix}.biases")
+        if p["mode"] == "affine":  # dequantize in float32: half-precision scales would round the result
+            scales = scales.astype(mx.float32)
+            biases = biases.astype(mx.float32) if biases is not None else None
+        w = mx.dequantize(weights[f"{prefix}.weight"], scales, biases, p["group_size"], p["bits"], mode=p["mode"])
         out[f"{prefix}.weight"] = w.astype(dtype or weights[key].dtype)
         out.pop(key)
         out.pop(f"{prefix}.biases", None)
