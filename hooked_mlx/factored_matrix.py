@@ -62,13 +62,19 @@ class FactoredMatrix:
             return FactoredMatrix(self.A @ (self.B @ other.A), other.B)
         other = mx.array(other)
         if other.ndim == 1:
-            return self.A @ (self.B @ other)
+            return (self.A @ (self.B @ other[:, None]))[..., 0]
         return FactoredMatrix(self.A, self.B @ other)
 
     def __rmatmul__(self, other):
+        """``other @ self``. Note: ``mx.array.__matmul__`` raises instead of deferring to this method, so for
+        an ``mx.array`` on the left write ``fm.rmatmul(x)`` (lists / scalars on the left work with @)."""
+        return self.rmatmul(other)
+
+    def rmatmul(self, other) -> "FactoredMatrix | mx.array":
+        """``other @ self``: a matrix [..., n, ldim] gives a FactoredMatrix, a vector [ldim] an array."""
         other = mx.array(other)
         if other.ndim == 1:
-            return (other @ self.A) @ self.B
+            return ((other[None, :] @ self.A) @ self.B)[..., 0, :]
         return FactoredMatrix(other @ self.A, self.B)
 
     def __mul__(self, scalar):

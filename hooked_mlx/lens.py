@@ -48,6 +48,7 @@ class LensResult:
     logits: mx.array | None = None
     str_tokens: list[list[str]] | None = None
     token_strings: list | None = field(default=None, repr=False)  # decoded top_tokens, same nesting
+    kind: str = "logit lens"
 
     def table(self, batch: int = 0, pos: int = -1, k: int | None = None) -> str:
         """A text table: one line per layer with its top-k tokens and probabilities (for one row and, when
@@ -61,7 +62,7 @@ class LensResult:
                 strings = [s[pos] for s in strings]
         k = tt.shape[-1] if k is None else min(k, tt.shape[-1])
         where = f"{pos} of {self.positions!r}" if multi else repr(self.positions)
-        head = f"lens (row {batch}, position {where})"
+        head = f"{self.kind} (row {batch}, position {where})"
         if self.str_tokens is not None and isinstance(self.positions, int):
             head += f": next token after {self.str_tokens[batch][self.positions]!r}"
         lines = [head]
@@ -258,4 +259,4 @@ class TunedLens(nn.Module):
             str_tokens = [model.to_str_tokens(row) for row in toks]
         return LensResult(labels=labels, top_tokens=top, top_probs=probs, positions=pos,
                           logits=logits if return_logits else None, str_tokens=str_tokens,
-                          token_strings=_decode(model, top))
+                          token_strings=_decode(model, top), kind="tuned lens")
