@@ -354,6 +354,37 @@ def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path):
     assert maxdiff(model(TOKENS), ref_model(TOKENS)) <= TOL
 
 
+def test_gemma3_transformers5_weight_prefix_and_vision_tower(tmp_path):
+    """transformers 5 saves Gemma-3 as ``model.language_model.*`` + ``lm_head`` next to a vision tower."""
+    text = dict(FAMILIES["gemma3_text"])
+    cfg = {"model_type": "gemma3", "vocab_size": 512, "text_config": text}
+    ref_model, path = build_mlx_lm_checkpoint(tmp_path / "gemma3", cfg, seed=2)
+    hf = {}
+    for k, v in mx.load(str(path / "model.safetensors")).items():
+        k = k.removeprefix("language_model.")
+        hf[k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k] = v
+    hf["model.vision_tower.patch_embed.weight"] = mx.zeros((4, 4))
+    hf["model.multi_modal_projector.proj.weight"] = mx.zeros((4, 4))
+    dst = tmp_path / "gemma3-hf"
+    dst.mkdir()
+    mx.save_safetensors(str(dst / "model.safetensors"), hf)
+    shutil.copy2(path / "config.json", dst / "config.json")
+    model = HookedTransformer.from_pretrained(dst)
+    assert not model.cfg.tie_word_embeddings
+    assert maxdiff(model(TOKENS), ref_model(TOKENS)) <= TOL
+
+
+def test_phi3_longrope_matches_mlx_lm(tmp_path):
+    """Phi-3's SuScaled (longrope) RoPE with partial rotary, on a sequence longer than the original context."""
+    cfg = dict(FAMILIES["phi3"], original_max_position_embeddings=32,
+               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3],
+                             "long_factor": [2.0, 2.2, 2.4, 2.6]})
+    ref_model, path = build_mlx_lm_checkpoint(tmp_path / "phi3-longrope", cfg, seed=5)
+    model = HookedTransformer.from_pretrained(path)
+    assert model.cfg.rope_scaling["rope_type"] == "longrope" and model.cfg.rotary_dim == 8
+    assert maxdiff(model(TOKENS), ref_model(TOKENS)) <= TOL
+
+
 def _to_hf(family: str, weights: dict, cfg: dict) -> dict:
     """mlx-lm's weights in Hugging Face's own layout (what an unconverted HF checkpoint holds)."""
     out = {}
