@@ -259,3 +259,62 @@ def test_factored_matrix_matmul_and_indexing(fm):
     close(f.get_corner(3), mx.array(dense[0, :3, :3]))
     with pytest.raises(ValueError, match="inner dims"):
         FactoredMatrix(mx.zeros((3, 4)), mx.zeros((5, 3)))
+
+
+# -- other architectures: post-norms + soft-caps, learned positions + LayerNorm, parallel blocks, MoE -------
+
+_BASE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}
+ARCHS = {
+    "gemma2": dict(_BASE, model_type="gemma2", head_dim=16, rms_norm_eps=1e-6, rope_theta=20000.0,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   sliding_window=4, hidden_activation="gelu_pytorch_tanh"),
+    "gpt2": {"model_type": "gpt2", "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 256,
+             "layer_norm_epsilon": 1e-5, "vocab_size": 512, "activation_function": "gelu_new"},
+    "gpt_neox": {"model_type": "gpt_neox", "max_position_embeddings": 256, "hidden_size": 64,
+                 "num_attention_heads": 4, "num_hidden_layers": 2, "layer_norm_eps": 1e-5, "vocab_size": 512,
+                 "rotary_emb_base": 20000, "rotary_pct": 0.25, "use_parallel_residual": True,
+                 "hidden_act": "gelu_fast", "intermediate_size": 256},
+    "mixtral": dict(_BASE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                    rope_theta=1e6),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_analysis_on_other_architectures(arch, tmp_path):
+    from hooked_mlx.models import supported_model_types
+
+    if ARCHS[arch]["model_type"] not in supported_model_types():
+        pytest.skip(f"{arch} is not registered yet")
+    _, path = build_mlx_lm_checkpoint(tmp_path / arch, ARCHS[arch], seed=1)
+    m = HookedTransformer.from_pretrained(path)
+    toks = mx.array([[1, 5, 9, 200, 3, 77, 100, 11, 400, 23], [1, 300, 2, 8, 99, 45, 60, 61, 62, 63]])
+    logits, cache = m.run_with_cache(toks)
+    final = cache["resid_post", -1]
+    close(cache.decompose_resid().sum(0), final)
+    moe = m.cfg.num_experts is not None
+    if moe:
+        with pytest.raises(AttributeError, match="mixture of experts"):
+            cache.get_full_resid_decomposition()
+    full = cache.get_full_resid_decomposition(expand_neurons=not moe)
+    close(full.sum(0), final)
+    close(cache.get_full_resid_decomposition(1, mlp_input=True, expand_neurons=not moe).sum(0),
+          cache._resid_at(1, mlp_input=True))
+    # logit attributions sum to the pre-soft-cap logit, up to the final norm's bias and b_U
+    top = mx.argmax(logits[:, -1], axis=-1)
+    attrs = cache.logit_attrs(full[:, :, -1], top, pos_slice=-1).sum(0)
+    offset = m.b_U[top]
+    if "bias" in m.ln_final:
+        offset = offset + m.ln_final.bias @ m.W_U[:, top]
+    want = mx.take_along_axis(cache["unembed.hook_out"][:, -1], top[:, None], axis=-1)[:, 0]
+    close(attrs + offset, want)
+    # left padding and generation
+    mask = mx.array([[1] * 10, [0] * 4 + [1] * 6]).astype(mx.bool_)
+    padded = mx.concatenate([toks[:1], mx.concatenate([mx.zeros((1, 4), mx.int32), toks[1:, :6]], axis=1)])
+    close(m(padded, attention_mask=mask)[1, 4:], m(toks[1:, :6])[0])
+    g = m.generate(toks[1:, :6], 5, do_sample=False, stop_at_eos=False)
+    assert g.tolist() == m.generate(toks[1:, :6], 5, do_sample=False, stop_at_eos=False,
+                                    use_past_kv_cache=False).tolist()
+    gb = m.generate(padded, 5, do_sample=False, stop_at_eos=False, attention_mask=mask)
+    assert gb[1, 4:].tolist() == g[0].tolist()
+    assert m.logit_lens(toks).top_tokens[-1, :, 0].tolist() == top.tolist()
