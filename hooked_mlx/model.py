@@ -75,7 +75,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     ) -> "HookedTransformer":
         """Load an mlx-lm / HF directory, a canonical hooked_mlx directory, a .gguf file or a hub id.
 
-        dtype: "float32" / "bfloat16" / "float16" or an ``mx.Dtype`` (default: the checkpoint's).
+        dtype: "float32" / "bfloat16" / "float16" or an ``mx.Dtype`` (default: the checkpoint's; on the CPU
+        backend half-precision checkpoints default to float32, which MLX's CPU runs much faster).
         dequantize: turn quantized weights into float weights (default: quantized models run quantized).
         Hub ids resolve through ``huggingface_hub`` (from the local cache when offline).
         """
@@ -93,6 +94,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         model = cls(cfg)
         in_features = {name: m.weight.shape[-1] for name, m in model.named_modules()
                        if isinstance(m, (nn.Linear, nn.Embedding))}
+        if dt is None:
+            dt = _default_dtype(weights)
         quantized = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
         if quantized and dequantize:
             weights = dequantize_weights(weights, in_features, cfg.quantization, dt)
@@ -104,23 +107,19 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
                 raise ValueError(f"Quantized tensors for unknown modules {unknown[:5]} in {ck.source}.")
             params = {p: quantization_params(weights, p, in_features[p], cfg.quantization) for p in quantized}
             nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
-        if dt is None:
-            floats = [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
-            dt = floats[0] if floats else mx.float32
-            if "embed.weight" in weights and mx.issubdtype(weights["embed.weight"].dtype, mx.floating):
-                dt = weights["embed.weight"].dtype
-            elif "embed.scales" in weights:
-                dt = weights["embed.scales"].dtype
+            model.setup()  # mod_dict must hold the quantized modules
         weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
         model._load_weights_checked(weights, ck.source)
         model.set_dtype_name(dt)
         tok = ck.tokenizer
         if tok is None and ck.tokenizer_dir is not None:
             tok = _load_tokenizer(ck.tokenizer_dir, cfg)
-        elif tok is not None and not hasattr(tok, "_tokenizer"):
+        elif tok is not None:
             from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-            tok = TokenizerWrapper(tok)
+            if not isinstance(tok, TokenizerWrapper):
+                eos = cfg.eos_token_id
+                tok = TokenizerWrapper(tok, eos_token_ids=[eos] if isinstance(eos, int) else eos)
         object.__setattr__(model, "tokenizer", tok)
         object.__setattr__(model, "source", ck.source)
         object.__setattr__(model, "hf_config", ck.hf_config)
@@ -584,6 +583,20 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         return (f"HookedTransformer({c.architecture}: {c.n_layers} layers, d_model {c.d_model}, "
                 f"{c.n_heads} heads ({c.n_key_value_heads} kv), d_mlp {c.d_mlp}, vocab {c.d_vocab}, "
                 f"{c.dtype}{q}, {len(self.hook_dict)} hooks)")
+
+
+def _default_dtype(weights: dict) -> mx.Dtype:
+    """The checkpoint's float dtype (its embedding's, or its scales' when quantized); float32 for half
+    precision on the CPU backend, where MLX runs half-precision matmuls through a slow generic GEMM."""
+    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
+    dt = floats[0] if floats else mx.float32
+    if "embed.weight" in weights and mx.issubdtype(weights["embed.weight"].dtype, mx.floating):
+        dt = weights["embed.weight"].dtype
+    elif "embed.scales" in weights:
+        dt = weights["embed.scales"].dtype
+    if dt in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu:
+        dt = mx.float32
+    return dt
 
 
 def lm_cross_entropy(logits: mx.array, tokens: mx.array, per_token: bool = False,
