@@ -1,0 +1,190 @@
+"""Feature analysis: which latents fire on a text, where a latent fires most, and what it writes to logits.
+
+* ``top_features(model, sae, text, k)`` -- per token, the k strongest latents (indices and values).
+* ``top_contexts(model, sae, feature, corpus)`` -- max-activating examples with token windows.
+* ``feature_logit_effects(model, sae, features, k)`` -- W_dec[f] @ W_U: the tokens each latent promotes
+  and suppresses (direct path, ignoring the final norm's scale).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .sae import SAE
+from .store import ContextBuilder, open_corpus, stop_layer_for, validate_hooks
+
+
+def _hook_acts(model, sae: SAE, tokens: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+    hook = sae.cfg.hook_name
+    if not hook:
+        raise ValueError("The SAE has no hook_name, so the activations it reads are unknown; set sae.cfg.hook_name.")
+    validate_hooks(model, [hook])
+    kw = {"names_filter": [hook]}
+    stop = stop_layer_for(model, [hook])
+    if stop is not None:
+        kw["stop_at_layer"] = stop
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask
+    _, cache = model.run_with_cache(tokens, **kw)
+    acts = cache[hook]
+    if acts.shape[-1] != sae.d_in:
+        raise ValueError(f"Hook {hook} has width {acts.shape[-1]} but the SAE takes d_in = {sae.d_in}.")
+    return acts
+
+
+@dataclass
+class TokenFeatures:
+    """Top latents per token. One text: tokens [P], indices / values [P,k]. Several: [B,P] and [B,P,k],
+    right-padded; ``mask`` [B,P] marks real tokens (padded entries: index -1, value 0)."""
+
+    tokens: mx.array
+    str_tokens: list
+    indices: mx.array
+    values: mx.array
+    mask: mx.array
+
+    def as_dict(self, position: int, row: int | None = None) -> dict[int, float]:
+        """{latent: value} of the active top latents at one position."""
+        idx = self.indices[position] if row is None else self.indices[row, position]
+        val = self.values[position] if row is None else self.values[row, position]
+        return {int(i): float(v) for i, v in zip(idx.tolist(), val.tolist()) if v != 0}
+
+
+def top_features(model, sae: SAE, text, k: int = 10, prepend_bos: bool | None = None) -> TokenFeatures:
+    """The k strongest latents at every token of ``text`` (a string, a list of strings, or tokens [B,P]).
+
+    Values are sorted descending per token; latents that are not active have value 0.
+    """
+    single = isinstance(text, str) or (isinstance(text, mx.array) and text.ndim == 1)
+    if isinstance(text, mx.array):
+        tokens = text[None] if text.ndim == 1 else text
+        mask = mx.ones(tokens.shape, dtype=mx.bool_)
+    else:
+        tokens, mask = model.to_tokens([text] if isinstance(text, str) else list(text), prepend_bos=prepend_bos,
+                                       return_mask=True)
+    acts = _hook_acts(model, sae, tokens, mask if not bool(mx.all(mask).item()) else None)
+    vals, idx = sae.encode_sparse(acts, k)
+    idx = mx.where(mask[..., None], idx.astype(mx.int32), -1)
+    vals = mx.where(mask[..., None], vals, 0)
+    mx.eval(idx, vals)
+    strs = model.to_str_tokens(tokens)
+    if single:
+        return TokenFeatures(tokens[0], strs[0], idx[0], vals[0], mask[0])
+    lengths = mask.sum(axis=1).tolist()
+    strs = [s[: int(n)] for s, n in zip(strs, lengths)]
+    return TokenFeatures(tokens, strs, idx, vals, mask)
+
+
+@dataclass(order=True)
+class FeatureExample:
+    """One max-activating example: the latent's ``value`` at ``position`` of document ``doc_index``."""
+
+    value: float
+    doc_index: int = field(compare=False)
+    position: int = field(compare=False)
+    tokens: list = field(compare=False)  # the window's token ids
+    str_tokens: list = field(compare=False)
+    highlight: int = field(compare=False)  # index of ``position`` inside the window
+    activations: list = field(compare=False)  # the latent's value at every window token
+
+    def render(self) -> str:
+        return "".join(f"[[{t}]]" if i == self.highlight else t for i, t in enumerate(self.str_tokens))
+
+
+def top_contexts(model, sae: SAE, feature: int, corpus, *, n: int = 10, window: tuple[int, int] = (10, 5),
+                 batch_size: int = 8, context_size: int | None = None, max_docs: int | None = None,
+                 text_field: str = "text") -> list[FeatureExample]:
+    """The ``n`` token positions of ``corpus`` where latent ``feature`` is largest, with (before, after) windows.
+
+    Each document is one context (truncated at ``context_size``, default ``sae.cfg.context_size``); BOS and
+    pad positions are skipped when the SAE was trained without them. Sorted by value, descending.
+    """
+    if not 0 <= feature < sae.d_sae:
+        raise ValueError(f"feature = {feature} is invalid: expected 0 <= feature < d_sae ({sae.d_sae}).")
+    P = context_size or sae.cfg.context_size
+    bos = getattr(model, "bos_token_id", None)
+    pad = getattr(model, "pad_token_id", None)
+    builder = ContextBuilder(open_corpus(corpus, text_field), model.tokenizer, P, bos=bos, pad=pad,
+                             prepend_bos=sae.cfg.prepend_bos, packing=False,
+                             exclude_special=sae.cfg.exclude_special_tokens, cycle=False)
+    heap: list[tuple[float, int, int]] = []
+    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    doc = 0
+    while max_docs is None or doc < max_docs:
+        block = builder.next_block(batch_size if max_docs is None else min(batch_size, max_docs - doc))
+        if block is None:
+            break
+        toks, mask = block
+        acts = _hook_acts(model, sae, mx.array(toks))
+        f = sae.encode(acts)[..., feature]
+        f = np.array(mx.where(mx.array(mask), f, -mx.inf))
+        for r in range(toks.shape[0]):
+            for p in np.nonzero(np.isfinite(f[r]))[0]:
+                item = (float(f[r, p]), doc + r, int(p))
+                if len(heap) < n:
+                    heapq.heappush(heap, item)
+                elif item[0] > heap[0][0]:
+                    heapq.heapreplace(heap, item)
+            rows[doc + r] = (toks[r], f[r])
+        keep = {d for _, d, _ in heap}
+        rows = {d: v for d, v in rows.items() if d in keep}
+        doc += toks.shape[0]
+    before, after = window
+    out = []
+    for value, d, p in sorted(heap, reverse=True):
+        toks, f = rows[d]
+        lo, hi = max(0, p - before), min(len(toks), p + after + 1)
+        ids = [int(t) for t in toks[lo:hi]]
+        acts = [float(a) if np.isfinite(a) else 0.0 for a in f[lo:hi]]
+        out.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, acts))
+    return out
+
+
+def unembedding(model) -> mx.array:
+    """The model's unembedding W_U [d_model, d_vocab]."""
+    if hasattr(model, "W_U"):
+        return model.W_U
+    if getattr(model.cfg, "tie_word_embeddings", False):
+        return model.embed.weight.T
+    return model.unembed.weight.T
+
+
+@dataclass
+class LogitEffects:
+    """Per feature: ``top_tokens`` / ``top_values`` [n,k] (promoted), ``bottom_tokens`` / ``bottom_values``
+    [n,k] (suppressed), and the string forms."""
+
+    features: list
+    top_tokens: mx.array
+    top_values: mx.array
+    bottom_tokens: mx.array
+    bottom_values: mx.array
+    top_str: list
+    bottom_str: list
+
+
+def feature_logit_weights(model, sae: SAE, features=None) -> mx.array:
+    """W_dec[features] @ W_U: [n, d_vocab] (all features when None)."""
+    W_U = unembedding(model)
+    if W_U.shape[0] != sae.d_in:
+        raise ValueError(f"The SAE writes d_in = {sae.d_in} dims but W_U is {tuple(W_U.shape)}: logit effects need an "
+                         f"SAE on a d_model-wide hook (residual stream, attn_out, mlp_out).")
+    W = sae.W_dec if features is None else sae.W_dec[mx.array(features)]
+    return W @ W_U.astype(mx.float32)
+
+
+def feature_logit_effects(model, sae: SAE, features: int | list[int], k: int = 10) -> LogitEffects:
+    feats = [features] if isinstance(features, int) else list(features)
+    L = feature_logit_weights(model, sae, feats)
+    order = mx.argsort(-L, axis=-1)
+    top = order[:, :k]
+    bottom = order[:, ::-1][:, :k]
+    tv = mx.take_along_axis(L, top, axis=-1)
+    bv = mx.take_along_axis(L, bottom, axis=-1)
+    mx.eval(top, bottom, tv, bv)
+    return LogitEffects(feats, top, tv, bottom, bv, [model.to_str_tokens(r) for r in top.tolist()],
+                        [model.to_str_tokens(r) for r in bottom.tolist()])

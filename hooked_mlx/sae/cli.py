@@ -1,0 +1,190 @@
+"""``hooked-mlx train-sae`` and ``hooked-mlx harvest`` (registered by ``add_subcommands``).
+
+Every ``SAEConfig`` field is a flag of ``train-sae`` (``--expansion-factor``, ``--lr`` ...), generated from
+the dataclass, so defaults and help live in one place. Examples::
+
+    hooked-mlx harvest --model ../shared/models/stories260K --hook blocks.2.hook_resid_post \\
+        --data stories.txt --tokens 1000000 --out acts/
+    hooked-mlx train-sae --data acts/ --architecture topk --k 16 --expansion-factor 16 --out sae/
+    hooked-mlx train-sae --model ../shared/models/stories260K --hook blocks.1.hook_resid_post \\
+        --hook blocks.3.hook_resid_post --data stories.txt --training-tokens 2000000 --out saes/ \\
+        --checkpoint-dir ckpt/ --checkpoint-every-steps 100 --export saelens
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+from .config import ARCHITECTURES, SAEConfig
+
+_SKIP = {"d_in", "hook_name", "extra"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    defaults = SAEConfig.defaults()
+    hints = typing.get_type_hints(SAEConfig)
+    g = p.add_argument_group("SAEConfig fields (defaults from hooked_mlx.sae.SAEConfig)")
+    for f in dataclasses.fields(SAEConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults[f.name]
+        t = hints[f.name]
+        if f.name == "decoder_unit_norm":
+            g.add_argument(flag, choices=["auto", "true", "false"], default=None,
+                           help="keep decoder rows at unit norm (auto: TopK family yes, others no)")
+        elif t is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        elif f.name == "architecture":
+            g.add_argument(flag, choices=list(ARCHITECTURES), default=None, help=f"(default {default})")
+        else:
+            typ = int if t is int else float if t is float else str
+            g.add_argument(flag, type=typ, default=None, help=f"(default {default})")
+
+
+def _config_from_args(args, hook: str) -> SAEConfig:
+    values = {}
+    for f in dataclasses.fields(SAEConfig):
+        if f.name in _SKIP:
+            continue
+        v = getattr(args, f.name, None)
+        if v is None:
+            continue
+        if f.name == "decoder_unit_norm":
+            v = None if v == "auto" else v == "true"
+        values[f.name] = v
+    return SAEConfig(hook_name=hook, **values)
+
+
+def _expand_hooks(hooks: list[str]) -> list[str]:
+    from ..names import get_act_name
+
+    return [get_act_name(h) for h in hooks]
+
+
+def _load_model(path: str | None):
+    if not path:
+        return None
+    from ..model import HookedTransformer
+
+    return HookedTransformer.from_pretrained(path)
+
+
+def cmd_train_sae(args) -> int:
+    from .evals import evaluate_reconstruction
+    from .files import export_saelens, export_sparsify, save_sae
+    from .store import ActivationStore, ShardSource, is_harvest_dir
+    from .training import train_saes
+
+    harvested = is_harvest_dir(args.data)
+    if harvested:
+        hooks = _expand_hooks(args.hook) if args.hook else None
+        probe = ShardSource(args.data, batch_size=1, hook_names=hooks)
+        hooks = probe.hook_names
+        cfgs = [_config_from_args(args, h) for h in hooks]
+        source = ShardSource(args.data, cfgs[0].train_batch_size_tokens, seed=cfgs[0].seed, hook_names=hooks)
+        model_name = probe.manifest.get("model_name", "")
+        cfgs = [c.replace(model_name=c.model_name or model_name,
+                          context_size=probe.manifest.get("context_size", c.context_size)) for c in cfgs]
+    else:
+        if not args.model:
+            raise ValueError("--model is required unless --data is a folder written by `hooked-mlx harvest`.")
+        if not args.hook:
+            raise ValueError("--hook is required (e.g. --hook blocks.2.hook_resid_post); list names with "
+                             "`hooked-mlx hooks MODEL`.")
+        hooks = _expand_hooks(args.hook)
+        model = _load_model(args.model)
+        cfgs = [_config_from_args(args, h) for h in hooks]
+        cfgs = [c.replace(model_name=c.model_name or args.model) for c in cfgs]
+        source = ActivationStore(model, hooks, args.data, cfgs[0], text_field=args.text_field)
+    result = train_saes(cfgs, source, checkpoint_path=args.checkpoint_dir, resume=args.resume,
+                        progress=not args.quiet)
+    report = {}
+    for hook, sae in result.items():
+        folder = args.out if len(result) == 1 else os.path.join(args.out, hook)
+        save_sae(sae, folder)
+        if "saelens" in args.export:
+            export_saelens(sae, os.path.join(folder, "saelens"))
+        if "sparsify" in args.export:
+            export_sparsify(sae, os.path.join(folder, "sparsify"), hookpoint=None)
+        entry = {"path": folder}
+        if args.eval_batches:
+            batches = [source.next_batch()[hook] for _ in range(args.eval_batches)]
+            entry["eval"] = evaluate_reconstruction(sae, batches)
+        report[hook] = entry
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_harvest(args) -> int:
+    from .store import harvest
+
+    model = _load_model(args.model)
+    hooks = _expand_hooks(args.hook)
+    cfg = SAEConfig(context_size=args.context_size, store_batch_size_prompts=args.batch_prompts,
+                    prepend_bos=args.prepend_bos, packing=args.packing, model_name=args.model)
+    man = harvest(model, hooks, args.data, args.out, args.tokens, cfg=cfg, shard_tokens=args.shard_tokens,
+                  text_field=args.text_field, progress=not args.quiet, dtype=args.dtype)
+    print(f"wrote {man['n_tokens']:,} tokens of {', '.join(hooks)} in {len(man['shards'])} shard(s) to {args.out}")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register ``train-sae`` and ``harvest`` on an argparse subparsers object."""
+    d = SAEConfig.defaults()
+    p = subparsers.add_parser("train-sae", help="train sparse autoencoders on a model's activations",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder / hub id (not needed when --data is a harvest folder)")
+    p.add_argument("--hook", action="append", default=[],
+                   help="hook name (repeat for several SAEs trained from one forward); shorthands like resid_post2")
+    p.add_argument("--data", required=True,
+                   help="corpus: .txt (blank-line separated documents) / .jsonl / hf:NAME[:SPLIT], or a harvest folder")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per hook when there are several)")
+    p.add_argument("--export", nargs="*", default=[], choices=["saelens", "sparsify"],
+                   help="also write these formats inside the output folder")
+    p.add_argument("--checkpoint-dir", default=None, help="folder for atomic training checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--eval-batches", type=int, default=4, help="batches of fresh activations to evaluate on (0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train_sae)
+
+    h = subparsers.add_parser("harvest", help="run a model once and write hook activations to safetensors shards")
+    h.add_argument("--model", required=True)
+    h.add_argument("--hook", action="append", required=True, help="hook name (repeatable)")
+    h.add_argument("--data", required=True, help="corpus: .txt / .jsonl / hf:NAME[:SPLIT]")
+    h.add_argument("--text-field", default="text")
+    h.add_argument("--out", required=True, help="output folder")
+    h.add_argument("--tokens", type=int, required=True, help="number of activation rows (tokens) to write")
+    h.add_argument("--shard-tokens", type=int, default=262144, help="rows per shard file")
+    h.add_argument("--context-size", type=int, default=d["context_size"])
+    h.add_argument("--batch-prompts", type=int, default=d["store_batch_size_prompts"])
+    h.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=d["prepend_bos"])
+    h.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d["packing"])
+    h.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    h.add_argument("--quiet", action="store_true")
+    h.set_defaults(func=cmd_harvest)
+
+
+def main(argv=None) -> int:  # standalone use: python -m hooked_mlx.sae.cli
+    from .. import _blas
+
+    _blas.load_blas()
+    parser = argparse.ArgumentParser(prog="hooked-mlx-sae")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""SAE files: native (safetensors + JSON config), SAELens (v6) and sparsify formats.
+
+Native folder: ``cfg.json`` (``SAEConfig`` fields plus ``"format": "hooked_mlx.sae"``) and ``sae.safetensors``
+(``W_enc`` [d_in,d_sae], ``b_enc``, ``W_dec`` [d_sae,d_in], ``b_dec``, and ``threshold`` for JumpReLU /
+BatchTopK). The weights take raw activations (normalisation folded).
+
+SAELens folder (``SAE.load_from_disk``): ``cfg.json`` + ``sae_weights.safetensors``. Architectures map
+relu -> ``standard``, topk -> ``topk`` (``rescale_acts_by_decoder_norm`` false), jumprelu -> ``jumprelu``, and
+batchtopk -> ``jumprelu`` with ``threshold = theta * ones(d_sae)``. ``metadata.hook_name`` is the canonical hook
+name; ``normalize_activations`` is ``none`` (folded).
+
+sparsify folder (one per hookpoint): ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight`` [F,D] (PyTorch
+Linear orientation), ``encoder.bias`` [F], ``W_dec`` [F,D], ``b_dec`` [D]; TopK only. sparsify names
+hookpoints by module path (``layers.3``); ``SPARSIFY_HOOKPOINTS`` maps them to canonical hook names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import mlx.core as mx
+
+from .config import FORMAT_VERSION, SAEConfig
+from .sae import SAE
+
+NATIVE_CONFIG = "cfg.json"
+NATIVE_WEIGHTS = "sae.safetensors"
+SAELENS_CONFIG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_CONFIG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+NATIVE_FORMAT = "hooked_mlx.sae"
+SAELENS_VERSION = "6.18.0"  # the SAELens format version written (>= 6.0.0 keeps the metadata block)
+
+#: sparsify hookpoint (HF module path) -> canonical hook name; {l} is the layer
+SPARSIFY_HOOKPOINTS = {
+    r"^(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)$": "blocks.{l}.hook_resid_post",
+    r"^(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)\.(?:mlp)$": "blocks.{l}.hook_mlp_out",
+    r"^(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)\.(?:self_attn|attn|attention)$": "blocks.{l}.hook_attn_out",
+    r"^(?:model\.)?embed_tokens$": "hook_embed",
+}
+
+
+def _atomic_write_dir(path: str, files: dict[str, object]) -> None:
+    """Write {name: dict of arrays (safetensors) | dict (json)} into folder ``path``, each file atomically."""
+    os.makedirs(path, exist_ok=True)
+    for name, content in files.items():
+        dest = os.path.join(path, name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.safetensors" if name.endswith(".safetensors") else ".tmp", dir=path)
+        os.close(fd)
+        try:
+            if name.endswith(".safetensors"):
+                arrays, meta = content
+                mx.save_safetensors(tmp, arrays, metadata=meta)
+            else:
+                with open(tmp, "w") as fh:
+                    json.dump(content, fh, indent=2)
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+def _weights(sae: SAE) -> dict[str, mx.array]:
+    w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if "threshold" in sae:
+        w["threshold"] = sae.threshold
+    return {k: v.astype(mx.float32) for k, v in w.items()}
+
+
+def _load_tensors(path: str) -> dict[str, mx.array]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    return mx.load(path)
+
+
+def _build(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
+    sae = SAE(cfg)
+    D, F = cfg.d_in, cfg.resolved_d_sae
+    expected = {"W_enc": (D, F), "b_enc": (F,), "W_dec": (F, D), "b_dec": (D,)}
+    if "threshold" in sae:
+        expected["threshold"] = (F,)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{source}: missing tensors {missing}; found {sorted(tensors)}.")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {shape} "
+                             f"(d_in {D}, d_sae {F}).")
+    sae.update({k: tensors[k].astype(mx.float32) for k in expected})
+    mx.eval(sae.parameters())
+    return sae
+
+
+# ---------------------------------------------------------------------------------------------------
+# native
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_sae(sae: SAE, path: str) -> str:
+    """Save to folder ``path`` (cfg.json + sae.safetensors); returns the folder."""
+    cfg = sae.cfg.to_dict()
+    cfg["format"] = NATIVE_FORMAT
+    cfg["format_version"] = FORMAT_VERSION
+    _atomic_write_dir(path, {NATIVE_WEIGHTS: (_weights(sae), {"format": NATIVE_FORMAT}), NATIVE_CONFIG: cfg})
+    return path
+
+
+def load_sae(path: str) -> SAE:
+    """Load a native folder; SAELens and sparsify folders are detected and loaded too."""
+    kind = detect_format(path)
+    if kind == "saelens":
+        return load_saelens(path)
+    if kind == "sparsify":
+        return load_sparsify(path)
+    with open(os.path.join(path, NATIVE_CONFIG)) as fh:
+        d = json.load(fh)
+    d.pop("format", None)
+    version = d.pop("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer hooked_mlx (format {version}); upgrade hooked_mlx.")
+    return _build(SAEConfig.from_dict(d), _load_tensors(os.path.join(path, NATIVE_WEIGHTS)), path)
+
+
+def detect_format(path: str) -> str:
+    """'native', 'saelens' or 'sparsify' for a folder (or a sparsify multi-hookpoint root: 'sparsify')."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder of SAE files.")
+    files = set(os.listdir(path))
+    if SAELENS_WEIGHTS in files:
+        return "saelens"
+    if NATIVE_WEIGHTS in files and NATIVE_CONFIG in files:
+        with open(os.path.join(path, NATIVE_CONFIG)) as fh:
+            d = json.load(fh)
+        return "native" if d.get("format") == NATIVE_FORMAT else "sparsify"
+    subs = [f for f in files if os.path.isfile(os.path.join(path, f, SPARSIFY_WEIGHTS))]
+    if subs:
+        return "sparsify"
+    raise ValueError(
+        f"{path} holds no SAE files: expected {NATIVE_CONFIG} + {NATIVE_WEIGHTS} (hooked_mlx), {SAELENS_CONFIG} + "
+        f"{SAELENS_WEIGHTS} (SAELens) or per-hookpoint folders with {SPARSIFY_WEIGHTS} (sparsify)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# SAELens
+# ---------------------------------------------------------------------------------------------------
+
+
+def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, context_size: int | None = None,
+                   dataset_path: str = "", prepend_bos: bool | None = None) -> str:
+    """Write a SAELens v6 folder loadable by ``SAE.load_from_disk(path)``."""
+    cfg = sae.cfg
+    arch = cfg.architecture
+    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    extra = {}
+    if arch == "relu":
+        sl_arch = "standard"
+    elif arch == "topk":
+        sl_arch = "topk"
+        extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    else:  # jumprelu, and batchtopk as a jumprelu with one threshold
+        sl_arch = "jumprelu"
+        tensors["threshold"] = sae.threshold
+    out_cfg = {
+        "architecture": sl_arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **extra,
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": SAELENS_VERSION,
+            "model_name": model_name if model_name is not None else cfg.model_name,
+            "model_class_name": "HookedTransformer",
+            "hook_name": cfg.hook_name,
+            "hook_head_index": None,
+            "context_size": context_size if context_size is not None else cfg.context_size,
+            "prepend_bos": cfg.prepend_bos if prepend_bos is None else prepend_bos,
+            "seqpos_slice": [None],
+            "dataset_path": dataset_path,
+            "model_from_pretrained_kwargs": {},
+            "exclude_special_tokens": cfg.exclude_special_tokens,
+            "sequence_separator_token": "bos",
+            "disable_concat_sequences": not cfg.packing,
+            "exported_by": "hooked_mlx",
+            "hooked_mlx_architecture": arch,
+            "hooked_mlx_k": cfg.k if arch in ("topk", "batchtopk") else None,
+        },
+    }
+    _atomic_write_dir(path, {SAELENS_WEIGHTS: ({k: v.astype(mx.float32) for k, v in tensors.items()}, None),
+                             SAELENS_CONFIG: out_cfg})
+    return path
+
+
+def load_saelens(path: str) -> SAE:
+    """Load a SAELens folder (v6 or legacy cfg) of architecture standard / topk / jumprelu."""
+    with open(os.path.join(path, SAELENS_CONFIG)) as fh:
+        d = json.load(fh)
+    t = _load_tensors(os.path.join(path, SAELENS_WEIGHTS))
+    meta = d.get("metadata") or {}
+    arch = d.get("architecture", "standard")
+    norm = d.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise ValueError(
+            f"{path}: normalize_activations = {norm!r}. Only 'none' loads exactly (SAELens applies "
+            f"{norm!r} at run time from statistics that are not in the file); re-export the SAE with the "
+            f"normalisation folded."
+        )
+    if d.get("reshape_activations", "none") not in ("none", None):
+        raise ValueError(f"{path}: reshape_activations = {d['reshape_activations']!r} is not supported.")
+    if arch == "standard":
+        ours = "relu"
+    elif arch == "topk":
+        ours = "topk"
+    elif arch == "jumprelu":
+        ours = "jumprelu"
+    else:
+        raise ValueError(f"{path}: SAELens architecture {arch!r} is not supported; supported: standard, topk, "
+                         f"jumprelu.")
+    hook = meta.get("hook_name", d.get("hook_name", "")) or ""
+    d_in = int(d["d_in"])
+    d_sae = int(d["d_sae"])
+    cfg = SAEConfig(
+        architecture=ours, d_in=d_in, d_sae=d_sae, k=int(d.get("k", SAEConfig.defaults()["k"])),
+        apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)), hook_name=hook,
+        model_name=meta.get("model_name", d.get("model_name", "")) or "",
+        decoder_unit_norm=False, normalize_activations="none",
+        extra={"imported_from": "saelens", "path": os.path.abspath(path)},
+    )
+    tensors = {k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k in t}
+    if ours == "jumprelu":
+        if "threshold" in t:
+            tensors["threshold"] = t["threshold"]
+        elif "log_threshold" in t:
+            tensors["threshold"] = mx.exp(t["log_threshold"])
+    unexpected = sorted(set(t) - set(tensors) - {"log_threshold"})
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected} for architecture {arch!r}.")
+    sae = _build(cfg, tensors, path)
+    if ours == "topk" and d.get("rescale_acts_by_decoder_norm", False):
+        # SAELens: h *= ||W_dec,i|| before top-k, decode with W_dec / ||W_dec,i||. Fold (SAELens _fold_norm_topk).
+        n = sae.decoder_norms()
+        sae.W_enc = sae.W_enc * n
+        sae.b_enc = sae.b_enc * n
+        sae.W_dec = sae.W_dec / n[:, None]
+        mx.eval(sae.parameters())
+    return sae
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparsify
+# ---------------------------------------------------------------------------------------------------
+
+
+def sparsify_hook_name(hookpoint: str) -> str:
+    """Canonical hook name of a sparsify hookpoint (``layers.3`` -> ``blocks.3.hook_resid_post``)."""
+    for pat, tmpl in SPARSIFY_HOOKPOINTS.items():
+        m = re.match(pat, hookpoint)
+        if m:
+            return tmpl.format(l=m.group(1)) if m.groups() else tmpl
+    return hookpoint
+
+
+def export_sparsify(sae: SAE, path: str, hookpoint: str | None = None) -> str:
+    """Write a sparsify folder (TopK SAEs only). ``hookpoint``: a subfolder name (e.g. ``layers.3``)."""
+    if sae.cfg.architecture != "topk":
+        raise ValueError(f"sparsify stores TopK SAEs only; this SAE is {sae.cfg.architecture!r} (use export_saelens).")
+    if not sae.cfg.apply_b_dec_to_input:
+        raise ValueError("sparsify always subtracts b_dec from the input; this SAE has apply_b_dec_to_input=False.")
+    folder = os.path.join(path, hookpoint) if hookpoint else path
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.d_sae // sae.d_in),
+        "normalize_decoder": True,
+        "num_latents": sae.d_sae,
+        "k": sae.cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+    }
+    tensors = {"encoder.weight": mx.array(sae.W_enc.T), "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
+               "b_dec": sae.b_dec}
+    _atomic_write_dir(folder, {SPARSIFY_WEIGHTS: ({k: v.astype(mx.float32) for k, v in tensors.items()}, None),
+                               SPARSIFY_CONFIG: cfg})
+    return folder
+
+
+def load_sparsify(path: str, hookpoint: str | None = None) -> SAE:
+    """Load a sparsify SAE folder, or one hookpoint of a multi-hookpoint root (``hookpoint=``)."""
+    folder = path
+    if not os.path.exists(os.path.join(path, SPARSIFY_WEIGHTS)):
+        subs = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f, SPARSIFY_WEIGHTS)))
+        if hookpoint is None:
+            if len(subs) != 1:
+                raise ValueError(f"{path} holds sparsify SAEs for hookpoints {subs}; pass hookpoint= one of them.")
+            hookpoint = subs[0]
+        if hookpoint not in subs:
+            raise ValueError(f"{path} has no sparsify SAE for hookpoint {hookpoint!r}; available: {subs}.")
+        folder = os.path.join(path, hookpoint)
+    elif hookpoint is None:
+        hookpoint = os.path.basename(os.path.normpath(path))
+    with open(os.path.join(folder, SPARSIFY_CONFIG)) as fh:
+        d = json.load(fh)
+    act = d.get("activation", "topk")
+    if act != "topk":
+        raise ValueError(f"{folder}: sparsify activation {act!r} is not supported (only 'topk').")
+    for flag in ("skip_connection", "transcode"):
+        if d.get(flag):
+            raise ValueError(f"{folder}: sparsify {flag}=true (transcoders / skip connections) is not supported.")
+    t = _load_tensors(os.path.join(folder, SPARSIFY_WEIGHTS))
+    W_enc = t["encoder.weight"].T
+    F, D = t["encoder.weight"].shape
+    d_in = int(d.get("d_in", D))
+    if d_in != D:
+        raise ValueError(f"{folder}: cfg d_in {d_in} but encoder.weight is [{F}, {D}].")
+    W_dec = t["W_dec"]
+    if tuple(W_dec.shape) == (D, F) and D != F:
+        W_dec = W_dec.T  # tolerate files written with a transposed decoder
+    cfg = SAEConfig(
+        architecture="topk", d_in=D, d_sae=F, k=int(d["k"]), hook_name=sparsify_hook_name(hookpoint or ""),
+        decoder_unit_norm=bool(d.get("normalize_decoder", True)), normalize_activations="none",
+        extra={"imported_from": "sparsify", "hookpoint": hookpoint, "path": os.path.abspath(folder)},
+    )
+    return _build(cfg, {"W_enc": W_enc, "b_enc": t["encoder.bias"], "W_dec": W_dec, "b_dec": t["b_dec"]}, folder)

@@ -1,0 +1,395 @@
+"""CUDA back end of the fused SAE kernels (``mx.fast.cuda_kernel`` sources; see ``fused.py`` for the design).
+
+Kernels:
+
+* ``hk_row_topk``   one block per row: 8-bit radix select on order-preserving keys (2 passes for bf16
+  pre-activations, 4 for fp32; histograms in shared memory with warp-aggregated atomics via
+  ``__match_any_sync``), then one pass writing the entries above the threshold and the needed ties.
+  No sort; the row is read 3 (bf16) or 5 (fp32) times, from L2 after the first.
+* ``hk_radix_hist`` one radix pass over the flattened batch (BatchTopK threshold): block histograms,
+  then global atomics; the bin choice between passes is a handful of MLX ops (no host sync).
+* ``hk_decode``     x_hat[b] = sum_j v_bj W[idx_bj] (float4 rows; zero values skipped).
+* ``hk_gather_dot`` dv[b,j] = dY[b] . W[idx_bj] (one warp per entry, dY row in shared memory).
+* ``hk_latent_grads`` segmented per-latent sums (entries sorted by (latent, row): deterministic):
+  dW_dec rows written directly, dW_enc columns through a shared-memory transpose (coalesced [D,F]
+  writes), db_enc; ``hk_latent_grads_atomic`` the scatter-add variant (atomics, nondeterministic order).
+* ``hk_adam_rows``  one block per decoder row: parallel-gradient removal, Adam, renormalisation.
+
+The plain Adam for W_enc / b_enc / b_dec is MLX's compiled elementwise kernel (already one pass).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .fused import ReferenceOps
+
+HEADER = r"""
+__device__ __forceinline__ unsigned int hk_key(float f) {
+  unsigned int b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float hk_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ float hk_block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  float t = (threadIdx.x < nw) ? red[threadIdx.x] : 0.f;
+  if (w == 0) { for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o); if (l == 0) red[32] = t; }
+  __syncthreads();
+  return red[32];
+}
+"""
+
+ROW_TOPK = r"""
+  // template: K, F, BF16 (bool), HAS_DEAD (bool)
+  __shared__ unsigned int hist[256];
+  __shared__ unsigned int sel[2];
+  __shared__ unsigned int cnt[2];
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const size_t base = (size_t)row * F;
+  const unsigned short* p16 = reinterpret_cast<const unsigned short*>(pre);
+  const float* p32 = reinterpret_cast<const float*>(pre);
+  constexpr int KEYBITS = BF16 ? 16 : 32;
+  auto value = [&](int i) -> float { return BF16 ? hk_bf16(p16[base + i]) : p32[base + i]; };
+  auto keyof = [&](int i) -> unsigned int {
+    if (HAS_DEAD && dead[i] == 0.f) return 0u;
+    return hk_key(value(i)) >> (32 - KEYBITS);
+  };
+  unsigned int prefix = 0, remaining = K;
+  for (int shift = KEYBITS - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const unsigned int himask = (shift + 8 >= KEYBITS) ? 0u : ((0xFFFFFFFFu << (shift + 8)) & (KEYBITS == 32 ? 0xFFFFFFFFu : 0xFFFFu));
+    for (int i0 = 0; i0 < F; i0 += blockDim.x) {
+      const int i = i0 + tid;
+      unsigned int digit = 256u;
+      if (i < F) {
+        unsigned int key = keyof(i);
+        if ((key & himask) == (prefix & himask)) digit = (key >> shift) & 255u;
+      }
+      unsigned int peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256u && (tid & 31) == (__ffs(peers) - 1)) atomicAdd(&hist[digit], (unsigned int)__popc(peers));
+    }
+    __syncthreads();
+    if (tid < 32) {
+      unsigned int s = 0;
+      for (int j = 0; j < 8; ++j) s += hist[255 - 8 * tid - j];
+      unsigned int c = s;
+      for (int o = 1; o < 32; o <<= 1) { unsigned int t = __shfl_up_sync(0xffffffffu, c, o); if (tid >= o) c += t; }
+      unsigned int ball = __ballot_sync(0xffffffffu, c >= remaining);
+      int L = ball ? (__ffs(ball) - 1) : 31;
+      if (tid == L) {
+        unsigned int before = c - s;
+        int bin = 255 - 8 * tid - 7;
+        for (int j = 0; j < 8; ++j) {
+          int b = 255 - 8 * tid - j; unsigned int h = hist[b];
+          if (before + h >= remaining) { bin = b; break; }
+          before += h;
+        }
+        sel[0] = prefix | ((unsigned int)bin << shift);
+        sel[1] = remaining - before;
+      }
+    }
+    __syncthreads();
+    prefix = sel[0];
+    remaining = sel[1];
+    __syncthreads();
+  }
+  if (tid == 0) { cnt[0] = 0; cnt[1] = 0; }
+  __syncthreads();
+  const unsigned int n_gt = K - remaining;
+  for (int i = tid; i < F; i += blockDim.x) {
+    unsigned int key = keyof(i);
+    int slot = -1;
+    if (key > prefix) slot = (int)atomicAdd(&cnt[0], 1u);
+    else if (key == prefix) { unsigned int s = atomicAdd(&cnt[1], 1u); if (s < remaining) slot = (int)(n_gt + s); }
+    if (slot >= 0) {
+      float v = (key == 0u) ? 0.f : value(i);
+      vals[(size_t)row * K + slot] = v > 0.f ? v : 0.f;
+      idx[(size_t)row * K + slot] = (uint32_t)i;
+    }
+  }
+"""
+
+RADIX_HIST = r"""
+  // template: KIND (0 uint32 keys, 1 fp32 values, 2 bf16 values: keys of relu(value)), SHIFT
+  __shared__ unsigned int h[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
+  __syncthreads();
+  const unsigned int pre_ = prefix[0];
+  const unsigned int himask = (SHIFT >= 24) ? 0u : (0xFFFFFFFFu << (SHIFT + 8));
+  const size_t n = keys_shape[0];
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const size_t start = (size_t)blockIdx.x * blockDim.x;
+  for (size_t i0 = start; i0 < n; i0 += stride) {  // block-uniform trip count: whole warps in __match_any_sync
+    size_t i = i0 + threadIdx.x;
+    unsigned int digit = 256u;
+    if (i < n) {
+      unsigned int key;
+      if (KIND == 0) key = reinterpret_cast<const unsigned int*>(keys)[i];
+      else {
+        float v = (KIND == 1) ? reinterpret_cast<const float*>(keys)[i] : hk_bf16(reinterpret_cast<const unsigned short*>(keys)[i]);
+        key = hk_key(v > 0.f ? v : 0.f);
+      }
+      if ((key & himask) == (pre_ & himask)) digit = (key >> SHIFT) & 255u;
+    }
+    unsigned int peers = __match_any_sync(0xffffffffu, digit);
+    if (digit < 256u && (threadIdx.x & 31) == (__ffs(peers) - 1)) atomicAdd(&h[digit], (unsigned int)__popc(peers));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) if (h[i]) atomicAdd(&hist[i], h[i]);
+"""
+
+DECODE = r"""
+  // template: KK, D (D % 4 == 0)
+  const int b = blockIdx.x;
+  const float4* W4 = reinterpret_cast<const float4*>(W);
+  const float* v = vals + (size_t)b * KK;
+  const uint32_t* ix = idx + (size_t)b * KK;
+  for (int d4 = threadIdx.x; d4 < D / 4; d4 += blockDim.x) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < KK; ++j) {
+      float a = v[j];
+      if (a != 0.f) {
+        float4 w = W4[(size_t)ix[j] * (D / 4) + d4];
+        acc.x += a * w.x; acc.y += a * w.y; acc.z += a * w.z; acc.w += a * w.w;
+      }
+    }
+    reinterpret_cast<float4*>(out)[(size_t)b * (D / 4) + d4] = acc;
+  }
+"""
+
+GATHER_DOT = r"""
+  // template: KK, D (D % 4 == 0); 256 threads
+  __shared__ float4 y[D / 4];
+  const int b = blockIdx.x;
+  const float4* Y4 = reinterpret_cast<const float4*>(dY) + (size_t)b * (D / 4);
+  for (int i = threadIdx.x; i < D / 4; i += blockDim.x) y[i] = Y4[i];
+  __syncthreads();
+  const float4* W4 = reinterpret_cast<const float4*>(W);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  for (int j = warp; j < KK; j += nw) {
+    const float4* w = W4 + (size_t)idx[(size_t)b * KK + j] * (D / 4);
+    float acc = 0.f;
+    for (int d4 = lane; d4 < D / 4; d4 += 32) {
+      float4 a = w[d4], c = y[d4];
+      acc += a.x * c.x + a.y * c.y + a.z * c.z + a.w * c.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[(size_t)b * KK + j] = acc;
+  }
+"""
+
+LATENT_GRADS = r"""
+  // template: F, D, HAS_ENC; block 256 threads = 256 d's, 32 latents per block
+  __shared__ float tile[32][257];
+  const int f0 = blockIdx.x * 32;
+  const int d0 = blockIdx.y * 256;
+  const int d = d0 + threadIdx.x;
+  for (int l = 0; l < 32; ++l) {
+    const int f = f0 + l;
+    float accd = 0.f, acce = 0.f;
+    if (f < F) {
+      const int s = offsets[f], e = offsets[f + 1];
+      if (d < D) {
+        for (int q = s; q < e; ++q) {
+          accd += coef_dec[q] * Y[(size_t)rows_dec[q] * D + d];
+          if (HAS_ENC) acce += coef_enc[q] * X[(size_t)rows_enc[q] * D + d];
+        }
+        dW_dec[(size_t)f * D + d] = accd;
+      }
+    }
+    if (HAS_ENC) tile[l][threadIdx.x] = acce;
+  }
+  if (HAS_ENC) {
+    __syncthreads();
+    const int l = threadIdx.x & 31;
+    for (int r = 0; r < 32; ++r) {
+      const int dd = r * 8 + (threadIdx.x >> 5);
+      if (f0 + l < F && d0 + dd < D) dW_enc[(size_t)(d0 + dd) * F + f0 + l] = tile[l][dd];
+    }
+    if (blockIdx.y == 0 && threadIdx.x < 32 && f0 + threadIdx.x < F) {
+      const int f = f0 + threadIdx.x;
+      float sacc = 0.f;
+      for (int q = offsets[f]; q < offsets[f + 1]; ++q) sacc += coef_enc[q];
+      db_enc[f] = sacc;
+    }
+  }
+"""
+
+LATENT_GRADS_ATOMIC = r"""
+  // template: F, D, HAS_ENC; one block per entry, threads over d; outputs zero-initialised
+  const int q = blockIdx.x;
+  const size_t col = cols[q];
+  const float cd = coef_dec[q];
+  const float ce = HAS_ENC ? coef_enc[q] : 0.f;
+  const float* y = Y + (size_t)rows_dec[q] * D;
+  const float* x = X + (size_t)rows_enc[q] * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (cd != 0.f) atomicAdd(&dW_dec[col * D + d], cd * y[d]);
+    if (HAS_ENC && ce != 0.f) atomicAdd(&dW_enc[(size_t)d * F + col], ce * x[d]);
+  }
+  if (HAS_ENC && threadIdx.x == 0 && ce != 0.f) atomicAdd(&db_enc[col], ce);
+"""
+
+ADAM_ROWS = r"""
+  // template: D, REMOVE_PAR, RENORM; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, renorm_eps]
+  constexpr int PER = (D + 255) / 256;
+  __shared__ float red[33];
+  const size_t base = (size_t)blockIdx.x * D;
+  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[8];
+  float w[PER], g[PER];
+  float dot = 0.f;
+  #pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = threadIdx.x + i * 256;
+    w[i] = 0.f; g[i] = 0.f;
+    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; dot += w[i] * g[i]; }
+  }
+  if (REMOVE_PAR) {
+    dot = hk_block_sum(dot, red);
+    #pragma unroll
+    for (int i = 0; i < PER; ++i) g[i] = g[i] - dot * w[i];
+  }
+  float nrm = 0.f;
+  #pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = threadIdx.x + i * 256;
+    if (d < D) {
+      float m = b1 * M[base + d] + ob1 * g[i];
+      float v = b2 * V[base + d] + ob2 * (g[i] * g[i]);
+      M_out[base + d] = m;
+      V_out[base + d] = v;
+      float p = w[i] - (c1 * m) / (sqrtf(v) * c2 + eps);
+      w[i] = p;
+      nrm += p * p;
+    }
+  }
+  float den = 1.f;
+  if (RENORM) { nrm = hk_block_sum(nrm, red); den = sqrtf(nrm) + reps; }
+  #pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = threadIdx.x + i * 256;
+    if (d < D) W_out[base + d] = RENORM ? w[i] / den : w[i];
+  }
+"""
+
+
+def _k(name, inputs, outputs, source):
+    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source, header=HEADER)
+
+
+class CudaOps(ReferenceOps):
+    """The CUDA kernels; anything not overridden is the pure-MLX reference op."""
+
+    name = "cuda"
+    matmul_dtype = mx.bfloat16
+
+    def __init__(self):
+        if not mx.cuda.is_available():
+            raise RuntimeError("MLX has no CUDA device here (mx.cuda.is_available() is False).")
+        self._row_topk = _k("hk_row_topk", ["pre", "dead"], ["vals", "idx"], ROW_TOPK)
+        self._radix = _k("hk_radix_hist", ["keys", "prefix"], ["hist"], RADIX_HIST)
+        self._decode = _k("hk_decode", ["vals", "idx", "W"], ["out"], DECODE)
+        self._gdot = _k("hk_gather_dot", ["dY", "idx", "W"], ["out"], GATHER_DOT)
+        self._lg = _k("hk_latent_grads", ["offsets", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
+                      ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS)
+        self._lga = _k("hk_latent_grads_atomic", ["cols", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
+                       ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS_ATOMIC)
+        self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
+
+    # -- selection ------------------------------------------------------------------------------------
+    def row_topk(self, pre, k, dead=None):
+        B, F = pre.shape
+        bf16 = pre.dtype == mx.bfloat16
+        if not bf16 and pre.dtype != mx.float32:
+            pre = pre.astype(mx.float32)
+        nt = 1024 if F >= 65536 else 512
+        d = mx.zeros((1,), mx.float32) if dead is None else dead.astype(mx.float32)
+        vals, idx = self._row_topk(
+            inputs=[pre, d], template=[("K", int(k)), ("F", int(F)), ("BF16", bf16), ("HAS_DEAD", dead is not None)],
+            grid=(B * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(B, k), (B, k)],
+            output_dtypes=[mx.float32, mx.uint32])
+        return vals, idx
+
+    def acts_keys(self, pre):
+        return pre.reshape(-1)  # keys of relu(pre) are computed on the fly by the histogram kernel
+
+    def radix_histogram(self, keys, prefix, shift):
+        kind = 0 if keys.dtype == mx.uint32 else (2 if keys.dtype == mx.bfloat16 else 1)
+        if kind == 1 and keys.dtype != mx.float32:
+            keys = keys.astype(mx.float32)
+        n = keys.size
+        nt = 256
+        blocks = max(1, min(132 * 8, (n + nt - 1) // nt))
+        (hist,) = self._radix(
+            inputs=[keys.reshape(-1), prefix.astype(mx.uint32)], template=[("KIND", kind), ("SHIFT", int(shift))],
+            grid=(blocks * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(256,)], output_dtypes=[mx.uint32],
+            init_value=0)
+        return hist
+
+    # -- decoder ----------------------------------------------------------------------------------------
+    def decode(self, vals, idx, W):
+        B, kk = vals.shape
+        F, D = W.shape
+        if D % 4:
+            return super().decode(vals, idx, W)
+        nt = min(1024, max(32, D // 4))
+        (out,) = self._decode(inputs=[vals.astype(mx.float32), idx.astype(mx.uint32), W],
+                              template=[("KK", int(kk)), ("D", int(D))], grid=(B * nt, 1, 1), threadgroup=(nt, 1, 1),
+                              output_shapes=[(B, D)], output_dtypes=[mx.float32])
+        return out
+
+    def gather_dot(self, dY, idx, W):
+        B, kk = idx.shape
+        F, D = W.shape
+        if D % 4 or D > 8192:
+            return super().gather_dot(dY, idx, W)
+        (out,) = self._gdot(inputs=[dY.astype(mx.float32), idx.astype(mx.uint32), W],
+                            template=[("KK", int(kk)), ("D", int(D))], grid=(B * 256, 1, 1), threadgroup=(256, 1, 1),
+                            output_shapes=[(B, kk)], output_dtypes=[mx.float32])
+        return out
+
+    def latent_grads(self, cols, rows_dec, rows_enc, coef_dec, coef_enc, Y, xc, F, deterministic=True):
+        D = Y.shape[-1]
+        has_enc = coef_enc is not None
+        cols = cols.astype(mx.uint32)
+        X = xc if has_enc else Y
+        ce = coef_enc if has_enc else coef_dec
+        if not deterministic:
+            outs = self._lga(inputs=[cols, rows_dec.astype(mx.uint32), rows_enc.astype(mx.uint32), coef_dec, ce, Y, X],
+                             template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)],
+                             grid=(cols.size * 256, 1, 1), threadgroup=(256, 1, 1),
+                             output_shapes=[(F, D), (D, F) if has_enc else (1,), (F,) if has_enc else (1,)],
+                             output_dtypes=[mx.float32] * 3, init_value=0)
+            return (outs[0], outs[1], outs[2]) if has_enc else (outs[0], None, None)
+        nrows = Y.shape[0]
+        key = cols * nrows + rows_dec.astype(mx.uint32)  # unique: deterministic order within a latent
+        order = mx.argsort(key)
+        counts = mx.zeros((F,), mx.int32).at[cols.astype(mx.int32)].add(1)
+        offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
+        ins = [offsets, rows_dec.astype(mx.uint32)[order], rows_enc.astype(mx.uint32)[order], coef_dec[order],
+               ce[order], Y, X]
+        tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)]
+        grid = (((F + 31) // 32) * 256, (D + 255) // 256, 1)
+        shapes = [(F, D), (D, F), (F,)] if has_enc else [(F, D), (1,), (1,)]
+        dW_dec, dW_enc, db_enc = self._lg(inputs=ins, template=tmpl, grid=grid, threadgroup=(256, 1, 1),
+                                          output_shapes=shapes, output_dtypes=[mx.float32] * 3)
+        return (dW_dec, dW_enc, db_enc) if has_enc else (dW_dec, None, None)
+
+    # -- optimizer ------------------------------------------------------------------------------------------
+    def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps):
+        F, D = W.shape
+        if D > 16384:
+            return super().adam_rows(W, g, m, v, hp, remove_parallel, renorm, renorm_eps)
+        hp9 = mx.concatenate([hp.astype(mx.float32), mx.array([renorm_eps], mx.float32)])
+        W2, m2, v2 = self._adam_rows(
+            inputs=[W, g, m, v, hp9], template=[("D", int(D)), ("REMOVE_PAR", bool(remove_parallel)),
+                                                ("RENORM", bool(renorm))],
+            grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3,
+            output_dtypes=[mx.float32] * 3)
+        return W2, m2, v2
