@@ -26,6 +26,6 @@ def test_readme_python_blocks_run(monkeypatch, tmp_path, stories_path):
             exec(compile(code, f"README.md block {i}", "exec"), ns)
         except ModuleNotFoundError as e:  # optional extras (matplotlib) must be installed by `make test`
             pytest.fail(f"README block {i} needs {e.name}: {e}")
-    # the quickstart's documented values
-    assert tuple(ns["cache"]["blocks.0.attn.hook_pattern"].shape) == (1, 8, 5, 5)
-    assert tuple(ns["logits"].shape[-1:]) == (512,)
+        if i == 0:  # the quickstart's documented values
+            assert tuple(ns["cache"]["blocks.0.attn.hook_pattern"].shape) == (1, 8, 5, 5)
+            assert tuple(ns["logits"].shape[-1:]) == (512,)
