@@ -1,0 +1,174 @@
+"""Full ``resid_pre`` activation-patching sweep: hooked_mlx vs TransformerLens, same weights, same CPU.
+
+    python benchmarks/patching.py                       # both configurations
+    python benchmarks/patching.py --configs small --repeats 5
+    TL_PYTHON=/path/to/tl-venv/bin/python python benchmarks/patching.py
+
+TransformerLens is a benchmark-only dependency in its own venv (never a project dependency):
+    python3 -m venv /work/tlvenv && /work/tlvenv/bin/pip install torch==2.13.0 transformer-lens==2.16.1 \
+        datasets==3.6.0 pyarrow==18.1.0 "numpy<2"
+
+For each configuration, a worker in the TL venv builds a Hugging Face ``LlamaForCausalLM`` with random
+weights (seeded), saves it (HF layout), converts it with TL's ``convert_llama_weights`` into a
+``HookedTransformer`` built from a ``HookedTransformerConfig`` (no weight processing), and times
+``get_act_patch_resid_pre`` (one forward per cell: TL's algorithm) with torch on the same number of threads
+as there are cores. This process then loads the same saved weights with ``HookedTransformer.from_pretrained``
+and times ``hooked_mlx.patching.get_act_patch_resid_pre`` (batched; float32), checks that both grids agree,
+and prints ms per cell and the ratio. Timings are the best of ``--repeats`` runs after one warm-up (robust to other load on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    # 5 layers x d 64 x 16 tokens (stories260K-like shapes)
+    "small": dict(n_layers=5, d_model=64, n_heads=8, n_kv_heads=4, d_mlp=172, vocab=512, n_tokens=16),
+    # 8 layers x d 512 x 32 tokens (Llama-style vocabulary)
+    "large": dict(n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1376, vocab=32000, n_tokens=32),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# TransformerLens worker (runs under the TL venv's python; must not import hooked_mlx)
+# --------------------------------------------------------------------------------------------------
+def tl_worker(cfg: dict, out_dir: Path, repeats: int, threads: int) -> None:
+    import numpy as np
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import patching as tlp
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        hidden_size=cfg["d_model"], intermediate_size=cfg["d_mlp"], num_hidden_layers=cfg["n_layers"],
+        num_attention_heads=cfg["n_heads"], num_key_value_heads=cfg["n_kv_heads"], vocab_size=cfg["vocab"],
+        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        initializer_range=0.08, hidden_act="silu",
+    )
+    hf = LlamaForCausalLM(hf_cfg).float().eval()
+    hf.save_pretrained(out_dir, safe_serialization=True)
+
+    tl_cfg = HookedTransformerConfig(
+        d_model=cfg["d_model"], d_head=cfg["d_model"] // cfg["n_heads"], n_heads=cfg["n_heads"],
+        d_mlp=cfg["d_mlp"], n_layers=cfg["n_layers"], n_ctx=256, eps=1e-5, d_vocab=cfg["vocab"], act_fn="silu",
+        n_key_value_heads=cfg["n_kv_heads"], normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False, rotary_dim=cfg["d_model"] // cfg["n_heads"], rotary_base=10000.0,
+        final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM", device="cpu", dtype=torch.float32,
+    )
+    model = HookedTransformer(tl_cfg)
+    model.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
+    model.eval()
+
+    g = torch.Generator().manual_seed(1)
+    P = cfg["n_tokens"]
+    clean = torch.randint(3, cfg["vocab"], (1, P), generator=g)
+    corrupted = clean.clone()
+    corrupted[0, P // 4] = (clean[0, P // 4] + 7) % cfg["vocab"]  # one differing token, like an IOI name swap
+    with torch.no_grad():
+        hf_logits = hf(clean).logits
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        corrupted_logits = model(corrupted)
+    a, b = int(clean_logits[0, -1].argmax()), int(corrupted_logits[0, -1].argmax())
+    if a == b:
+        b = int(clean_logits[0, -1].argsort()[-2])
+
+    def metric(logits):
+        return logits[0, -1, a] - logits[0, -1, b]
+
+    times, result = [], None
+    with torch.no_grad():
+        tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            result = tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+            times.append(time.perf_counter() - t)
+    (out_dir / "tl.json").write_text(json.dumps({
+        "times": times, "result": result.tolist(), "clean": clean.tolist(), "corrupted": corrupted.tolist(),
+        "tokens": [a, b], "tl_vs_hf_max_abs_logit_diff": float((clean_logits - hf_logits).abs().max()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "transformer_lens": __import__("transformer_lens").__version__ if hasattr(__import__("transformer_lens"), "__version__") else "2.x",
+    }))
+
+
+# --------------------------------------------------------------------------------------------------
+# hooked_mlx side
+# --------------------------------------------------------------------------------------------------
+def run_config(name: str, cfg: dict, tl_python: str, repeats: int, threads: int) -> dict:
+    import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+    import mlx.core as mx
+    import numpy as np
+
+    from hooked_mlx import HookedTransformer
+    from hooked_mlx import patching as pt
+
+    with tempfile.TemporaryDirectory(prefix=f"patchbench_{name}_") as d:
+        d = Path(d)
+        proc = subprocess.run([tl_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--repeats",
+                               str(repeats), "--threads", str(threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"TransformerLens worker failed ({tl_python}):\n{proc.stderr[-4000:]}")
+        tl = json.loads((d / "tl.json").read_text())
+        model = HookedTransformer.from_pretrained(d, dtype="float32")
+        clean, corrupted = mx.array(tl["clean"]), mx.array(tl["corrupted"])
+        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        metric = pt.LogitDiff(*tl["tokens"])
+        pt.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)  # warm-up
+        times, res = [], None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            res = pt.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+            mx.eval(res)
+            times.append(time.perf_counter() - t)
+        ref = np.array(tl["result"], dtype=np.float32)
+        diff = float(np.abs(np.array(res) - ref).max())
+    cells = cfg["n_layers"] * cfg["n_tokens"]
+    t_tl, t_hm = min(tl["times"]), min(times)
+    return dict(name=name, cells=cells, tl_s=t_tl, hm_s=t_hm, ratio=t_tl / t_hm, max_abs_diff=diff,
+                max_abs_value=float(np.abs(ref).max()), torch=tl["torch"], threads=tl["threads"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small,large")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for TL")
+    ap.add_argument("--tl-python", default=os.environ.get("TL_PYTHON", "/work/tlvenv/bin/python"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        tl_worker(json.loads(args.worker), Path(args.dir), args.repeats, args.threads)
+        return
+    if not Path(args.tl_python).exists():
+        raise SystemExit(f"No TransformerLens python at {args.tl_python}; create the TL venv (see this file's "
+                         f"docstring) or pass --tl-python / set TL_PYTHON.")
+    print(f"resid_pre patching sweep, random Llama weights, float32, CPU ({os.cpu_count()} cores); "
+          f"best of {args.repeats} runs after a warm-up (the machine may be shared)")
+    print(f"{'config':<44} {'cells':>5} {'TL s':>8} {'TL ms/cell':>10} {'hm s':>8} {'hm ms/cell':>10} "
+          f"{'ratio':>7} {'max|diff|':>10}")
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        r = run_config(name, cfg, args.tl_python, args.repeats, args.threads)
+        label = (f"{name}: {cfg['n_layers']}L d{cfg['d_model']} {cfg['n_tokens']}tok V{cfg['vocab']} "
+                 f"H{cfg['n_heads']}/{cfg['n_kv_heads']}")
+        print(f"{label:<44} {r['cells']:>5} {r['tl_s']:>8.3f} {1e3 * r['tl_s'] / r['cells']:>10.2f} "
+              f"{r['hm_s']:>8.3f} {1e3 * r['hm_s'] / r['cells']:>10.3f} {r['ratio']:>6.1f}x "
+              f"{r['max_abs_diff']:>10.2e}", flush=True)
+    print(f"(TL: transformer-lens with torch {r['torch']}, {r['threads']} threads; hm: hooked_mlx batched; "
+          f"max|diff| = largest difference between the two grids)")
+
+
+if __name__ == "__main__":
+    main()
