@@ -558,15 +558,17 @@ class ShardSource(ArraySource):
         super().__init__(arrays, batch_size, seed, description=f"harvested shards in {path}, memory-mapped")
 
 
-def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: int, *,
+def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: int | None = None, *,
             cfg: SAEConfig | None = None, shard_tokens: int = 262144, text_field: str = "text",
             progress: bool = True, dtype: str = "float32") -> dict:
     """Run the model over the corpus once and write activations of each hook to safetensors shards.
 
     Writes ``shard_00000.safetensors`` ... (tensor per hook name, [n, d]) and ``manifest.json``
     (hooks, d_in, token counts, model / context settings). Each shard is written to a temporary name and
-    renamed, the manifest last: a folder with a manifest is complete. Returns the manifest.
+    renamed, the manifest last: a folder with a manifest is complete. ``n_tokens`` None: the whole corpus
+    once. Returns the manifest.
     """
+    limit = n_tokens if n_tokens is not None else 2**62
     cfg = cfg or SAEConfig()
     hooks = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if dtype not in ("float32", "float16"):
@@ -581,9 +583,9 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
 
         bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="harvest")
     try:
-        for chunk in store.iter_activations(min(shard_tokens, n_tokens)):
+        for chunk in store.iter_activations(min(shard_tokens, limit)):
             n = next(iter(chunk.values())).shape[0]
-            n = min(n, n_tokens - written)
+            n = min(n, limit - written)
             name = f"shard_{len(shards):05d}.safetensors"
             tmp = os.path.join(out_dir, f".{name}.tmp.safetensors")  # MLX appends .safetensors otherwise
             mx.save_safetensors(tmp, {h: mx.array(v[:n]).astype(getattr(mx, dtype)) for h, v in chunk.items()})
@@ -592,12 +594,12 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
             written += n
             if bar is not None:
                 bar.update(n)
-            if written >= n_tokens:
+            if written >= limit:
                 break
     finally:
         if bar is not None:
             bar.close()
-    if written < n_tokens:
+    if n_tokens is not None and written < n_tokens:
         warnings.warn(f"The corpus ran out after {written:,} tokens (asked for {n_tokens:,}).", RuntimeWarning,
                       stacklevel=2)
     manifest = {

@@ -94,10 +94,17 @@ def lr_schedule(cfg: SAEConfig) -> Callable:
 
 
 def _auxk_loss(pre, x, x_hat, W_dec, dead, k_aux: int, kernels):
-    """Normalised AuxK loss: reconstruct the residual with the top-k_aux dead latents (no decoder bias)."""
+    """Normalised AuxK loss: reconstruct the residual with the top-k_aux dead latents (no decoder bias).
+
+    The dead latents' raw pre-activations are used (no relu, as SAELens): a dead latent's pre-activation is
+    usually negative, and relu would give it no gradient. Fewer than k_aux dead latents: the rest are 0.
+    """
     e = mx.stop_gradient(x - x_hat)
     pre_dead = mx.where(dead, pre, -mx.inf)
-    vals, idx = kernels.topk_select(pre_dead, k_aux)
+    F = pre.shape[-1]
+    idx = mx.stop_gradient(mx.argpartition(pre_dead, F - k_aux, axis=-1)[..., F - k_aux:])
+    vals = mx.take_along_axis(pre_dead, idx, axis=-1)
+    vals = mx.where(mx.isfinite(vals), vals, 0.0)
     e_hat = kernels.sparse_decode(vals, idx, W_dec)
     denom = mx.maximum(M.total_variance(e), 1e-12)
     return mx.sum(mx.square(e_hat - e)) / denom
@@ -117,11 +124,14 @@ def _ghost_grad_loss(pre, x, x_hat, W_dec, dead):
     return mx.mean(ell)
 
 
-def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array, kernels=None):
-    """The training-time forward of one batch: (loss, metrics dict, latents f [B,F], extras).
+def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array, kernels=None,
+                  use_dead: bool = True):
+    """The training-time forward of one batch: (loss, (metrics dict, latents f [B,F], extras)).
 
     x [B,D] already normalised. ``dead`` [F] bool marks dead latents (AuxK / ghost grads);
-    ``sparsity_scale`` in [0,1] is the sparsity warm-up factor. ``extras`` holds the BatchTopK cut value.
+    ``sparsity_scale`` in [0,1] is the sparsity warm-up factor. ``extras`` holds the BatchTopK minimum kept
+    value. ``use_dead=False`` skips the dead-latent losses entirely (valid while fewer tokens than the dead
+    window have been seen, when no latent can be dead).
     """
     kernels = kernels or get_backend()
     cfg = sae.cfg
@@ -153,11 +163,11 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     else:  # pragma: no cover - SAEConfig validates
         raise ValueError(arch)
     mse = M.mse(x, x_hat)
-    if arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0:
+    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0:
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _auxk_loss(pre, x, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
         aux = cfg.aux_k_coefficient * aux
-    elif arch == "relu" and cfg.ghost_grads:
+    elif use_dead and arch == "relu" and cfg.ghost_grads:
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _ghost_grad_loss(pre, x, x_hat, sae.W_dec, dead), 0.0)
     loss = mse + sparsity + aux
@@ -208,7 +218,8 @@ class SAETrainer:
             "count": mx.array(0, dtype=mx.int32),
         }
         self.initialized = False
-        self._step_fn = None
+        self._step_fns = None
+        self._host_step = 0  # mirrors aux["step"] without a device sync
         self._good = None
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -236,7 +247,13 @@ class SAETrainer:
         window = cfg.dead_tokens_window
         warm = cfg.sparsity_warmup_steps
         scale = self.input_scale
-        loss_and_grad = nn.value_and_grad(sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels))
+        self._step_fns = {use: self._make_step(use, unit_norm, window, warm, scale) for use in (False, True)}
+
+    def _make_step(self, use_dead: bool, unit_norm: bool, window: int, warm: int, scale: float):
+        cfg = self.cfg
+        sae, opt, aux, kernels = self.sae, self.optimizer, self.aux, self.kernels
+        loss_and_grad = nn.value_and_grad(
+            sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead))
 
         @partial(mx.compile, inputs=self._state(), outputs=self._state())
         def step(x_raw):
@@ -254,8 +271,8 @@ class SAETrainer:
                 grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
             else:
                 gnorm = mx.sqrt(sum(mx.sum(mx.square(v)) for _, v in tree_flatten(grads)))
-            lr = opt.learning_rate.astype(mx.float32)
             opt.update(sae, grads)
+            lr = opt.learning_rate.astype(mx.float32)  # the rate this update used
             if unit_norm:
                 W = sae.W_dec
                 sae.W_dec = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + 1e-8)
@@ -290,7 +307,7 @@ class SAETrainer:
             aux["bad_step"] = mx.where((aux["bad_step"] < 0) & ~finite, step_i, aux["bad_step"])
             aux["step"] = step_i + 1
 
-        self._step_fn = step
+        return step
 
     # -- running ----------------------------------------------------------------------------------------
     def step(self, x: mx.array) -> None:
@@ -299,7 +316,10 @@ class SAETrainer:
             self.initialize(x, 1.0)
         if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise ValueError(f"Training batch has shape {tuple(x.shape)}; expected [B, {self.sae.d_in}].")
-        self._step_fn(x)
+        # No latent can be dead before dead_tokens_window tokens were seen: skip the dead-latent losses then.
+        use_dead = self._host_step * x.shape[0] >= self.cfg.dead_tokens_window
+        self._step_fns[use_dead](x)
+        self._host_step += 1
 
     def state_arrays(self):
         return self._state()
@@ -318,6 +338,7 @@ class SAETrainer:
         self.optimizer.state = tree_map(lambda a: a, good["opt"])
         self.aux.clear()
         self.aux.update(tree_map(lambda a: a, good["aux"]))
+        self._host_step = int(self.aux["step"].item())
         self._build()
 
     def read_metrics(self) -> dict[str, float]:
@@ -374,6 +395,7 @@ class SAETrainer:
         self.input_scale = float(input_scale)
         self.initialized = True
         mx.eval(self.sae.parameters(), self.optimizer.state, self.aux)
+        self._host_step = int(self.aux["step"].item())
         self._build()
         self._snapshot()
 
