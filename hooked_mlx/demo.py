@@ -49,7 +49,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out/)")
     p.add_argument("--layer", type=int, default=None, help="layer whose resid_post the SAE reads (default: middle)")
     p.add_argument("--sae-steps", type=int, default=300, help="SAE training steps")
-    p.add_argument("--corpus-tokens", type=int, default=6144, help="tokens of self-generated text to harvest")
+    p.add_argument("--corpus-tokens", type=int, default=2048, help="tokens of self-generated text to harvest")
     p.add_argument("--quantized", action="store_true",
                    help="run quantized weights as stored (default on CPU: dequantize, MLX's CPU qmm is slow)")
     p.set_defaults(func=run_demo)
@@ -322,17 +322,17 @@ def _generate_corpus(model, n_tokens: int, seed: int = 0) -> list[str]:
 
     docs: list[str] = []
     total = 0
-    per = 96
+    per = 64
     i = 0
     t = time.perf_counter()
     while total < n_tokens:
-        prompts = [SEED_PROMPTS[(i + j) % len(SEED_PROMPTS)] for j in range(16)]
+        prompts = [SEED_PROMPTS[(i + j) % len(SEED_PROMPTS)] for j in range(32)]
         texts = model.generate(prompts, max_new_tokens=per, temperature=0.9, top_p=0.95, seed=seed + i,
                                stop_at_eos=False, return_type="str")
         for p, txt in zip(prompts, texts):
             docs.append(txt)
             total += len(model.to_tokens(txt, prepend_bos=False)[0])
-        i += 16
+        i += 32
     mx.clear_cache()
     print(f"  generated {len(docs)} texts, {total} tokens, in {time.perf_counter() - t:.1f} s "
           f"(sampled from the model itself, temperature 0.9)")
