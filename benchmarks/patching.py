@@ -14,7 +14,8 @@ weights (seeded), saves it (HF layout), converts it with TL's ``convert_llama_we
 ``get_act_patch_resid_pre`` (one forward per cell: TL's algorithm) with torch on the same number of threads
 as there are cores. This process then loads the same saved weights with ``HookedTransformer.from_pretrained``
 and times ``hooked_mlx.patching.get_act_patch_resid_pre`` (batched; float32), checks that both grids agree,
-and prints ms per cell and the ratio. Timings are the best of ``--repeats`` runs after one warm-up (robust to other load on the machine).
+and prints ms per cell and the ratio. Both sides run interleaved (TL sweep, hooked_mlx sweep, ...) after a
+warm-up each; a timing is the best of ``--repeats`` runs (robust to other load on a shared machine).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CONFIGS = {
 # --------------------------------------------------------------------------------------------------
 # TransformerLens worker (runs under the TL venv's python; must not import hooked_mlx)
 # --------------------------------------------------------------------------------------------------
-def tl_worker(cfg: dict, out_dir: Path, repeats: int, threads: int) -> None:
+def tl_worker(cfg: dict, out_dir: Path, threads: int) -> None:
     import numpy as np
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -87,19 +88,21 @@ def tl_worker(cfg: dict, out_dir: Path, repeats: int, threads: int) -> None:
     def metric(logits):
         return logits[0, -1, a] - logits[0, -1, b]
 
-    times, result = [], None
-    with torch.no_grad():
-        tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)  # warm-up
-        for _ in range(repeats):
+    (out_dir / "tl.json").write_text(json.dumps({
+        "clean": clean.tolist(), "corrupted": corrupted.tolist(), "tokens": [a, b],
+        "tl_vs_hf_max_abs_logit_diff": float((clean_logits - hf_logits).abs().max()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }))
+    print("ready", flush=True)
+    # serve timed sweeps on request, so that the parent can interleave them with its own
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        with torch.no_grad():
             t = time.perf_counter()
             result = tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
-            times.append(time.perf_counter() - t)
-    (out_dir / "tl.json").write_text(json.dumps({
-        "times": times, "result": result.tolist(), "clean": clean.tolist(), "corrupted": corrupted.tolist(),
-        "tokens": [a, b], "tl_vs_hf_max_abs_logit_diff": float((clean_logits - hf_logits).abs().max()),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "transformer_lens": __import__("transformer_lens").__version__ if hasattr(__import__("transformer_lens"), "__version__") else "2.x",
-    }))
+            dt = time.perf_counter() - t
+        print(json.dumps({"time": dt, "result": result.tolist()}), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,28 +118,57 @@ def run_config(name: str, cfg: dict, tl_python: str, repeats: int, threads: int)
 
     with tempfile.TemporaryDirectory(prefix=f"patchbench_{name}_") as d:
         d = Path(d)
-        proc = subprocess.run([tl_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--repeats",
-                               str(repeats), "--threads", str(threads)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"TransformerLens worker failed ({tl_python}):\n{proc.stderr[-4000:]}")
-        tl = json.loads((d / "tl.json").read_text())
-        model = HookedTransformer.from_pretrained(d, dtype="float32")
-        clean, corrupted = mx.array(tl["clean"]), mx.array(tl["corrupted"])
-        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
-        metric = pt.LogitDiff(*tl["tokens"])
-        pt.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)  # warm-up
-        times, res = [], None
-        for _ in range(repeats):
-            t = time.perf_counter()
-            res = pt.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
-            mx.eval(res)
-            times.append(time.perf_counter() - t)
-        ref = np.array(tl["result"], dtype=np.float32)
-        diff = float(np.abs(np.array(res) - ref).max())
+        log = open(d / "worker.log", "w")  # TL's progress bars and any traceback
+        proc = subprocess.Popen([tl_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads",
+                                 str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                proc.wait(timeout=60)
+                raise SystemExit(f"TransformerLens worker failed ({tl_python}):\n"
+                                 f"{(d / 'worker.log').read_text()[-4000:]}")
+            tl = json.loads((d / "tl.json").read_text())
+
+            def tl_sweep():
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                return json.loads(proc.stdout.readline())
+
+            model = HookedTransformer.from_pretrained(d, dtype="float32")
+            clean, corrupted = mx.array(tl["clean"]), mx.array(tl["corrupted"])
+            _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+            metric = pt.LogitDiff(*tl["tokens"])
+            variants = {"hm": {}, "hm_all_cells": {"skip_identical": False}}
+
+            def hm_sweep(kw):
+                t = time.perf_counter()
+                res = pt.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, **kw)
+                mx.eval(res)
+                return time.perf_counter() - t, res
+
+            tl_sweep()  # warm-up
+            for kw in variants.values():
+                hm_sweep(kw)
+            times = {"tl": [], **{k: [] for k in variants}}
+            results = {}
+            for _ in range(repeats):  # interleaved, so that both see the same machine load
+                r = tl_sweep()
+                times["tl"].append(r["time"])
+                results["tl"] = np.array(r["result"], dtype=np.float32)
+                for k, kw in variants.items():
+                    dt, res = hm_sweep(kw)
+                    times[k].append(dt)
+                    results[k] = np.array(res)
+        finally:
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            log.close()
     cells = cfg["n_layers"] * cfg["n_tokens"]
-    t_tl, t_hm = min(tl["times"]), min(times)
-    return dict(name=name, cells=cells, tl_s=t_tl, hm_s=t_hm, ratio=t_tl / t_hm, max_abs_diff=diff,
-                max_abs_value=float(np.abs(ref).max()), torch=tl["torch"], threads=tl["threads"])
+    best = {k: min(v) for k, v in times.items()}
+    return dict(name=name, cells=cells, best=best, ratio=best["tl"] / best["hm"],
+                ratio_all=best["tl"] / best["hm_all_cells"],
+                max_abs_diff=max(float(np.abs(results[k] - results["tl"]).max()) for k in variants),
+                max_abs_value=float(np.abs(results["tl"]).max()), torch=tl["torch"], threads=tl["threads"])
 
 
 def main(argv=None):
@@ -149,25 +181,30 @@ def main(argv=None):
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        tl_worker(json.loads(args.worker), Path(args.dir), args.repeats, args.threads)
+        tl_worker(json.loads(args.worker), Path(args.dir), args.threads)
         return
     if not Path(args.tl_python).exists():
         raise SystemExit(f"No TransformerLens python at {args.tl_python}; create the TL venv (see this file's "
                          f"docstring) or pass --tl-python / set TL_PYTHON.")
-    print(f"resid_pre patching sweep, random Llama weights, float32, CPU ({os.cpu_count()} cores); "
-          f"best of {args.repeats} runs after a warm-up (the machine may be shared)")
-    print(f"{'config':<44} {'cells':>5} {'TL s':>8} {'TL ms/cell':>10} {'hm s':>8} {'hm ms/cell':>10} "
-          f"{'ratio':>7} {'max|diff|':>10}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"resid_pre patching sweep, random Llama weights, float32, CPU ({os.cpu_count()} cores, load average "
+          f"{load:.1f} at start); best of {args.repeats} interleaved runs after a warm-up")
+    print(f"{'config':<40} {'cells':>5} {'TL s':>7} {'TL ms/cell':>10} {'hm s':>7} {'hm ms/cell':>10} "
+          f"{'ratio':>7} {'ratio*':>7} {'max|diff|':>9}")
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         r = run_config(name, cfg, args.tl_python, args.repeats, args.threads)
         label = (f"{name}: {cfg['n_layers']}L d{cfg['d_model']} {cfg['n_tokens']}tok V{cfg['vocab']} "
                  f"H{cfg['n_heads']}/{cfg['n_kv_heads']}")
-        print(f"{label:<44} {r['cells']:>5} {r['tl_s']:>8.3f} {1e3 * r['tl_s'] / r['cells']:>10.2f} "
-              f"{r['hm_s']:>8.3f} {1e3 * r['hm_s'] / r['cells']:>10.3f} {r['ratio']:>6.1f}x "
-              f"{r['max_abs_diff']:>10.2e}", flush=True)
-    print(f"(TL: transformer-lens with torch {r['torch']}, {r['threads']} threads; hm: hooked_mlx batched; "
-          f"max|diff| = largest difference between the two grids)")
+        b, n = r["best"], r["cells"]
+        print(f"{label:<40} {n:>5} {b['tl']:>7.3f} {1e3 * b['tl'] / n:>10.2f} {b['hm']:>7.3f} "
+              f"{1e3 * b['hm'] / n:>10.3f} {r['ratio']:>6.1f}x {r['ratio_all']:>6.1f}x {r['max_abs_diff']:>9.2e}",
+              flush=True)
+    print(f"TL: transformer-lens 2.16.1, torch {r['torch']} ({r['threads']} threads), one forward per cell. "
+          f"hm: hooked_mlx.patching (batched; starts at the patched layer; corrupted K/V for earlier positions; "
+          f"unembeds the metric's position; skips cells whose clean and corrupted activations are bitwise equal). "
+          f"ratio* = the same without that skip (every cell run). max|diff| = largest difference between the "
+          f"TL and hooked_mlx grids.")
 
 
 if __name__ == "__main__":

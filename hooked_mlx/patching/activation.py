@@ -11,7 +11,11 @@ Keyword options (all functions):
 * ``memory_budget_mb``: memory for one batched chunk (default ``engine.MEMORY_BUDGET_MB``);
 * ``reuse_kv`` (True): compute positions >= the patched one only, reusing the corrupted keys/values;
 * ``bucket``: pad batch sizes to powers of two (default: on GPUs);
-* ``blas_threads`` ("auto": 1 on CPU while the sweep runs; see ``engine.blas_threads``; None leaves it);
+* ``blas_threads``: BLAS threads while the sweep runs ("auto": 1 for small models on CPU, else unchanged;
+  see ``engine.blas_threads``; None leaves the setting alone);
+* ``skip_identical`` (True): a cell whose clean and corrupted activations are bitwise equal at its index
+  (e.g. every position before the first differing token) is the identity patch; it gets the corrupted
+  run's metric without running;
 * ``batched`` (True): False runs TL's one-forward-per-cell loop (a slow reference).
 
 Under GQA, k/v patches range over the key/value heads (Hkv); ``*_every`` functions zero-pad them to H.
@@ -68,7 +72,7 @@ class _Setup:
 
     def __init__(self, model, corrupted_tokens, clean_cache, metric, names, whole_sequence_names=(),
                  align=None, clean_tokens=None, memory_budget_mb=None, reuse_kv=True, bucket=None,
-                 blas_threads="auto"):
+                 blas_threads="auto", skip_identical=True):
         check_align(align)
         self.model = model
         self.tokens = as_tokens(model, corrupted_tokens)
@@ -93,7 +97,9 @@ class _Setup:
                 a = align_positions(a, P, info.pos_axis + 1, pmap)
             self.clean[n] = a
         self.corr = CorruptedRun(model, self.tokens, need_embed=any(n in ("hook_embed", "hook_pos_embed")
-                                                                      for n in names))
+                                                                      for n in names),
+                                 patched=names if skip_identical else ())
+        self.skip_identical = skip_identical
         self.engine = PatchEngine(model, self.corr, self.clean, metric, memory_budget_mb, reuse_kv, bucket,
                                   blas_threads)
         self.metric = metric
@@ -110,7 +116,7 @@ class _Setup:
         ok = [self.valid(c) for c in cells]
         todo = [c for c, v in zip(cells, ok) if v]
         if batched:
-            vals = self.engine.run(todo)
+            vals = self.engine.run(todo, skip_identical=self.skip_identical)
         else:
             vals = run_cells_loop(self.model, self.tokens, self.clean, todo, self.metric)
         out = np.full(len(cells), np.nan, dtype=np.float32)
@@ -119,7 +125,7 @@ class _Setup:
 
 
 def _opts(kw: dict) -> tuple[dict, bool]:
-    known = {"align", "clean_tokens", "memory_budget_mb", "reuse_kv", "bucket", "blas_threads"}
+    known = {"align", "clean_tokens", "memory_budget_mb", "reuse_kv", "bucket", "blas_threads", "skip_identical"}
     bad = set(kw) - known - {"batched"}
     if bad:
         raise TypeError(f"Unknown option(s) {sorted(bad)}; valid: {sorted(known | {'batched'})}.")

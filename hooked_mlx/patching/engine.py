@@ -84,14 +84,16 @@ def p_start(info: HookInfo, index: tuple) -> int:
 class CorruptedRun:
     """Token ids [B,P] and the corrupted run's residuals, post-rotary keys, values and logits."""
 
-    def __init__(self, model, tokens: mx.array, need_embed: bool = False):
+    def __init__(self, model, tokens: mx.array, need_embed: bool = False, patched: Sequence[str] = ()):
         self.model, self.tokens = model, tokens
         L = model.cfg.n_layers
         names = ([f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_rot_k" for l in range(L)]
                  + [f"blocks.{l}.attn.hook_v" for l in range(L)])
         if need_embed:
             names += [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_dict]
+        names += [n for n in patched if n not in names]
         logits, cache = model.run_with_cache(tokens, names_filter=names)
+        self.acts = {n: cache[n] for n in patched}  # the patched hooks' corrupted activations
         self.logits = logits  # [B,P,V]
         self.resid = [cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)]  # [B,P,dm]
         self.k = [cache[f"blocks.{l}.attn.hook_rot_k"].transpose(0, 2, 1, 3) for l in range(L)]  # [B,Hkv,P,dh]
@@ -117,8 +119,9 @@ class _PrefixKV:
 def blas_threads(n: int | None):
     """Temporarily set the loaded BLAS's thread count (MKL or OpenBLAS; no-op otherwise or for None).
 
-    Batched patching runs attention as many tiny per-head GEMMs; a threaded MKL spends ~100x their cost
-    in thread hand-off on a 2-core CPU, so sweeps on CPU default to 1 BLAS thread."""
+    Batched patching runs attention as many tiny per-head GEMMs; for a small model a threaded MKL spent
+    ~100x their cost in thread hand-off on a 2-core CPU, so sweeps of small models on CPU default to 1 BLAS
+    thread (``blas_threads="auto"``)."""
     from .. import _blas
 
     lib = getattr(_blas, "LOADED", None)
@@ -144,6 +147,29 @@ def blas_threads(n: int | None):
         yield
     finally:
         put(prev)
+
+
+class _CaptureKV:
+    """Records the full keys/values (prefix + new) an attention call produces."""
+
+    def __init__(self, prefix: _PrefixKV | None, offset: int):
+        self.prefix, self.offset, self.k, self.v = prefix, offset, None, None
+
+    def update_and_fetch(self, k, v):
+        if self.prefix is not None:
+            k, v = self.prefix.update_and_fetch(k, v)
+        self.k, self.v = k, v
+        return k, v
+
+
+class _FixedKV:
+    """Hands attention precomputed keys/values (its own new ones are among them)."""
+
+    def __init__(self, k, v, offset: int):
+        self.k, self.v, self.offset = k, v, offset
+
+    def update_and_fetch(self, k, v):
+        return self.k, self.v
 
 
 def final_logits(model, x: mx.array) -> mx.array:
@@ -215,14 +241,48 @@ class PatchEngine:
                  memory_budget_mb: float | None = None, reuse_kv: bool = True, bucket: bool | None = None,
                  blas_threads: int | None | str = "auto"):
         self.model, self.corr, self.clean, self.metric = model, corrupted, clean, metric
-        on_cpu = mx.default_device() == mx.cpu
-        self.blas_threads = (1 if on_cpu else None) if blas_threads == "auto" else blas_threads
+        if blas_threads == "auto":
+            # small models on CPU: the per-head attention GEMMs are tiny and a threaded BLAS spends far more
+            # on thread hand-off than on the work; large models gain from the threads on their big GEMMs
+            small = _flops_per_token_layer(model.cfg, 1) < 1e6
+            blas_threads = 1 if (mx.default_device() == mx.cpu and small) else None
+        self.blas_threads = blas_threads
         self.budget = (memory_budget_mb or MEMORY_BUDGET_MB) * 2 ** 20
         self.reuse_kv = reuse_kv
         self.bucket = (mx.default_device() != mx.cpu) if bucket is None else bucket
 
-    def run(self, cells: Sequence[Cell]) -> mx.array:
+    def identical(self, cells: Sequence[Cell]) -> np.ndarray:
+        """bool per cell: the clean and corrupted activations are bitwise equal at the cell's index (e.g. every
+        position before the first differing token), so the patch is the identity and the cell's value is
+        the corrupted run's metric."""
+        eq = {}
+        out = np.zeros(len(cells), dtype=bool)
+        for i, c in enumerate(cells):
+            if c.name not in self.corr.acts:
+                continue
+            if c.name not in eq:
+                a, b = self.clean[c.name], self.corr.acts[c.name]
+                eq[c.name] = np.array(a == b.astype(a.dtype)) if a.shape == b.shape else None
+            e = eq[c.name]
+            if e is not None:
+                out[i] = bool(np.all(e[(slice(None),) + tuple(slice(None) if x is None else x for x in c.index)]))
+        return out
+
+    def base_value(self) -> mx.array:
+        """The metric of the corrupted run itself."""
+        return _scalar(self.metric(self.corr.logits)).astype(mx.float32)
+
+    def run(self, cells: Sequence[Cell], skip_identical: bool = True) -> mx.array:
         """Metric value of each cell: float32 [len(cells)]."""
+        cells = list(cells)
+        if skip_identical and cells:
+            same = self.identical(cells)
+            if same.any():
+                todo = [c for c, s in zip(cells, same) if not s]
+                vals = self.run(todo, skip_identical=False) if todo else mx.zeros((0,))
+                out = np.full(len(cells), float(self.base_value()), dtype=np.float32)
+                out[~same] = np.array(vals)
+                return mx.array(out)
         model, cfg = self.model, self.model.cfg
         B, P = self.corr.tokens.shape
         infos = {c.name: hook_info(model, c.name) for c in cells}
@@ -232,7 +292,14 @@ class PatchEngine:
         max_cells = max(1, int(self.budget // _bytes_per_cell(cfg, B, P, n_pos, manual)))
         if self.bucket:
             max_cells = max(1, 1 << (max_cells.bit_length() - 1))
-        chunks = plan_chunks(items, cfg.n_layers, P, cfg, max_cells, self.reuse_kv)
+        # cells in the last layer are planned apart, so that the other chunks can run that layer for the
+        # metric's positions only (see _run_chunk)
+        last = [i for i, (l, _) in enumerate(items) if l == cfg.n_layers - 1]
+        rest = [i for i, (l, _) in enumerate(items) if l != cfg.n_layers - 1]
+        chunks = []
+        for group in (rest, last):
+            sub = plan_chunks([items[i] for i in group], cfg.n_layers, P, cfg, max_cells, self.reuse_kv)
+            chunks += [[group[k] for k in ch] for ch in sub]
         out = [None] * len(cells)
         with blas_threads(self.blas_threads):
             self._run_chunks(chunks, cells, items, infos, out)
@@ -251,6 +318,8 @@ class PatchEngine:
         B, P = corr.tokens.shape
         L = model.cfg.n_layers
         p0 = min(p for _, p in items) if self.reuse_kv else 0
+        if self.bucket:
+            p0 -= p0 % 8  # fewer distinct sequence lengths (MLX's CUDA graph cache)
         Pn = P - p0
         layers = [max(l, 0) for l, _ in items]
         n_total = len(cells)
@@ -300,6 +369,16 @@ class PatchEngine:
                     x = x + mx.where(mx.array(mask)[:, None], delta[None], 0.0)
             return x.reshape(((b - a) * B,) + base.shape[1:])
 
+        split_last = None
+        if isinstance(self.metric, Metric) and all(l < L - 1 for l in layers):
+            from ..components.block import TransformerBlock
+
+            blk = model.blocks[-1]
+            qs = self.metric.absolute_positions(P)
+            if (min(qs) >= p0 and type(blk)._attn is TransformerBlock._attn
+                    and type(blk).__call__ is TransformerBlock.__call__ and not blk.attn.needs_manual):
+                split_last = (min(qs), max(qs))
+
         x, n_real = None, 0
         with model.hooks(block_hooks):
             for j in range(layers[0], L):
@@ -315,9 +394,22 @@ class PatchEngine:
                                 corr.resid[j][:, p0:][None], (n_pad, B, Pn, x.shape[-1])).reshape(
                                 (n_pad * B, Pn, x.shape[-1]))], axis=0)
                 cache = _PrefixKV(corr.k[j][:, :, :p0], corr.v[j][:, :, :p0], p0) if p0 > 0 else None
-                x = model.blocks[j](x, "causal", cache)
+                if j == L - 1 and split_last is not None:
+                    x = self._last_layer(x, cache, p0, *split_last)
+                    p0 = split_last[0]
+                else:
+                    x = model.blocks[j](x, "causal", cache)
         x = x[: n_total * B]
         return self._metric(x, n_total, p0)
+
+    def _last_layer(self, x, cache, p0: int, q0: int, q1: int) -> mx.array:
+        """The last block for query positions q0..q1 only (the metric reads nothing else): keys and values of
+        every position come from this chunk's residual (MLX is lazy: the discarded full-width attention
+        output is never computed)."""
+        blk = self.model.blocks[-1]
+        kv = _CaptureKV(cache, p0)
+        blk.attn(blk.ln1(x) if blk.pre_norms else x, "causal", kv)
+        return blk(x[:, q0 - p0:q1 + 1 - p0], "causal", _FixedKV(kv.k[:, :, :q1 + 1], kv.v[:, :, :q1 + 1], q0))
 
     def _metric(self, x: mx.array, n: int, p0: int) -> mx.array:
         """x: final residual [n*B, P-p0, dm] -> metric per cell [n]."""

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .activation import as_tokens, clean_activations
 from .align import require_lengths
-from .engine import _scalar, blas_threads
+from .engine import _flops_per_token_layer, _scalar, blas_threads
 from .metrics import Metric
 
 _INPUTS = ("q", "k", "v")
@@ -72,7 +72,8 @@ def path_patch_sets(model, corrupted_tokens, clean_cache, metric, sender_sets: S
         stop = L
     out = []
     step = max(1, max_rows // B)
-    with blas_threads(1 if mx.default_device() == mx.cpu else None):
+    small = _flops_per_token_layer(cfg, 1) < 1e6
+    with blas_threads(1 if (mx.default_device() == mx.cpu and small) else None):
         for a in range(0, len(sender_sets), step):
             sets = sender_sets[a:a + step]
             out.append(_run(model, tokens, clean, corr, metric, sets, receivers, receiver_input, freeze_mlps, stop))

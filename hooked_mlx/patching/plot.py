@@ -68,6 +68,9 @@ def plot_patching(result, path: str | os.PathLike = "patching.png", labels: Sequ
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         plt.close(fig)
