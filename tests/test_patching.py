@@ -240,3 +240,39 @@ def test_mlxterp_example_3_into_4_tokens(stories):
                                     align="end")
     with pytest.raises(ValueError, match="align must be"):
         pt.get_act_patch_resid_pre(m, corrupted, cache, metric, align="middle")
+
+
+def test_embedding_hook_and_by_pos_every(setup):
+    s, m = setup, setup["m"]
+    emb = pt.generic_activation_patch(m, s["corrupted"], s["cache"], s["metric"], "hook_embed",
+                                      index_axis_names=["pos"])
+    assert emb.shape == (P,)
+    cells = [Cell("hook_embed", (p, None)) for p in range(P)]
+    np.testing.assert_allclose(np.array(emb), _loop(s, cells), atol=1e-5)
+    # with rotary positions the embedding is resid_pre of layer 0
+    np.testing.assert_allclose(np.array(emb), np.array(pt.get_act_patch_resid_pre(
+        m, s["corrupted"], s["cache"], s["metric"])[0]), atol=1e-5)
+    every = pt.get_act_patch_attn_head_by_pos_every(m, s["corrupted"], s["cache"], s["metric"])
+    L, H = m.cfg.n_layers, m.cfg.n_heads
+    assert every.shape == (5, L, P, H)
+    pat = pt.get_act_patch_attn_head_pattern_by_pos(m, s["corrupted"], s["cache"], s["metric"])
+    np.testing.assert_allclose(np.array(every[4]), np.array(pat.transpose(0, 2, 1)), atol=1e-6)
+
+
+def test_batch_of_prompts_with_per_prompt_positions(stories):
+    m = stories
+    mx.random.seed(11)
+    clean = mx.random.randint(3, m.cfg.d_vocab, (2, P)).astype(mx.int32)
+    corrupted = mx.array(clean)
+    corrupted[:, 4] = (clean[:, 4] + 17) % m.cfg.d_vocab
+    logits, cache = m.run_with_cache(clean)
+    top = [mx.argsort(-logits[0, -1])[:2].tolist(), mx.argsort(-logits[1, 6])[:2].tolist()]
+    metric = pt.LogitDiff([top[0][0], top[1][0]], [top[0][1], top[1][1]], pos=[-1, 6])  # per prompt
+    grid = pt.get_act_patch_resid_pre(m, corrupted, cache, metric)
+    loop = pt.get_act_patch_resid_pre(m, corrupted, cache, metric, batched=False)
+    np.testing.assert_allclose(np.array(grid), np.array(loop), atol=1e-5)
+    assert float(mx.abs(grid[:, 4] - grid[:, 0]).max()) > 1e-3
+    heads = pt.get_act_patch_attn_head_v_by_pos(m, corrupted, cache, metric)
+    cells = [Cell("blocks.2.attn.hook_v", (5, 1, None)), Cell("blocks.0.attn.hook_v", (4, 3, None))]
+    ref = run_cells_loop(m, corrupted, {c.name: cache[c.name] for c in cells}, cells, metric)
+    np.testing.assert_allclose([float(heads[2, 5, 1]), float(heads[0, 4, 3])], np.array(ref), atol=1e-5)
