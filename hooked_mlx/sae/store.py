@@ -369,12 +369,18 @@ class ActivationStore:
         return {h: np.concatenate(v, axis=0) for h, v in parts.items()}
 
     def iter_activations(self, chunk_tokens: int) -> Iterator[dict[str, np.ndarray]]:
-        """Unshuffled activations in corpus order, ``chunk_tokens`` rows at a time (harvest)."""
-        while True:
-            got = self._take(chunk_tokens)
-            if got is None:
-                return
-            yield got
+        """Unshuffled activations in corpus order, ``chunk_tokens`` rows at a time, until the corpus ends
+        (one pass: the corpus is not cycled here). Used by ``harvest``."""
+        cycle = self.contexts.cycle
+        self.contexts.cycle = False
+        try:
+            while True:
+                got = self._take(chunk_tokens)
+                if got is None:
+                    return
+                yield got
+        finally:
+            self.contexts.cycle = cycle
 
     def next_batch(self) -> dict[str, mx.array]:
         """A shuffled batch {hook: [B, d]} drawn from the buffer, whose slots are refilled with new tokens."""
@@ -412,7 +418,7 @@ class ActivationStore:
         arrays = {}
         if self.buffers is not None:
             for i, h in enumerate(self.hook_names):
-                arrays[f"buffer{i}"] = self.buffers[h][: self.filled]
+                arrays[f"buffer{i}"] = self.buffers[h][: self.filled].copy()
                 pend = [p[h] for p in self.pending]
                 if pend:
                     arrays[f"pending{i}"] = np.concatenate(pend, axis=0)
@@ -574,7 +580,6 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"harvest dtype {dtype!r} is invalid: allowed 'float32' or 'float16'.")
     store = ActivationStore(model, hooks, corpus, cfg, text_field=text_field)
-    store.contexts.cycle = False
     os.makedirs(out_dir, exist_ok=True)
     shards, written = [], 0
     bar = None
