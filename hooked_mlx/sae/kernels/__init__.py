@@ -11,6 +11,12 @@ from . import reference
 
 BACKENDS = {"reference": reference}
 
+# Fused CUDA / Metal kernels behind the same per-op functions, self-checked at first use with a pure-MLX
+# fallback (issue 7). ``fused.topk_sae_forward`` / ``fused.fused_adam_renorm`` are the fully fused path.
+from . import fused  # noqa: E402
+
+BACKENDS["fused"] = fused
+
 
 def get_backend(name: str = "reference"):
     if name not in BACKENDS:

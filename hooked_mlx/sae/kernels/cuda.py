@@ -20,6 +20,8 @@ The plain Adam for W_enc / b_enc / b_dec is MLX's compiled elementwise kernel (a
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from .fused import ReferenceOps
@@ -221,6 +223,63 @@ LATENT_GRADS = r"""
   }
 """
 
+LATENT_GRADS_V4 = r"""
+  // template: F, D (D % 4 == 0), HAS_ENC, TL; 64 threads x float4 = 256 d's, TL latents per block,
+  // two entries per iteration (independent loads in flight)
+  __shared__ float tile[TL][257];
+  const int f0 = blockIdx.x * TL;
+  const int d0 = blockIdx.y * 256;
+  const int t = threadIdx.x;
+  const int d = d0 + 4 * t;
+  for (int l = 0; l < TL; ++l) {
+    const int f = f0 + l;
+    float4 ad = make_float4(0.f, 0.f, 0.f, 0.f), ae = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (f < F && d < D) {
+      const int s = offsets[f], e = offsets[f + 1];
+      int q = s;
+      for (; q + 1 < e; q += 2) {
+        const float c0 = coef_dec[q], c1 = coef_dec[q + 1];
+        const float4 y0 = *reinterpret_cast<const float4*>(Y + (size_t)rows_dec[q] * D + d);
+        const float4 y1 = *reinterpret_cast<const float4*>(Y + (size_t)rows_dec[q + 1] * D + d);
+        ad.x += c0 * y0.x; ad.y += c0 * y0.y; ad.z += c0 * y0.z; ad.w += c0 * y0.w;
+        ad.x += c1 * y1.x; ad.y += c1 * y1.y; ad.z += c1 * y1.z; ad.w += c1 * y1.w;
+        if (HAS_ENC) {
+          const float e0 = coef_enc[q], e1 = coef_enc[q + 1];
+          const float4 x0 = *reinterpret_cast<const float4*>(X + (size_t)rows_enc[q] * D + d);
+          const float4 x1 = *reinterpret_cast<const float4*>(X + (size_t)rows_enc[q + 1] * D + d);
+          ae.x += e0 * x0.x; ae.y += e0 * x0.y; ae.z += e0 * x0.z; ae.w += e0 * x0.w;
+          ae.x += e1 * x1.x; ae.y += e1 * x1.y; ae.z += e1 * x1.z; ae.w += e1 * x1.w;
+        }
+      }
+      if (q < e) {
+        const float c0 = coef_dec[q];
+        const float4 y0 = *reinterpret_cast<const float4*>(Y + (size_t)rows_dec[q] * D + d);
+        ad.x += c0 * y0.x; ad.y += c0 * y0.y; ad.z += c0 * y0.z; ad.w += c0 * y0.w;
+        if (HAS_ENC) {
+          const float e0 = coef_enc[q];
+          const float4 x0 = *reinterpret_cast<const float4*>(X + (size_t)rows_enc[q] * D + d);
+          ae.x += e0 * x0.x; ae.y += e0 * x0.y; ae.z += e0 * x0.z; ae.w += e0 * x0.w;
+        }
+      }
+      *reinterpret_cast<float4*>(dW_dec + (size_t)f * D + d) = ad;
+    }
+    if (HAS_ENC) { tile[l][4 * t] = ae.x; tile[l][4 * t + 1] = ae.y; tile[l][4 * t + 2] = ae.z; tile[l][4 * t + 3] = ae.w; }
+  }
+  if (HAS_ENC) {
+    __syncthreads();
+    const int l = t % TL;
+    for (int dd = t / TL; dd < 256; dd += 64 / TL) {
+      if (f0 + l < F && d0 + dd < D) dW_enc[(size_t)(d0 + dd) * F + f0 + l] = tile[l][dd];
+    }
+    if (blockIdx.y == 0 && t < TL && f0 + t < F) {
+      const int f = f0 + t;
+      float sacc = 0.f;
+      for (int q = offsets[f]; q < offsets[f + 1]; ++q) sacc += coef_enc[q];
+      db_enc[f] = sacc;
+    }
+  }
+"""
+
 LATENT_GRADS_ATOMIC = r"""
   // template: F, D, HAS_ENC; one block per entry, threads over d; outputs zero-initialised
   const int q = blockIdx.x;
@@ -298,6 +357,10 @@ class CudaOps(ReferenceOps):
         self._gdot = _k("hk_gather_dot", ["dY", "idx", "W"], ["out"], GATHER_DOT)
         self._lg = _k("hk_latent_grads", ["offsets", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
                       ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS)
+        self._lg4 = _k("hk_latent_grads_v4", ["offsets", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
+                       ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS_V4)
+        # "v1": one d per thread, 32 latents per block; "v4": float4 per thread, 16 latents per block
+        self.lg_variant = os.environ.get("HOOKED_MLX_SAE_LG", "v1")
         self._lga = _k("hk_latent_grads_atomic", ["cols", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
                        ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS_ATOMIC)
         self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
@@ -375,10 +438,17 @@ class CudaOps(ReferenceOps):
         ins = [offsets, rows_dec.astype(mx.uint32)[order], rows_enc.astype(mx.uint32)[order], coef_dec[order],
                ce[order], Y, X]
         tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)]
-        grid = (((F + 31) // 32) * 256, (D + 255) // 256, 1)
         shapes = [(F, D), (D, F), (F,)] if has_enc else [(F, D), (1,), (1,)]
-        dW_dec, dW_enc, db_enc = self._lg(inputs=ins, template=tmpl, grid=grid, threadgroup=(256, 1, 1),
-                                          output_shapes=shapes, output_dtypes=[mx.float32] * 3)
+        if self.lg_variant == "v4" and D % 4 == 0:
+            TL = 16
+            dW_dec, dW_enc, db_enc = self._lg4(inputs=ins, template=tmpl + [("TL", TL)],
+                                               grid=(((F + TL - 1) // TL) * 64, (D + 255) // 256, 1),
+                                               threadgroup=(64, 1, 1), output_shapes=shapes,
+                                               output_dtypes=[mx.float32] * 3)
+        else:
+            grid = (((F + 31) // 32) * 256, (D + 255) // 256, 1)
+            dW_dec, dW_enc, db_enc = self._lg(inputs=ins, template=tmpl, grid=grid, threadgroup=(256, 1, 1),
+                                              output_shapes=shapes, output_dtypes=[mx.float32] * 3)
         return (dW_dec, dW_enc, db_enc) if has_enc else (dW_dec, None, None)
 
     # -- optimizer ------------------------------------------------------------------------------------------

@@ -76,12 +76,13 @@ class ReferenceOps:
     matmul_dtype = None  # None: the inputs' dtype (float32)
 
     # encoder ---------------------------------------------------------------------------------------
-    def pre(self, xc: mx.array, W_enc: mx.array, b_enc: mx.array) -> mx.array:
-        """Pre-activations [B,F] = xc @ W_enc + b_enc."""
+    def pre(self, xc: mx.array, W_enc: mx.array, b_enc: mx.array, W_lowp: mx.array | None = None) -> mx.array:
+        """Pre-activations [B,F] = xc @ W_enc + b_enc (``W_lowp``: a ready low-precision copy of W_enc)."""
         if self.matmul_dtype is None:
             return xc @ W_enc + b_enc
         dt = self.matmul_dtype
-        return mx.addmm(b_enc.astype(dt), xc.astype(dt), W_enc.astype(dt))
+        W = W_lowp if W_lowp is not None and W_lowp.size else W_enc.astype(dt)
+        return mx.addmm(b_enc.astype(dt), xc.astype(dt), W)
 
     def row_topk(self, pre: mx.array, k: int, dead: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """(relu of the k largest pre per row [B,k] float32, their indices [B,k] uint32), any order.
@@ -146,16 +147,34 @@ class ReferenceOps:
             W = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + renorm_eps)
         return W, m, v
 
-    def adam(self, p, g, m, v, hp):
-        return _adam_elementwise(p, g, m, v, hp)
+    def adam(self, p, g, m, v, hp, lowp_dtype=None):
+        if lowp_dtype is None:
+            return _adam_elementwise(p, g, m, v, hp)
+        return _adam_elementwise_lowp(p, g, m, v, hp, lowp_dtype)
 
 
-@mx.compile
-def _adam_elementwise(p, g, m, v, hp):
+def _adam_math(p, g, m, v, hp):
     b1, ob1, b2, ob2, eps, c1, c2 = hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
     m = b1 * m + ob1 * g
     v = b2 * v + ob2 * mx.square(g)
     return p - (c1 * m) / (mx.sqrt(v) * c2 + eps), m, v
+
+
+_adam_elementwise = mx.compile(_adam_math)
+
+
+@lru_cache(maxsize=None)
+def _adam_lowp_fn(dtype):
+    def fn(p, g, m, v, hp):
+        p, m, v = _adam_math(p, g, m, v, hp)
+        return p, m, v, p.astype(dtype)
+
+    return mx.compile(fn)
+
+
+def _adam_elementwise_lowp(p, g, m, v, hp, dtype):
+    """Adam plus the low-precision copy of the new parameter, in the same (compiled, fused) pass."""
+    return _adam_lowp_fn(dtype)(p, g, m, v, hp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,9 +378,9 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
         return x - b_dec if apply_b_dec else x
 
     @mx.custom_function
-    def fwd(x, W_enc, b_enc, W_dec, b_dec, dead):
+    def fwd(x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp):
         xc = xc_of(x, b_dec)
-        pre = ops.pre(xc, W_enc, b_enc)
+        pre = ops.pre(xc, W_enc, b_enc, W_lowp)
         vals, idx = ops.row_topk(pre, k)
         x_hat = ops.decode(vals, idx, W_dec) + b_dec
         if not aux:
@@ -372,7 +391,7 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
 
     @fwd.vjp
     def fwd_vjp(primals, cotangents, outputs):
-        x, W_enc, b_enc, W_dec, b_dec, dead = primals
+        x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp = primals
         B, D = x.shape
         F = W_dec.shape[0]
         xc = xc_of(x, b_dec)
@@ -404,17 +423,19 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
             dxc = dxc + ops.enc_rows_sum(dprea, aidx, W_enc)
         if apply_b_dec:
             db_dec = db_dec - W_enc @ db_enc
-        return dxc, dW_enc, db_enc, dW_dec, db_dec, mx.zeros_like(dead)
+        return dxc, dW_enc, db_enc, dW_dec, db_dec, mx.zeros_like(dead), mx.zeros_like(W_lowp)
 
     return fwd
 
 
 def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
-                     apply_b_dec_to_input: bool = True, deterministic: bool = True, ops=None) -> TopKOut:
+                     apply_b_dec_to_input: bool = True, deterministic: bool = True, W_enc_lowp=None,
+                     ops=None) -> TopKOut:
     """Fused TopK SAE forward (see the module docstring). x [B,D] float32.
 
     ``dead`` [F] bool/float (nonzero = dead) with ``k_aux`` > 0 turns on the AuxK outputs; k_aux is
-    clipped to F. ``ops``: a back-end name or ops object (default: the self-checked best).
+    clipped to F. ``W_enc_lowp``: the bf16 copy of W_enc that ``adam(..., lowp_copy=True)`` produced in the
+    same pass as the update (saves a cast pass per step; GPU back ends only). ``ops``: a back-end name or ops object (default: the self-checked best).
     """
     ops = _resolve(ops)
     B, D = x.shape
@@ -426,16 +447,17 @@ def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: in
     ka = 0 if (dead is None or not k_aux) else min(int(k_aux), F)
     d = mx.zeros((F,), mx.float32) if dead is None else dead.astype(mx.float32)
     fn = _topk_fn(ops, int(k), ka, bool(apply_b_dec_to_input), bool(deterministic))
-    return TopKOut(*fn(x, W_enc, b_enc, W_dec, b_dec, d))
+    wl = W_enc_lowp if (W_enc_lowp is not None and ops.matmul_dtype is not None) else mx.zeros((0,), mx.bfloat16)
+    return TopKOut(*fn(x, W_enc, b_enc, W_dec, b_dec, d, wl))
 
 
 def topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux=None, aux_coef: float = 1.0, *,
-                  ops=None):
+                  W_enc_lowp=None, ops=None):
     """sparsify-style FVU loss (+ AuxK, scaled by min(n_dead/k_aux, 1)) with the fused forward.
 
     Returns (loss, (fvu, aux, out)). Used by the benchmark and the device test.
     """
-    out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, ops=ops)
+    out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, W_enc_lowp=W_enc_lowp, ops=ops)
     tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
     e = x - out.x_hat
     fvu = mx.sum(mx.square(e)) / tv
@@ -505,10 +527,14 @@ def fused_adam_renorm(W_dec, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8,
     return ops.adam_rows(W_dec, g, m, v, hp, bool(remove_parallel), bool(renorm), float(renorm_eps))
 
 
-def adam(p, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8, ops=None):
-    """Plain fused Adam (MLX formula, bias correction): returns (p, m, v)."""
+def adam(p, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8, lowp_copy=False, ops=None):
+    """Plain fused Adam (MLX formula, bias correction): returns (p, m, v), plus the back end's
+    low-precision copy of the new p (for ``topk_sae_forward(W_enc_lowp=...)``) when ``lowp_copy``."""
     ops = _resolve(ops)
-    return ops.adam(p, g, m, v, _hparams(lr, betas[0], betas[1], eps, step))
+    hp = _hparams(lr, betas[0], betas[1], eps, step)
+    if lowp_copy:
+        return ops.adam(p, g, m, v, hp, ops.matmul_dtype or p.dtype)
+    return ops.adam(p, g, m, v, hp)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,431 @@
+"""TopK-SAE training step, same process and GPU: hooked_mlx fused vs hooked_mlx reference vs EleutherAI sparsify.
+
+One step = forward, FVU loss, backward, removal of the decoder-parallel gradient, Adam (bias-corrected,
+lr 2e-4/sqrt(F/2^14) as sparsify's trainer), decoder rows renormalised. sparsify's step is exactly its
+trainer's: forward under its bf16 autocast, ``fvu.backward()``,
+``remove_gradient_parallel_to_decoder_directions()``, Adam step, ``set_decoder_norm_to_unit_norm()``.
+
+* ``fused``     : ``hooked_mlx.sae.kernels.fused`` (``topk_sae_loss`` custom-VJP forward/backward, compiled;
+                  ``fused_adam_renorm`` for W_dec, fused elementwise Adam for the rest).
+* ``reference`` : the trainer's pure-MLX path (reference.py: fp32 encoder, ``argpartition`` top-k, gathered
+                  decode, MLX autodiff; parallel removal, ``optim.Adam``, renorm; one ``mx.compile``-d step
+                  with the state as inputs/outputs, like ``SAETrainer``).
+* ``sparsify``  : eai-sparsify 1.3.x ``SparseCoder`` (PyTorch + Triton), imported without its trainer
+                  (a package stub, so ``datasets`` is not needed).
+
+Usage (GPU machine): ``python benchmarks/sae_kernels.py --shapes S1,S2 --out benchmarks/results/x.json``
+Prints ms/step, tokens/s, peak memory (MLX: ``mx.get_peak_memory``; torch: ``max_memory_allocated``)
+and the ratios against sparsify measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from functools import partial
+
+import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels import reference as R
+
+SHAPES = {
+    "S1": dict(D=2048, F=32768, B=4096, K=64),
+    "S2": dict(D=4096, F=131072, B=4096, K=128),
+    "small": dict(D=512, F=8192, B=2048, K=32),
+}
+GOALS = {"S1": 650_000, "S2": 125_000}
+
+
+def lr_for(F):
+    return 2e-4 / math.sqrt(F / 2**14)
+
+
+def init_params(D, F, seed=0):
+    """sparsify-like init: W_enc ~ U(+-1/sqrt(D)) (nn.Linear), W_dec = unit-norm rows of W_enc^T, zero biases."""
+    k = mx.random.key(seed)
+    W_enc = mx.random.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, F), key=k)
+    W_dec = W_enc.T / mx.linalg.norm(W_enc.T, axis=-1, keepdims=True)
+    return {"W_enc": W_enc, "b_enc": mx.zeros((F,)), "W_dec": mx.array(W_dec), "b_dec": mx.zeros((D,))}
+
+
+def make_data(B, D, n=2, seed=1):
+    ks = mx.random.split(mx.random.key(seed), n)
+    return [mx.random.normal((B, D), key=kk) for kk in ks]
+
+
+# ---------------------------------------------------------------------------------------------------
+# hooked_mlx fused step
+# ---------------------------------------------------------------------------------------------------
+
+
+class FusedStep:
+    """Fused TopK step: compiled custom-VJP forward/backward, then the fused optimizer passes."""
+
+    def __init__(self, params, k, lr, betas=(0.9, 0.999), eps=1e-8, ops=None, low_memory=None):
+        ops = FU._resolve(ops)  # choose (and self-check) the back end before tracing the compiled step
+        nbytes = sum(p.nbytes for p in params.values())
+        # low_memory: evaluate the gradients first, then each parameter's update on its own, so the old and
+        # new (p, m, v) of only one parameter coexist (a custom kernel cannot update in place). Costs two
+        # extra synchronisations per step; on by default above 4 GB of parameters.
+        self.low_memory = nbytes > 4e9 if low_memory is None else bool(low_memory)
+        self.params = dict(params)
+        self.state = {n: (mx.zeros_like(p), mx.zeros_like(p)) for n, p in params.items()}
+        self.k, self.lr, self.betas, self.eps, self.ops = k, lr, betas, eps, ops
+        self.t = 0
+
+        self.lowp = ops.matmul_dtype is not None  # keep W_enc's bf16 copy from the Adam pass
+        self.W_lowp = params["W_enc"].astype(ops.matmul_dtype) if self.lowp else mx.zeros((0,), mx.bfloat16)
+
+        def loss(params, x, W_lowp):
+            l, (fvu, aux, out) = FU.topk_sae_loss(x, params["W_enc"], params["b_enc"], params["W_dec"],
+                                                  params["b_dec"], k, W_enc_lowp=W_lowp, ops=ops)
+            return l
+
+        self.grad_fn = mx.compile(mx.value_and_grad(loss))
+        mx.eval(self.params, self.state, self.W_lowp)
+
+    def __call__(self, x):
+        self.t += 1
+        loss, g = self.grad_fn(self.params, x, self.W_lowp)
+        if self.low_memory:
+            mx.eval(loss, g)
+        p, s = self.params, self.state
+        new_p, new_s = {}, {}
+        W, m, v = FU.fused_adam_renorm(p["W_dec"], g["W_dec"], *s["W_dec"], lr=self.lr, step=self.t,
+                                       betas=self.betas, eps=self.eps, ops=self.ops)
+        new_p["W_dec"], new_s["W_dec"] = W, (m, v)
+        if self.low_memory:
+            del p["W_dec"], s["W_dec"], g["W_dec"]
+            mx.eval(W, m, v)
+        for n in ("W_enc", "b_enc", "b_dec"):
+            if n == "W_enc" and self.lowp:
+                q, m, v, self.W_lowp = FU.adam(p[n], g[n], *s[n], lr=self.lr, step=self.t, betas=self.betas,
+                                               eps=self.eps, lowp_copy=True, ops=self.ops)
+            else:
+                q, m, v = FU.adam(p[n], g[n], *s[n], lr=self.lr, step=self.t, betas=self.betas, eps=self.eps,
+                                  ops=self.ops)
+            new_p[n], new_s[n] = q, (m, v)
+        del p, s, g
+        self.params, self.state = new_p, new_s
+        mx.eval(loss, self.params, self.state, self.W_lowp)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# hooked_mlx reference step (the trainer's math on reference.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Params(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        for n, p in params.items():
+            setattr(self, n, p)
+
+
+class ReferenceStep:
+    def __init__(self, params, k, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.model = model = _Params(params)
+        self.opt = opt = optim.Adam(learning_rate=lr, betas=list(betas), eps=eps, bias_correction=True)
+        opt.init(model.trainable_parameters())
+        mx.eval(model.parameters(), opt.state)
+
+        def loss_fn(x):
+            pre = R.encode_pre(x, model.W_enc, model.b_enc, model.b_dec)
+            vals, idx = R.topk_select(pre, k)
+            x_hat = R.topk_decode(vals, idx, model.W_dec, model.b_dec)
+            tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
+            return mx.sum(mx.square(x - x_hat)) / tv
+
+        lg = nn.value_and_grad(model, loss_fn)
+        state = [model.state, opt.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(x):
+            loss, g = lg(x)
+            W = model.W_dec
+            g["W_dec"] = g["W_dec"] - mx.sum(g["W_dec"] * W, axis=-1, keepdims=True) * W
+            opt.update(model, g)
+            W = model.W_dec
+            model.W_dec = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + 1e-8)
+            return loss
+
+        self._step = step
+
+    @property
+    def params(self):
+        return dict(self.model.parameters())
+
+    def __call__(self, x):
+        loss = self._step(x)
+        mx.eval(loss, self.model.parameters(), self.opt.state)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparsify
+# ---------------------------------------------------------------------------------------------------
+
+
+def import_sparsify():
+    """sparsify.sparse_coder and sparsify.config without sparsify/__init__ (which imports `datasets`)."""
+    import importlib.util
+    import types
+
+    if "sparsify" not in sys.modules:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("eai-sparsify is not installed (pip install eai-sparsify==1.3.*).")
+        stub = types.ModuleType("sparsify")
+        stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules["sparsify"] = stub
+    import sparsify.config as cfg  # noqa: PLC0415
+    import sparsify.sparse_coder as sc  # noqa: PLC0415
+
+    version = "?"
+    try:
+        from importlib.metadata import version as _v  # noqa: PLC0415
+
+        version = _v("eai-sparsify")
+    except Exception:  # noqa: BLE001
+        pass
+    return sc, cfg, version
+
+
+def bench_sparsify(shape, steps, warmup):
+    import torch  # noqa: PLC0415
+
+    sc, cfg, version = import_sparsify()
+    D, F, B, K = shape["D"], shape["F"], shape["B"], shape["K"]
+    torch.manual_seed(0)
+    dev = "cuda"
+    sae = sc.SparseCoder(D, cfg.SparseCoderConfig(num_latents=F, k=K), device=dev, dtype=torch.float32)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr_for(F))
+    xs = [torch.randn(B, D, device=dev) for _ in range(2)]
+
+    def step(x):
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        return out.fvu
+
+    for i in range(warmup):
+        step(xs[i % 2])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(xs[i % 2])
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated()
+    res = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=peak / 1e9, loss=float(loss), version=version,
+               torch=torch.__version__, decoder_impl=getattr(sc, "decoder_impl").__name__)
+    del sae, opt, xs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def pick_lg_variant(shape, reps=5):
+    """Time the two segmented latent-gradient kernels on this shape (after checking they agree) and keep
+    the faster one on the CUDA ops object. Returns {variant: ms} and the choice."""
+    ops = FU.get_ops()
+    if not hasattr(ops, "lg_variant"):
+        return None
+    D, F, B, K = shape["D"], shape["F"], shape["B"], shape["K"]
+    x, dY = make_data(B, D, 2, seed=4)
+    idx = mx.random.randint(0, F, (B, K)).astype(mx.uint32)
+    vals = mx.random.uniform(shape=(B, K))
+    cols, rows = idx.reshape(-1), mx.repeat(mx.arange(B, dtype=mx.uint32), K)
+    args = (cols, rows, rows, vals.reshape(-1), vals.reshape(-1) * 0.5, dY, x, F, True)
+    times, outs = {}, {}
+    for variant in ("v1", "v4"):
+        outs[variant] = _with_variant(ops, variant, lambda: ops.latent_grads(*args))
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            _with_variant(ops, variant, lambda: ops.latent_grads(*args))
+        mx.synchronize()
+        times[variant] = (time.perf_counter() - t0) / reps * 1e3
+    agree = all(mx.allclose(a, b, rtol=1e-5, atol=1e-6).item() for a, b in zip(outs["v1"], outs["v4"]))
+    choice = min(times, key=times.get) if agree else "v1"
+    ops.lg_variant = choice
+    return {"ms": times, "agree": agree, "choice": choice}
+
+
+def bench_mlx(kind, shape, steps, warmup):
+    D, F, B, K = shape["D"], shape["F"], shape["B"], shape["K"]
+    mx.clear_cache()
+    tuned = pick_lg_variant(shape) if kind == "fused" else None
+    params = init_params(D, F)
+    xs = make_data(B, D)
+    mx.eval(params, xs)
+    step = FusedStep(params, K, lr_for(F)) if kind == "fused" else ReferenceStep(params, K, lr_for(F))
+    del params
+    for i in range(warmup):
+        step(xs[i % 2])
+    mx.synchronize()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(xs[i % 2])
+    mx.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    res = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=mx.get_peak_memory() / 1e9, loss=loss.item())
+    if kind == "fused":
+        res["backend"] = FU.backend()
+        res["latent_grads_variant"] = tuned
+        res["low_memory_optimizer"] = step.low_memory
+    del step, xs
+    gc.collect()
+    mx.clear_cache()
+    return res
+
+
+def _with_variant(ops, variant, fn):
+    old = getattr(ops, "lg_variant", None)
+    ops.lg_variant = variant
+    try:
+        out = fn()
+        mx.eval(out)
+        return out
+    finally:
+        ops.lg_variant = old
+
+
+def profile(shape, reps=10):
+    """Milliseconds of each piece of the fused step at this shape (each evaluated on its own)."""
+    ops = FU.get_ops()
+    D, F, B, K = shape["D"], shape["F"], shape["B"], shape["K"]
+    p = init_params(D, F)
+    x = make_data(B, D, 1)[0]
+    W16 = p["W_enc"].astype(ops.matmul_dtype or mx.float32)
+    pre = ops.pre(x, p["W_enc"], p["b_enc"], W16)
+    vals, idx = ops.row_topk(pre, K)
+    dY = make_data(B, D, 1, seed=3)[0]
+    cols = idx.reshape(-1)
+    rows = mx.repeat(mx.arange(B, dtype=mx.uint32), K)
+    ce = vals.reshape(-1) * 0.5
+    g = mx.random.normal(p["W_dec"].shape)
+    m, v = g * 0.1, mx.abs(g) * 0.01
+    hp = FU._hparams(1e-4, 0.9, 0.999, 1e-8, 3)
+    db = mx.random.normal((F,))
+    mx.eval(p, x, W16, pre, vals, idx, dY, g, m, v, hp, db)
+    step = FusedStep(p, K, 1e-4)
+    items = {
+        "encoder matmul bf16 (addmm)": lambda: ops.pre(x, p["W_enc"], p["b_enc"], W16),
+        "W_enc -> bf16 cast": lambda: p["W_enc"].astype(mx.bfloat16),
+        "row top-k select (radix)": lambda: ops.row_topk(pre, K),
+        "mx.argpartition top-k (for comparison)": lambda: mx.argpartition(pre, F - K, axis=-1)[:, F - K:],
+        "sparse decode": lambda: ops.decode(vals, idx, p["W_dec"]),
+        "gathered dot products": lambda: ops.gather_dot(dY, idx, p["W_dec"]),
+        "latent grads (segmented, incl. sort)": lambda: ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY,
+                                                                          x, F, True),
+        "argsort of the entry keys (latent grads prep)": lambda: mx.argsort(cols * B + rows),
+        "latent grads v4 (segmented, float4)": lambda: _with_variant(ops, "v4", lambda: ops.latent_grads(
+            cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)),
+        "latent grads (atomic scatter-add)": lambda: ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x,
+                                                                       F, False),
+        "W_enc @ db_enc (b_dec share)": lambda: p["W_enc"] @ db,
+        "fused Adam+proj+renorm W_dec": lambda: ops.adam_rows(p["W_dec"], g, m, v, hp, True, True, 1e-8),
+        "fused Adam W_enc (+bf16 copy)": lambda: ops.adam(p["W_enc"], g.T, m.T, v.T, hp, mx.bfloat16),
+        "forward+backward (compiled)": lambda: step.grad_fn(step.params, x, step.W_lowp),
+        "whole fused step": lambda: step(x),
+    }
+    out = {}
+    for name, fn in items.items():
+        for _ in range(2):
+            mx.eval(fn())
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn())
+        mx.synchronize()
+        out[name] = (time.perf_counter() - t0) / reps * 1e3
+        print(f"  {name:42s} {out[name]:8.3f} ms", flush=True)
+    del step
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="S1,S2")
+    ap.add_argument("--impls", default="fused,reference,sparsify")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--profile", action="store_true", help="also time each piece of the fused step")
+    a = ap.parse_args(argv)
+    impls = a.impls.split(",")
+    device = "cpu"
+    try:
+        if mx.cuda.is_available():
+            import subprocess  # noqa: PLC0415
+
+            device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                    text=True).stdout.strip() or "cuda"
+    except Exception:  # noqa: BLE001
+        pass
+    meta = dict(device=device, mlx=mx.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+                steps=a.steps, warmup=a.warmup, tf32=os.environ.get("MLX_ENABLE_TF32", "1 (default)"))
+    results = {"meta": meta, "shapes": {}}
+    print(json.dumps(meta))
+    for name in a.shapes.split(","):
+        shape = SHAPES[name]
+        row = {"shape": shape}
+        if a.profile:
+            print(f"{name} profile of the fused step ({FU.backend()} back end):")
+            row["profile_ms"] = profile(shape)
+        for impl in impls:
+            try:
+                r = bench_sparsify(shape, a.steps, a.warmup) if impl == "sparsify" else \
+                    bench_mlx(impl, shape, a.steps, a.warmup)
+            except Exception as e:  # noqa: BLE001 - record and go on to the next implementation
+                r = {"error": f"{type(e).__name__}: {e}"}
+            row[impl] = r
+            print(f"{name} {impl:9s} " + (f"{r['ms']:8.2f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
+                                          f"peak {r['peak_gb']:6.2f} GB  loss {r['loss']:.4f}" if "ms" in r
+                                          else r["error"]), flush=True)
+        base = row.get("sparsify", {})
+        for impl in impls:
+            r = row[impl]
+            if "ms" in r and "ms" in base:
+                r["speedup_vs_sparsify"] = base["ms"] / r["ms"]
+                r["memory_vs_sparsify"] = r["peak_gb"] / base["peak_gb"]
+        if "ms" in row.get("fused", {}) and "ms" in row.get("reference", {}):
+            row["fused"]["speedup_vs_reference"] = row["reference"]["ms"] / row["fused"]["ms"]
+        if name in GOALS and "ms" in row.get("fused", {}):
+            f = row["fused"]
+            row["goal"] = dict(tokens_per_s=GOALS[name], reached=f["tokens_per_s"] >= GOALS[name],
+                               memory_le_sparsify=("peak_gb" in base and f["peak_gb"] <= base["peak_gb"]))
+        results["shapes"][name] = row
+        print(f"{name} ratios: " + json.dumps({i: {k: round(v, 3) for k, v in row[i].items()
+                                                   if k.endswith(("sparsify", "reference"))} for i in impls}),
+              flush=True)
+        if a.out:  # after every shape, atomically
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            tmp = a.out + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(results, fh, indent=1)
+            os.replace(tmp, a.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

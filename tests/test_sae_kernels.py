@@ -1,0 +1,240 @@
+"""Fused SAE kernels (hooked_mlx.sae.kernels.fused): the pure-MLX fallback equals the dense reference.
+
+Outputs and every gradient (x, W_enc, b_enc, W_dec, b_dec) in float32 to <= 1e-5 relative, for TopK
+and BatchTopK, AuxK on and off; the fused optimizer pass equals the trainer's separate steps (MLX Adam);
+a broken GPU back end is caught by the self-check and replaced by the reference with a warning.
+The CUDA kernels themselves are checked on the GPU machine by tests/gpu/sae_kernels_device.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+import mlx.optimizers as optim
+import pytest
+
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels import reference as R
+
+B, D, F, K, K_AUX = 16, 32, 256, 8, 24
+
+
+def _problem(seed=0, n_dead=100):
+    ks = mx.random.split(mx.random.key(seed), 6)
+    x = mx.random.normal((B, D), key=ks[0]) + 0.5
+    W_dec = mx.random.normal((F, D), key=ks[1])
+    W_dec = W_dec / mx.linalg.norm(W_dec, axis=-1, keepdims=True)
+    W_enc = mx.array(W_dec.T) + 0.05 * mx.random.normal((D, F), key=ks[2])
+    b_enc = 0.1 * mx.random.normal((F,), key=ks[3])
+    b_dec = 0.2 * mx.random.normal((D,), key=ks[4])
+    dead = mx.zeros((F,), mx.bool_).at[mx.random.permutation(F, key=ks[5])[:n_dead]].add(True)
+    return x, W_enc, b_enc, W_dec, b_dec, dead
+
+
+def _rel_close(a, b, tol=1e-5):
+    a, b = mx.array(a).astype(mx.float32), mx.array(b).astype(mx.float32)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    scale = max(mx.max(mx.abs(b)).item(), 1e-30)
+    err = mx.max(mx.abs(a - b)).item()
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x {scale:.3g}"
+
+
+def _dense_topk_loss(x, W_enc, b_enc, W_dec, b_dec, dead, k, k_aux, aux_on):
+    """The dense reference (reference.py + dense decode): sparsify's FVU + scaled AuxK."""
+    pre = R.encode_pre(x, W_enc, b_enc, b_dec)
+    vals, idx = R.topk_select(pre, k)
+    f = mx.put_along_axis(mx.zeros_like(pre), idx, vals, axis=-1)
+    x_hat = R.dense_decode(f, W_dec, b_dec)
+    tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
+    e = x - x_hat
+    loss = mx.sum(mx.square(e)) / tv
+    if aux_on:
+        pd = mx.where(dead, pre, -mx.inf)
+        av, ai = R.topk_select(pd, k_aux)
+        fa = mx.put_along_axis(mx.zeros_like(pre), ai, av, axis=-1)
+        e_hat = fa @ W_dec
+        scale = mx.minimum(mx.sum(dead.astype(mx.float32)) / k_aux, 1.0)
+        loss = loss + scale * mx.sum(mx.square(e_hat - mx.stop_gradient(e))) / tv
+    return loss, x_hat
+
+
+@pytest.mark.parametrize("aux_on", [False, True])
+@pytest.mark.parametrize("n_dead", [100, 5])  # 5 < k_aux: the AuxK pick includes -inf (value-0) entries
+def test_topk_fused_fallback_equals_dense_reference(aux_on, n_dead):
+    if not aux_on and n_dead == 5:
+        pytest.skip("dead count only matters with AuxK")
+    x, W_enc, b_enc, W_dec, b_dec, dead = _problem(1, n_dead)
+    args = (x, W_enc, b_enc, W_dec, b_dec)
+    ops = FU.ReferenceOps()
+
+    def fused_loss(x, W_enc, b_enc, W_dec, b_dec):
+        loss, (_, _, out) = FU.topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, K, dead if aux_on else None,
+                                             K_AUX if aux_on else None, ops=ops)
+        return loss, out.x_hat
+
+    def dense_loss(x, W_enc, b_enc, W_dec, b_dec):
+        return _dense_topk_loss(x, W_enc, b_enc, W_dec, b_dec, dead, K, K_AUX, aux_on)
+
+    (lf, xf), gf = mx.value_and_grad(fused_loss, argnums=(0, 1, 2, 3, 4))(*args)
+    (ld, xd), gd = mx.value_and_grad(dense_loss, argnums=(0, 1, 2, 3, 4))(*args)
+    _rel_close(lf, ld)
+    _rel_close(xf, xd)
+    for name, a, b in zip(("dx", "dW_enc", "db_enc", "dW_dec", "db_dec"), gf, gd):
+        assert mx.max(mx.abs(b)).item() > 0, name  # every gradient is exercised
+        _rel_close(a, b), name
+    # sparse structure: the encoder gradient lives only on the kept latents
+    out = FU.topk_sae_forward(*args, K, dead if aux_on else None, K_AUX if aux_on else None, ops=ops)
+    kept = mx.zeros((F,), mx.bool_).at[out.idx.reshape(-1).astype(mx.int32)].add(True)
+    if aux_on:
+        kept = kept | mx.zeros((F,), mx.bool_).at[out.aux_idx.reshape(-1).astype(mx.int32)].add(True)
+    assert mx.all(mx.where(kept[None, :], True, gf[1] == 0)).item()
+
+
+def test_topk_fused_inside_compiled_step_and_unused_cotangents():
+    x, W_enc, b_enc, W_dec, b_dec, dead = _problem(2)
+    ops = FU.ReferenceOps()
+    C = mx.random.normal((B, D), key=mx.random.key(7))
+
+    def f(W_enc, b_enc, W_dec, b_dec):
+        out = FU.topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, K, ops=ops)
+        return mx.sum(out.x_hat * C) + mx.sum(out.vals * 0.5)  # a cotangent on vals too
+
+    def g(W_enc, b_enc, W_dec, b_dec):
+        pre = R.encode_pre(x, W_enc, b_enc, b_dec)
+        vals, idx = R.topk_select(pre, K)
+        return mx.sum(R.sparse_decode(vals, idx, W_dec, b_dec) * C) + mx.sum(vals * 0.5)
+
+    got = mx.compile(mx.grad(f, argnums=(0, 1, 2, 3)))(W_enc, b_enc, W_dec, b_dec)
+    want = mx.grad(g, argnums=(0, 1, 2, 3))(W_enc, b_enc, W_dec, b_dec)
+    for a, b in zip(got, want):
+        _rel_close(a, b)
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties_at_zero"])
+def test_batchtopk_radix_threshold_and_grads(case):
+    x, W_enc, b_enc, W_dec, b_dec, _ = _problem(3)
+    if case == "ties_at_zero":
+        b_enc = b_enc - 3.0  # fewer than k*B positive entries: the cut is 0 and ties keep every zero
+    pre = R.encode_pre(x, W_enc, b_enc, b_dec)
+    acts = mx.maximum(pre, 0)
+    cut = FU.batchtopk_threshold(pre, K, ops=FU.ReferenceOps())
+    _, cut_ref = R.batchtopk_mask(acts, K)
+    assert cut.item() == cut_ref.item()
+    if case == "ties_at_zero":
+        assert cut.item() == 0.0
+    else:
+        assert mx.sum(acts >= cut).item() == K * B
+    # random values including negatives / exact ties of large magnitude
+    v = mx.round(mx.random.normal((64, 100), key=mx.random.key(4)) * 4) / 4
+    c = FU.batchtopk_threshold(v, 3, ops=FU.ReferenceOps())
+    assert c.item() == R.batchtopk_mask(mx.maximum(v, 0), 3)[1].item()
+
+    def loss(fn, W_enc, b_enc, W_dec, b_dec):
+        p = R.encode_pre(x, W_enc, b_enc, b_dec)
+        f, _ = fn(mx.maximum(p, 0), K)
+        return mx.sum(mx.square(R.dense_decode(f, W_dec, b_dec) - x))
+
+    la, ga = mx.value_and_grad(lambda *a: loss(FU.batchtopk_mask, *a), argnums=(0, 1, 2, 3))(
+        W_enc, b_enc, W_dec, b_dec)
+    lb, gb = mx.value_and_grad(lambda *a: loss(R.batchtopk_mask, *a), argnums=(0, 1, 2, 3))(
+        W_enc, b_enc, W_dec, b_dec)
+    _rel_close(la, lb)
+    for a, b in zip(ga, gb):
+        _rel_close(a, b)
+
+
+def test_fused_adam_renorm_equals_trainer_sequence():
+    _, W_enc, b_enc, W_dec, _, _ = _problem(5)
+    params = {"W_dec": W_dec, "W_enc": W_enc, "b_enc": b_enc}
+    opt = optim.Adam(learning_rate=1e-2, betas=[0.9, 0.999], eps=1e-8, bias_correction=True)
+    opt.init(params)
+    mine = {k: (v, mx.zeros_like(v), mx.zeros_like(v)) for k, v in params.items()}
+    ops = FU.ReferenceOps()
+    for step in range(1, 4):
+        ks = mx.random.split(mx.random.key(10 + step), 3)
+        grads = {k: mx.random.normal(v.shape, key=kk) for (k, v), kk in zip(params.items(), ks)}
+        # trainer: project, Adam, renorm (three passes)
+        g = dict(grads)
+        W = params["W_dec"]
+        g["W_dec"] = g["W_dec"] - mx.sum(g["W_dec"] * W, axis=-1, keepdims=True) * W
+        params = opt.apply_gradients(g, params)
+        params["W_dec"] = params["W_dec"] / (mx.linalg.norm(params["W_dec"], axis=-1, keepdims=True) + 1e-8)
+        # fused: one pass for W_dec, plain fused Adam for the rest
+        mine["W_dec"] = FU.fused_adam_renorm(*mine["W_dec"][:1], grads["W_dec"], *mine["W_dec"][1:], lr=1e-2,
+                                             step=step, ops=ops)
+        for k in ("W_enc", "b_enc"):
+            p, m, v = mine[k]
+            mine[k] = FU.adam(p, grads[k], m, v, lr=1e-2, step=step, ops=ops)
+    for k in params:
+        _rel_close(mine[k][0], params[k])
+        _rel_close(mine[k][1], opt.state[k]["m"])
+        _rel_close(mine[k][2], opt.state[k]["v"])
+
+
+class _Plain(FU.ReferenceOps):
+    """A 'back end' that is the reference, under another name: drives the per-op custom VJPs."""
+
+    name = "plain"
+
+
+def test_per_op_dropin_custom_vjps_match_reference(monkeypatch):
+    x, W_enc, b_enc, W_dec, b_dec, dead = _problem(6)
+    monkeypatch.setattr(FU, "get_ops", lambda name=None: _Plain())
+
+    def loss(mod, W_enc, b_enc, W_dec, b_dec):
+        pre = mod.encode_pre(x, W_enc, b_enc, b_dec)
+        vals, idx = mod.topk_select(pre, K)
+        x_hat = mod.topk_decode(vals, idx, W_dec, b_dec)
+        pd = mx.where(dead, pre, -mx.inf)
+        av, ai = mod.topk_select(pd, K_AUX)
+        e_hat = mod.sparse_decode(av, ai, W_dec)
+        e = mx.stop_gradient(x - x_hat)
+        return mx.sum(mx.square(x - x_hat)) + mx.sum(mx.square(e_hat - e))
+
+    la, ga = mx.value_and_grad(lambda *a: loss(FU, *a), argnums=(0, 1, 2, 3))(W_enc, b_enc, W_dec, b_dec)
+    lb, gb = mx.value_and_grad(lambda *a: loss(R, *a), argnums=(0, 1, 2, 3))(W_enc, b_enc, W_dec, b_dec)
+    _rel_close(la, lb)
+    for a, b in zip(ga, gb):
+        _rel_close(a, b)
+
+
+def test_self_check_passes_for_a_correct_back_end():
+    assert FU.self_check(_Plain()) == []
+
+
+class _BrokenDecode(FU.ReferenceOps):
+    name = "cuda"
+
+    def decode(self, vals, idx, W):
+        return super().decode(vals, idx, W) * 1.01  # a subtly wrong kernel
+
+
+class _Throws(FU.ReferenceOps):
+    name = "metal"
+
+    def row_topk(self, pre, k, dead=None):
+        raise RuntimeError("Custom kernels only run on GPU.")
+
+
+@pytest.mark.parametrize("broken", [_BrokenDecode, _Throws])
+def test_self_check_falls_back_with_a_warning(monkeypatch, broken):
+    monkeypatch.setattr(FU, "_gpu_ops", lambda name: broken())
+    monkeypatch.setattr(FU, "_CHOSEN", {})
+    monkeypatch.setenv("HOOKED_MLX_SAE_KERNELS", broken.name)
+    with pytest.warns(RuntimeWarning, match=f"the {broken.name} back end failed its self-check"):
+        ops = FU.get_ops()
+    assert ops is FU._REFERENCE and FU.backend() == "reference"
+    # once decided, no second warning and the fused forward runs on the reference ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, W_enc, b_enc, W_dec, b_dec, _ = _problem(7)
+        out = FU.topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, K)
+        pre = R.encode_pre(x, W_enc, b_enc, b_dec)
+        v, i = R.topk_select(pre, K)
+        _rel_close(out.x_hat, R.sparse_decode(v, i, W_dec, b_dec))
+
+
+def test_backend_on_cpu_is_reference():
+    assert FU.backend() == "reference"
