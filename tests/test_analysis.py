@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA, build_mlx_lm_checkpoint
+from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
 
 from hooked_mlx import HookedTransformer
 from hooked_mlx.factored_matrix import FactoredMatrix

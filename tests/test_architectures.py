@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from conftest import build_mlx_lm_checkpoint
+from mlx_fixtures import build_mlx_lm_checkpoint
 from hooked_mlx import HookedTransformer
 from hooked_mlx.names import BLOCK_HOOKS, EXTRA_BLOCK_HOOKS, TOP_HOOKS
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA, build_mlx_lm_checkpoint
+from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
 from mlx_lm.utils import load_model
 
 from hooked_mlx import ActivationCache, HookedTransformer, get_act_name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from conftest import TINY_LLAMA, build_mlx_lm_checkpoint
+from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
 
 from hooked_mlx import HookedTransformer
 from hooked_mlx.generate import sample_logits

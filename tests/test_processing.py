@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from conftest import build_mlx_lm_checkpoint
+from mlx_fixtures import build_mlx_lm_checkpoint
 from hooked_mlx import HookedTransformer
 from hooked_mlx.components.attention import linear_weight
 from hooked_mlx.processing import PROCESSING_OPTIONS, process_weights

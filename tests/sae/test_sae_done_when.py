@@ -9,7 +9,7 @@ import pytest
 
 from hooked_mlx.sae import SAEConfig, ShardSource, evaluate_model, evaluate_reconstruction, metrics as M, train_sae
 
-from conftest import HOOK
+from sae_fixtures import HOOK
 
 STEPS, BATCH = 200, 1024
 

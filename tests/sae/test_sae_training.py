@@ -22,7 +22,7 @@ from hooked_mlx.sae.store import ArraySource
 from hooked_mlx.sae.training import (CHECKPOINT_FILE, NonFiniteLossError, geometric_median, load_checkpoint,
                                      lr_schedule, train_saes)
 
-from conftest import make_sparse_data
+from sae_fixtures import make_sparse_data
 
 B = 512
 
@@ -230,7 +230,7 @@ import sys, time
 import hooked_mlx
 import numpy as np
 sys.path.insert(0, {tests!r})
-from conftest import make_sparse_data
+from sae_fixtures import make_sparse_data
 from hooked_mlx.sae import SAEConfig, save_sae
 from hooked_mlx.sae.store import ArraySource
 from hooked_mlx.sae.training import train_saes

@@ -1,0 +1,57 @@
+"""`hooked-mlx harvest` and `hooked-mlx train-sae` end to end on stories260K (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from hooked_mlx.cli import main
+from hooked_mlx.sae import SAEConfig, load_sae, load_saelens
+
+
+def test_harvest_then_train_from_shards(stories_path, corpus_path, tmp_path, capsys):
+    acts = tmp_path / "acts"
+    rc = main(["harvest", "--model", str(stories_path), "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.3.hook_resid_post",
+               "--data", str(corpus_path), "--tokens", "6000", "--shard-tokens", "2500", "--context-size", "64",
+               "--out", str(acts), "--quiet"])
+    assert rc == 0
+    man = json.loads((acts / "manifest.json").read_text())
+    assert man["hook_names"] == ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+    assert man["n_tokens"] == 6000 and len(man["shards"]) == 3
+    out = tmp_path / "saes"
+    rc = main(["train-sae", "--data", str(acts), "--out", str(out), "--architecture", "batchtopk", "--k", "8",
+               "--expansion-factor", "4", "--train-batch-size-tokens", "256", "--shuffle-buffer-tokens", "256",
+               "--training-tokens", "5120", "--lr-warmup-steps", "2", "--export", "saelens", "--eval-batches", "2",
+               "--quiet"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    report = json.loads(stdout[stdout.index("{"):])
+    for hook in man["hook_names"]:
+        sae = load_sae(str(out / hook))
+        assert sae.cfg.hook_name == hook and sae.cfg.architecture == "batchtopk" and sae.d_sae == 256
+        assert sae.cfg.context_size == 64
+        sl = load_saelens(str(out / hook / "saelens"))
+        assert sl.cfg.architecture == "jumprelu"
+        x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+        np.testing.assert_allclose(np.array(sl(mx.array(x))), np.array(sae(mx.array(x))), atol=1e-5)
+        assert 0 < report[hook]["eval"]["fvu"] < 1.5
+
+
+def test_train_streaming_with_checkpoint_and_resume(stories_path, corpus_path, tmp_path):
+    args = ["train-sae", "--model", str(stories_path), "--hook", "blocks.0.hook_resid_post", "--data",
+            str(corpus_path), "--out", str(tmp_path / "sae"), "--architecture", "topk", "--k", "4",
+            "--expansion-factor", "2", "--train-batch-size-tokens", "128", "--shuffle-buffer-tokens", "512",
+            "--training-tokens", "1280", "--context-size", "32", "--store-batch-size-prompts", "4",
+            "--norm-estimation-tokens", "256", "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every-steps",
+            "5", "--eval-batches", "0", "--quiet"]
+    assert main(args) == 0
+    first = load_sae(str(tmp_path / "sae"))
+    assert first.cfg.model_name == str(stories_path)
+    # resuming a finished run re-saves the same SAE
+    assert main(args + ["--resume"]) == 0
+    again = load_sae(str(tmp_path / "sae"))
+    np.testing.assert_array_equal(np.array(first.W_dec), np.array(again.W_dec))
+    assert main(["train-sae", "--data", str(corpus_path), "--out", str(tmp_path / "x"), "--quiet"]) == 2  # no model
+    assert SAEConfig.defaults()["k"] != 4  # flags override the one set of defaults
