@@ -126,7 +126,7 @@ def _ghost_grad_loss(pre, x, x_hat, W_dec, dead):
 
 def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array, kernels=None,
                   use_dead: bool = True):
-    """The training-time forward of one batch: (loss, (metrics dict, latents f [B,F], extras)).
+    """The training-time forward of one batch: (loss, (metrics dict, fired [F] bool, extras)).
 
     x [B,D] already normalised. ``dead`` [F] bool marks dead latents (AuxK / ghost grads);
     ``sparsity_scale`` in [0,1] is the sparsity warm-up factor. ``extras`` holds the BatchTopK minimum kept
@@ -142,10 +142,16 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     extras = {}
     sparsity = zero
     aux = zero
+    f = None
     if arch == "topk":
         vals, idx = kernels.topk_select(pre, cfg.k)
         x_hat = kernels.topk_decode(vals, idx, sae.W_dec, sae.b_dec)
-        f = kernels.scatter_dense(mx.stop_gradient(vals), idx, sae.d_sae)  # for bookkeeping only
+        # bookkeeping from the sparse latents, never a dense [B,F]
+        v = mx.stop_gradient(vals)
+        active = (v > 0).astype(mx.float32)
+        fired = mx.zeros((sae.d_sae,), dtype=mx.float32).at[idx.reshape(-1)].add(active.reshape(-1)) > 0
+        l0 = mx.sum(active) / B
+        l1 = mx.sum(v) / B
     elif arch == "batchtopk":
         f, cut = kernels.batchtopk_mask(mx.maximum(pre, 0), cfg.k)
         x_hat = kernels.dense_decode(f, sae.W_dec, sae.b_dec)
@@ -171,19 +177,22 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _ghost_grad_loss(pre, x, x_hat, sae.W_dec, dead), 0.0)
     loss = mse + sparsity + aux
-    fs = mx.stop_gradient(f)
-    l0 = M.l0(fs)
+    if f is not None:
+        fs = mx.stop_gradient(f)
+        l0 = M.l0(fs)
+        l1 = M.l1_magnitude(fs)
+        fired = mx.any(fs > 0, axis=0)
     metrics = {
         M.LOSS: loss,
         M.MSE: mse,
         M.FVU: M.fvu(x, mx.stop_gradient(x_hat)),
         M.L0: l0,
         M.L0_SPARSITY: l0 / sae.d_sae,
-        M.L1_MAGNITUDE: M.l1_magnitude(fs),
+        M.L1_MAGNITUDE: l1,
         M.SPARSITY_LOSS: sparsity,
         M.AUX_LOSS: aux,
     }
-    return loss, (metrics, fs, extras)
+    return loss, (metrics, fired, extras)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,7 +271,7 @@ class SAETrainer:
             step_i = aux["step"]
             sp = mx.minimum((step_i + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
             dead = aux["tokens_since_fired"] >= window
-            (loss, (mets, f, extras)), grads = loss_and_grad(x, dead, sp)
+            (loss, (mets, fired, extras)), grads = loss_and_grad(x, dead, sp)
             if unit_norm:
                 W = sae.W_dec
                 g = grads["W_dec"]
@@ -278,7 +287,6 @@ class SAETrainer:
                 sae.W_dec = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + 1e-8)
             if cfg.architecture == "jumprelu":
                 sae.threshold = mx.maximum(sae.threshold, 0.0)
-            fired = mx.any(f > 0, axis=0)
             tsf = mx.where(fired, 0, aux["tokens_since_fired"] + B)
             aux["tokens_since_fired"] = tsf
             theta = aux["theta"]

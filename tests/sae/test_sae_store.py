@@ -112,3 +112,17 @@ def test_corpus_formats_and_errors(tmp_path, stories):
         ActivationStore(stories, "blocks.2.hook_resid_pots", DOCS)
     assert stop_layer_for(stories, ["blocks.4.hook_resid_post"]) is None
     assert stop_layer_for(stories, ["hook_embed"]) == 1
+
+
+def test_datasets_objects_and_missing_package(monkeypatch):
+    class FakeDataset:  # stands in for datasets.Dataset (rows are dicts)
+        def __iter__(self):
+            return iter([{"text": "a b"}, {"text": "c"}])
+
+    FakeDataset.__module__ = "datasets.arrow_dataset"
+    assert list(open_corpus(FakeDataset())()) == ["a b", "c"]
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        open_corpus("hf:roneneldan/TinyStories")

@@ -304,3 +304,23 @@ def test_wandb_missing_gives_clear_error(sparse_data, monkeypatch):
     with pytest.raises(ImportError, match="pip install wandb"):
         train_saes(_cfg("topk", wandb_project="p", training_tokens=2 * B), ArraySource({"h": sparse_data}, B),
                    progress=False)
+
+
+def test_trainer_restores_last_good_state_after_nan(sparse_data):
+    cfg = _cfg("jumprelu", d_in=32, normalize_activations="none")
+    t = SAETrainer(cfg)
+    x = mx.array(sparse_data[:B])
+    t.initialize(x, 1.0)
+    for _ in range(3):
+        t.step(x)
+    t.read_metrics()
+    good = {k: np.array(v) for k, v in tree_flatten(t.sae.parameters())}
+    t.step(x)
+    t.step(x * float("inf"))
+    with pytest.raises(NonFiniteLossError, match="step 4 "):
+        t.read_metrics()
+    for k, v in tree_flatten(t.sae.parameters()):
+        assert np.array_equal(np.array(v), good[k]), k
+    assert t.step_count == 3
+    t.step(x)  # training can go on from the restored state
+    assert np.isfinite(t.read_metrics()[M.LOSS])
