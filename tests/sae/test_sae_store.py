@@ -90,6 +90,12 @@ def test_harvest_and_memory_mapped_shards(stories, tmp_path):
     np.testing.assert_array_equal(np.concatenate(src.segments[HOOK]), ref)
     seen = np.concatenate([np.array(src.next_batch()[HOOK]) for _ in range(3)])  # one epoch
     np.testing.assert_array_equal(np.sort(seen, axis=0), np.sort(ref, axis=0))
+    half = harvest(stories, HOOK, DOCS * 6, str(tmp_path / "f16"), 100, cfg=cfg, progress=False, dtype="float16")
+    assert half["dtype"] == "float16"
+    h16 = ShardSource(str(tmp_path / "f16"), batch_size=100, seed=0)
+    assert h16.segments[HOOK][0].dtype == np.float16
+    np.testing.assert_allclose(np.concatenate(h16.segments[HOOK]).astype(np.float32), ref[:100], rtol=2e-3, atol=2e-3)
+    assert np.array(h16.next_batch()[HOOK]).dtype == np.float32
     with pytest.raises(ValueError, match="were not harvested"):
         ShardSource(str(tmp_path), 10, hook_names=["blocks.4.hook_resid_post"])
     with pytest.raises(FileNotFoundError, match="hooked-mlx harvest"):

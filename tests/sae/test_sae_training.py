@@ -324,3 +324,12 @@ def test_trainer_restores_last_good_state_after_nan(sparse_data):
     assert t.step_count == 3
     t.step(x)  # training can go on from the restored state
     assert np.isfinite(t.read_metrics()[M.LOSS])
+
+
+def test_progress_bar_and_start_line(sparse_data, capsys):
+    train_saes(_cfg("topk", training_tokens=10 * B, log_every_steps=5), ArraySource({"h": sparse_data}, B),
+               progress=True)
+    err = capsys.readouterr().err
+    assert "d_in=32" in err and "d_sae=256" in err and "in-memory arrays" in err  # d_in and data mode at start
+    for key in ("tok/s", "loss", "L0", "FVU", "dead%"):
+        assert key in err
