@@ -118,6 +118,11 @@ def test_invariants_clean_into_clean_and_patch_everything(setup):
                                             index_axis_names=["layer"])
     assert every_pos.shape == (m.cfg.n_layers,)
     np.testing.assert_allclose(float(every_pos[0]), s["clean_value"], atol=1e-5)
+    # KL(clean || patched) is 0 everywhere when patching clean into clean, and > 0 for real patches
+    kl = pt.KLDivergence(m(s["clean"]))
+    np.testing.assert_allclose(np.array(pt.get_act_patch_resid_pre(m, s["clean"], s["cache"], kl)), 0.0, atol=1e-5)
+    kl_grid = np.array(pt.get_act_patch_resid_pre(m, s["corrupted"], s["cache"], kl))
+    assert np.isfinite(kl_grid).all() and kl_grid[0, 6] < kl_grid[0, 0] and kl_grid.min() > -1e-6
     # the final residual at the metric's position decides the metric
     last = pt.get_act_patch_resid_post(m, s["corrupted"], s["cache"], s["metric"])
     np.testing.assert_allclose(float(last[-1, -1]), s["clean_value"], atol=1e-5)
