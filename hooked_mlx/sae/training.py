@@ -351,8 +351,10 @@ class SAETrainer:
 
     def read_metrics(self) -> dict[str, float]:
         """Averages of the metrics since the last read (one host sync); raises on a non-finite loss."""
-        count = int(self.aux["count"].item())
-        bad = int(self.aux["bad_step"].item())
+        packed = mx.concatenate([mx.stack([self.aux["sums"][k] for k in M.TRAIN_KEYS]),
+                                 mx.stack([self.aux["count"], self.aux["bad_step"]]).astype(mx.float32)])
+        values = packed.tolist()  # one device read
+        count, bad = int(values[-2]), int(values[-1])
         if bad >= 0:
             last_good = int(self._good["aux"]["step"].item())
             self._restore()
@@ -363,7 +365,7 @@ class SAETrainer:
                 f"(normalize_activations = {self.cfg.normalize_activations!r}), NaN/inf in the activations "
                 f"themselves (check the model and hook), or a sparsity coefficient that collapses the latents."
             )
-        out = {k: (self.aux["sums"][k].item() / count if count else float("nan")) for k in M.TRAIN_KEYS}
+        out = {k: (v / count if count else float("nan")) for k, v in zip(M.TRAIN_KEYS, values)}
         for k in M.TRAIN_KEYS:
             self.aux["sums"][k] = mx.array(0.0, dtype=mx.float32)
         self.aux["count"] = mx.array(0, dtype=mx.int32)

@@ -132,3 +132,34 @@ def test_datasets_objects_and_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="pip install datasets"):
         open_corpus("hf:roneneldan/TinyStories")
+
+
+def test_streaming_training_resumes_exactly(stories, corpus_docs, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from hooked_mlx.sae import train_saes
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    cfgs = [SAEConfig(architecture=a, hook_name=h, d_sae=128, k=8, train_batch_size_tokens=128,
+                      shuffle_buffer_tokens=384, context_size=32, store_batch_size_prompts=4, training_tokens=12 * 128,
+                      checkpoint_every_steps=4, log_every_steps=2, norm_estimation_tokens=256)
+            for a, h in zip(("topk", "batchtopk"), hooks)]
+
+    def store():
+        return ActivationStore(stories, hooks, corpus_docs[:30], cfgs[0])
+
+    full = train_saes(cfgs, store(), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, mets):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_saes(cfgs, store(), checkpoint_path=str(tmp_path), callback=stop, progress=False)
+    resumed = train_saes(cfgs, store(), checkpoint_path=str(tmp_path), resume=True, progress=False)
+    for h in hooks:
+        for (k, a), (_, b) in zip(tree_flatten(full[h].parameters()), tree_flatten(resumed[h].parameters())):
+            assert np.array_equal(np.array(a), np.array(b)), (h, k)
