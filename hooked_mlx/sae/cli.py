@@ -103,7 +103,7 @@ def cmd_train_sae(args) -> int:
         cfgs = [c.replace(model_name=c.model_name or args.model) for c in cfgs]
         source = ActivationStore(model, hooks, args.data, cfgs[0], text_field=args.text_field)
     result = train_saes(cfgs, source, checkpoint_path=args.checkpoint_dir, resume=args.resume,
-                        progress=not args.quiet)
+                        progress=not args.quiet, kernels=args.kernels)
     report = {}
     for hook, sae in result.items():
         folder = args.out if len(result) == 1 else os.path.join(args.out, hook)
@@ -152,6 +152,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--eval-batches", type=int, default=4, help="batches of fresh activations to evaluate on (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--kernels", default="reference", choices=["reference", "fused"],
+                   help="SAE kernel back end: the pure-MLX reference, or the fused kernels (CUDA / Metal when "
+                        "available and self-checked, else the reference)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train_sae)
 
