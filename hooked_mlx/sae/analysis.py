@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -79,40 +79,44 @@ def top_features(model, sae: SAE, text, k: int = 10, prepend_bos: bool | None = 
     return TokenFeatures(tokens, strs, idx, vals, mask)
 
 
-@dataclass(order=True)
+@dataclass
 class FeatureExample:
     """One max-activating example: the latent's ``value`` at ``position`` of document ``doc_index``."""
 
     value: float
-    doc_index: int = field(compare=False)
-    position: int = field(compare=False)
-    tokens: list = field(compare=False)  # the window's token ids
-    str_tokens: list = field(compare=False)
-    highlight: int = field(compare=False)  # index of ``position`` inside the window
-    activations: list = field(compare=False)  # the latent's value at every window token
+    doc_index: int
+    position: int
+    tokens: list  # the window's token ids
+    str_tokens: list
+    highlight: int  # index of ``position`` inside the window
+    activations: list  # the latent's value at every window token
 
     def render(self) -> str:
         return "".join(f"[[{t}]]" if i == self.highlight else t for i, t in enumerate(self.str_tokens))
 
 
-def top_contexts(model, sae: SAE, feature: int, corpus, *, n: int = 10, window: tuple[int, int] = (10, 5),
-                 batch_size: int = 8, context_size: int | None = None, max_docs: int | None = None,
-                 text_field: str = "text") -> list[FeatureExample]:
+def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 10,
+                 window: tuple[int, int] = (10, 5), batch_size: int = 8, context_size: int | None = None,
+                 max_docs: int | None = None, text_field: str = "text"):
     """The ``n`` token positions of ``corpus`` where latent ``feature`` is largest, with (before, after) windows.
 
     Each document is one context (truncated at ``context_size``, default ``sae.cfg.context_size``); BOS and
     pad positions are skipped when the SAE was trained without them. Sorted by value, descending.
+    ``feature`` may be a list: one pass over the corpus then returns {feature: [FeatureExample, ...]}.
     """
-    if not 0 <= feature < sae.d_sae:
-        raise ValueError(f"feature = {feature} is invalid: expected 0 <= feature < d_sae ({sae.d_sae}).")
+    feats = [feature] if isinstance(feature, int) else [int(f) for f in feature]
+    for f_ in feats:
+        if not 0 <= f_ < sae.d_sae:
+            raise ValueError(f"feature = {f_} is invalid: expected 0 <= feature < d_sae ({sae.d_sae}).")
     P = context_size or sae.cfg.context_size
     bos = getattr(model, "bos_token_id", None)
     pad = getattr(model, "pad_token_id", None)
     builder = ContextBuilder(open_corpus(corpus, text_field), model.tokenizer, P, bos=bos, pad=pad,
                              prepend_bos=sae.cfg.prepend_bos, packing=False,
                              exclude_special=sae.cfg.exclude_special_tokens, cycle=False)
-    heap: list[tuple[float, int, int]] = []
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    heaps: dict[int, list[tuple[float, int, int]]] = {f_: [] for f_ in feats}
+    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # doc -> (tokens [P], latents [P, n_feats])
+    sel = mx.array(feats)
     doc = 0
     while max_docs is None or doc < max_docs:
         block = builder.next_block(batch_size if max_docs is None else min(batch_size, max_docs - doc))
@@ -120,28 +124,33 @@ def top_contexts(model, sae: SAE, feature: int, corpus, *, n: int = 10, window: 
             break
         toks, mask = block
         acts = _hook_acts(model, sae, mx.array(toks))
-        f = sae.encode(acts)[..., feature]
-        f = np.array(mx.where(mx.array(mask), f, -mx.inf))
-        for r in range(toks.shape[0]):
-            for p in np.nonzero(np.isfinite(f[r]))[0]:
-                item = (float(f[r, p]), doc + r, int(p))
+        f = sae.encode(acts)[..., sel]  # [b, P, n_feats]
+        f = np.array(mx.where(mx.array(mask)[..., None], f, -mx.inf))
+        for j, f_ in enumerate(feats):
+            heap = heaps[f_]
+            for r, p in zip(*np.nonzero(np.isfinite(f[..., j]))):
+                item = (float(f[r, p, j]), doc + int(r), int(p))
                 if len(heap) < n:
                     heapq.heappush(heap, item)
                 elif item[0] > heap[0][0]:
                     heapq.heapreplace(heap, item)
+        for r in range(toks.shape[0]):
             rows[doc + r] = (toks[r], f[r])
-        keep = {d for _, d, _ in heap}
+        keep = {d for heap in heaps.values() for _, d, _ in heap}
         rows = {d: v for d, v in rows.items() if d in keep}
         doc += toks.shape[0]
     before, after = window
-    out = []
-    for value, d, p in sorted(heap, reverse=True):
-        toks, f = rows[d]
-        lo, hi = max(0, p - before), min(len(toks), p + after + 1)
-        ids = [int(t) for t in toks[lo:hi]]
-        acts = [float(a) if np.isfinite(a) else 0.0 for a in f[lo:hi]]
-        out.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, acts))
-    return out
+    out = {}
+    for j, f_ in enumerate(feats):
+        examples = []
+        for value, d, p in sorted(heaps[f_], reverse=True):
+            toks, f = rows[d]
+            lo, hi = max(0, p - before), min(len(toks), p + after + 1)
+            ids = [int(t) for t in toks[lo:hi]]
+            acts = [float(a) if np.isfinite(a) else 0.0 for a in f[lo:hi, j]]
+            examples.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, acts))
+        out[f_] = examples
+    return out[feats[0]] if isinstance(feature, int) else out
 
 
 def unembedding(model) -> mx.array:

@@ -564,6 +564,9 @@ def train_saes(
             source.load_state_dict(src, meta["source"])
         start = int(meta["step"])
         print(f"Resuming from {ckpt_file} at step {start} of {total}.", file=out)
+    elif ckpt_file and os.path.exists(ckpt_file):
+        print(f"Note: starting a new run; the checkpoint in {checkpoint_path} will be overwritten (pass resume=True "
+              f"/ --resume to continue it instead).", file=out)
     desc = ", ".join(f"{c.hook_name}: {c.architecture} d_in={c.d_in} d_sae={c.resolved_d_sae}" for c in cfgs)
     print(
         f"Training {len(cfgs)} SAE(s) [{desc}] on {c0.training_tokens:,} tokens ({total} steps of {B}); "
@@ -588,9 +591,10 @@ def train_saes(
         bar = tqdm(total=total * B, initial=start * B, unit="tok", unit_scale=True, file=out, dynamic_ncols=True,
                    desc="train-sae")
     t0, tok0 = time.perf_counter(), start * B
-    step = start
+    completed, in_step = start, False
     try:
         for step in range(start, total):
+            in_step = True
             batch = source.next_batch()
             for t in trainers:
                 x = batch[t.cfg.hook_name]
@@ -599,6 +603,7 @@ def train_saes(
                 t.step(x)
             mx.async_eval([t.state_arrays() for t in trainers])
             done = step + 1
+            completed, in_step = done, False
             if done % c0.log_every_steps == 0 or done == total:
                 mets = {t.cfg.hook_name: t.read_metrics() for t in trainers}
                 for h, m in mets.items():
@@ -622,6 +627,14 @@ def train_saes(
         mx.eval([t.state_arrays() for t in trainers])
         if ckpt_file and total > start:
             save_checkpoint(checkpoint_path, trainers, source, total)
+    except KeyboardInterrupt:
+        # Ctrl-C between two steps leaves a consistent state: keep it, so that resume=True goes on from here.
+        if ckpt_file and not in_step and completed > start:
+            mx.eval([t.state_arrays() for t in trainers])
+            save_checkpoint(checkpoint_path, trainers, source, completed)
+            print(f"\nInterrupted: checkpoint at step {completed} written to {ckpt_file}; resume=True "
+                  f"(--resume) continues from it.", file=out)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -125,6 +125,10 @@ def test_top_contexts_are_the_max_activating_positions(stories, corpus_docs):
     assert e.tokens == toks[max(0, e.position - 3): e.position + 3]
     assert e.activations[e.highlight] == pytest.approx(e.value)
     assert "[[" in e.render()
+    many = top_contexts(stories, sae, [feature, 0], docs, n=5, window=(3, 2), batch_size=4, context_size=64)
+    assert set(many) == {feature, 0}
+    assert [e.value for e in many[feature]] == vals and [e.position for e in many[feature]] == [e.position for e in ex]
+    assert many[0] == top_contexts(stories, sae, 0, docs, n=5, window=(3, 2), batch_size=4, context_size=64)
     with pytest.raises(ValueError, match="feature = 999"):
         top_contexts(stories, sae, 999, docs)
 

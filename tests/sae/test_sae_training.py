@@ -333,3 +333,19 @@ def test_progress_bar_and_start_line(sparse_data, capsys):
     assert "d_in=32" in err and "d_sae=256" in err and "in-memory arrays" in err  # d_in and data mode at start
     for key in ("tok/s", "loss", "L0", "FVU", "dead%"):
         assert key in err
+
+
+def test_ctrl_c_between_steps_writes_a_resumable_checkpoint(sparse_data, tmp_path):
+    cfg = _cfg("topk", training_tokens=20 * B, checkpoint_every_steps=100, log_every_steps=3)
+    full = train_saes(cfg, _train_source(sparse_data), progress=False)
+
+    def interrupt(step, mets):
+        if step == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_saes(cfg, _train_source(sparse_data), checkpoint_path=str(tmp_path), callback=interrupt, progress=False)
+    assert load_checkpoint(str(tmp_path))[1]["step"] == 9
+    resumed = train_saes(cfg, _train_source(sparse_data), checkpoint_path=str(tmp_path), resume=True, progress=False)
+    for (k, a), (_, b) in zip(tree_flatten(full["h"].parameters()), tree_flatten(resumed["h"].parameters())):
+        assert np.array_equal(np.array(a), np.array(b)), k
