@@ -200,6 +200,15 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
 # ---------------------------------------------------------------------------------------------------
 
 
+def _where_into(tree: dict, old: dict, ok: mx.array) -> None:
+    """tree[k] = where(ok, tree[k], old[k]) recursively, in place (the compiled step's captured containers)."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _where_into(v, old[k], ok)
+        elif isinstance(v, mx.array):
+            tree[k] = mx.where(ok, v, old[k])
+
+
 class SAETrainer:
     """One SAE, its optimizer and its on-device bookkeeping; ``step(x)`` runs one compiled update.
 
@@ -229,7 +238,6 @@ class SAETrainer:
         self.initialized = False
         self._step_fns = None
         self._host_step = 0  # mirrors aux["step"] without a device sync
-        self._good = None
 
     # -- setup ------------------------------------------------------------------------------------------
     def initialize(self, first_batch: mx.array, input_scale: float = 1.0) -> None:
@@ -244,7 +252,6 @@ class SAETrainer:
         mx.eval(self.sae.parameters(), self.optimizer.state)
         self.initialized = True
         self._build()
-        self._snapshot()
 
     def _state(self):
         return [self.sae.state, self.optimizer.state, self.aux]
@@ -280,6 +287,12 @@ class SAETrainer:
                 grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
             else:
                 gnorm = mx.sqrt(sum(mx.sum(mx.square(v)) for _, v in tree_flatten(grads)))
+            # A non-finite loss or gradient skips the update (and every later one until the host reads the
+            # flag): the state stays exactly as before the bad step, with no copy of it kept anywhere.
+            ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
+            old_sae = tree_map(lambda a: a, sae.parameters())
+            old_opt = tree_map(lambda a: a, opt.state)
+            old_aux = (aux["tokens_since_fired"], aux["theta"], aux["step"])
             opt.update(sae, grads)
             lr = opt.learning_rate.astype(mx.float32)  # the rate this update used
             if unit_norm:
@@ -311,9 +324,13 @@ class SAETrainer:
             for k in M.TRAIN_KEYS:
                 sums[k] = sums[k] + mets[k].astype(mx.float32)
             aux["count"] = aux["count"] + 1
-            finite = mx.isfinite(loss)
-            aux["bad_step"] = mx.where((aux["bad_step"] < 0) & ~finite, step_i, aux["bad_step"])
+            aux["bad_step"] = mx.where((aux["bad_step"] < 0) & ~ok, step_i, aux["bad_step"])
             aux["step"] = step_i + 1
+            sae.update(tree_map(lambda new, old: mx.where(ok, new, old), sae.parameters(), old_sae))
+            _where_into(opt.state, old_opt, ok)
+            aux["tokens_since_fired"] = mx.where(ok, aux["tokens_since_fired"], old_aux[0])
+            aux["theta"] = mx.where(ok, aux["theta"], old_aux[1])
+            aux["step"] = mx.where(ok, aux["step"], old_aux[2])
 
         return step
 
@@ -336,19 +353,6 @@ class SAETrainer:
     def step_count(self) -> int:
         return int(self.aux["step"].item())
 
-    def _snapshot(self):
-        self._good = tree_map(lambda a: a, {"sae": self.sae.parameters(), "opt": self.optimizer.state,
-                                            "aux": self.aux})
-
-    def _restore(self):
-        good = self._good
-        self.sae.update(good["sae"])
-        self.optimizer.state = tree_map(lambda a: a, good["opt"])
-        self.aux.clear()
-        self.aux.update(tree_map(lambda a: a, good["aux"]))
-        self._host_step = int(self.aux["step"].item())
-        self._build()
-
     def read_metrics(self) -> dict[str, float]:
         """Averages of the metrics since the last read (one host sync); raises on a non-finite loss."""
         packed = mx.concatenate([mx.stack([self.aux["sums"][k] for k in M.TRAIN_KEYS]),
@@ -356,20 +360,24 @@ class SAETrainer:
         values = packed.tolist()  # one device read
         count, bad = int(values[-2]), int(values[-1])
         if bad >= 0:
-            last_good = int(self._good["aux"]["step"].item())
-            self._restore()
+            # The compiled step skipped every update from step ``bad`` on: the state is the one before it.
+            for k in M.TRAIN_KEYS:
+                self.aux["sums"][k] = mx.array(0.0, dtype=mx.float32)
+            self.aux["count"] = mx.array(0, dtype=mx.int32)
+            self.aux["bad_step"] = mx.array(-1, dtype=mx.int32)
+            self._host_step = int(self.aux["step"].item())
             raise NonFiniteLossError(
-                f"SAE training on {self.cfg.hook_name or 'the activations'} hit a non-finite loss at step {bad} "
-                f"(0-based). The trainer state was restored to step {last_good}, the last finite read. Usual "
-                f"causes: a learning rate too high (lr = {self.cfg.lr}), unnormalised inputs with huge norms "
-                f"(normalize_activations = {self.cfg.normalize_activations!r}), NaN/inf in the activations "
-                f"themselves (check the model and hook), or a sparsity coefficient that collapses the latents."
+                f"SAE training on {self.cfg.hook_name or 'the activations'} hit a non-finite loss or gradient at "
+                f"step {bad} (0-based). That update and any later ones were skipped, so the trainer state is the "
+                f"one after step {bad - 1} (the last good one). Usual causes: a learning rate too high (lr = "
+                f"{self.cfg.lr}), unnormalised inputs with huge norms (normalize_activations = "
+                f"{self.cfg.normalize_activations!r}), NaN/inf in the activations themselves (check the model and "
+                f"hook), or a sparsity coefficient that collapses the latents."
             )
         out = {k: (v / count if count else float("nan")) for k, v in zip(M.TRAIN_KEYS, values)}
         for k in M.TRAIN_KEYS:
             self.aux["sums"][k] = mx.array(0.0, dtype=mx.float32)
         self.aux["count"] = mx.array(0, dtype=mx.int32)
-        self._snapshot()
         return out
 
     def finalize(self) -> SAE:
@@ -407,7 +415,6 @@ class SAETrainer:
         mx.eval(self.sae.parameters(), self.optimizer.state, self.aux)
         self._host_step = int(self.aux["step"].item())
         self._build()
-        self._snapshot()
 
 
 # ---------------------------------------------------------------------------------------------------

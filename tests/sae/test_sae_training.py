@@ -192,7 +192,8 @@ def test_non_finite_loss_names_step_and_restores(sparse_data):
             return batches[(self.i - 1) % 12]
 
     cfg = _cfg("topk", normalize_activations="none", log_every_steps=5, training_tokens=12 * B)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7 .*restored to step 5.*learning rate"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 7 .*the one after step 6 "
+                                                 r".*learning rate"):
         train_saes(cfg, Src(), progress=False)
 
 
@@ -306,7 +307,7 @@ def test_wandb_missing_gives_clear_error(sparse_data, monkeypatch):
                    progress=False)
 
 
-def test_trainer_restores_last_good_state_after_nan(sparse_data):
+def test_trainer_keeps_the_last_good_state_after_nan(sparse_data):
     cfg = _cfg("jumprelu", d_in=32, normalize_activations="none")
     t = SAETrainer(cfg)
     x = mx.array(sparse_data[:B])
@@ -314,16 +315,22 @@ def test_trainer_restores_last_good_state_after_nan(sparse_data):
     for _ in range(3):
         t.step(x)
     t.read_metrics()
-    good = {k: np.array(v) for k, v in tree_flatten(t.sae.parameters())}
     t.step(x)
-    t.step(x * float("inf"))
+    mx.eval(t.state_arrays())
+    good = {k: np.array(v) for k, v in tree_flatten(t.sae.parameters())}
+    good_opt = {k: np.array(v) for k, v in tree_flatten(t.optimizer.state)}
+    t.step(x * float("inf"))  # step 4 (0-based) is bad; the updates of steps 4 and 5 are skipped
+    t.step(x)
     with pytest.raises(NonFiniteLossError, match="step 4 "):
         t.read_metrics()
     for k, v in tree_flatten(t.sae.parameters()):
         assert np.array_equal(np.array(v), good[k]), k
-    assert t.step_count == 3
-    t.step(x)  # training can go on from the restored state
+    for k, v in tree_flatten(t.optimizer.state):
+        assert np.array_equal(np.array(v), good_opt[k]), k
+    assert t.step_count == 4
+    t.step(x)  # training can go on from the kept state
     assert np.isfinite(t.read_metrics()[M.LOSS])
+    assert t.step_count == 5
 
 
 def test_progress_bar_and_start_line(sparse_data, capsys):
