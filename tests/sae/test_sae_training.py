@@ -356,3 +356,12 @@ def test_ctrl_c_between_steps_writes_a_resumable_checkpoint(sparse_data, tmp_pat
     resumed = train_saes(cfg, _train_source(sparse_data), checkpoint_path=str(tmp_path), resume=True, progress=False)
     for (k, a), (_, b) in zip(tree_flatten(full["h"].parameters()), tree_flatten(resumed["h"].parameters())):
         assert np.array_equal(np.array(a), np.array(b)), k
+
+
+def test_sparsity_warmup_ramps_the_coefficient(sparse_data):
+    """JumpReLU: sparsity_loss = lambda * min(1, (step+1)/warmup) * L0 at every step."""
+    cfg = _cfg("jumprelu", l0_coefficient=0.2, sparsity_warmup_steps=8, training_tokens=12 * B, log_every_steps=1)
+    res = train_saes(cfg, ArraySource({"h": sparse_data}, B), progress=False)
+    for step, _, m in res.history:
+        expect = cfg.l0_coefficient * min(1.0, step / cfg.sparsity_warmup_steps) * m[M.L0]
+        assert m[M.SPARSITY_LOSS] == pytest.approx(expect, rel=1e-4), step
