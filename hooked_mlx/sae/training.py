@@ -221,6 +221,7 @@ class SAETrainer:
         self.cfg = cfg
         self.kernels = get_backend(kernels)
         self.sae = sae if sae is not None else SAE(cfg)
+        self._fresh = sae is None  # b_dec is initialised from data only for a new SAE
         self.optimizer = optim.Adam(
             learning_rate=lr_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
             bias_correction=True,
@@ -244,7 +245,9 @@ class SAETrainer:
         """Input scale, b_dec init from the first (scaled) batch, optimizer state, compiled step."""
         self.input_scale = float(input_scale)
         x = first_batch.astype(mx.float32) * self.input_scale
-        if self.cfg.b_dec_init == "geometric_median":
+        if not self._fresh:
+            pass  # continue training the given SAE as it is
+        elif self.cfg.b_dec_init == "geometric_median":
             self.sae.b_dec = geometric_median(x)
         elif self.cfg.b_dec_init == "mean":
             self.sae.b_dec = mx.mean(x, axis=0)
@@ -571,6 +574,8 @@ def train_saes(
             source.load_state_dict(src, meta["source"])
         start = int(meta["step"])
         print(f"Resuming from {ckpt_file} at step {start} of {total}.", file=out)
+    elif resume and ckpt_file:
+        print(f"No checkpoint in {checkpoint_path} yet: starting a new run.", file=out)
     elif ckpt_file and os.path.exists(ckpt_file):
         print(f"Note: starting a new run; the checkpoint in {checkpoint_path} will be overwritten (pass resume=True "
               f"/ --resume to continue it instead).", file=out)
