@@ -20,7 +20,7 @@ import os
 import sys
 import typing
 
-from .config import ARCHITECTURES, SAEConfig
+from .config import ARCHITECTURES, B_DEC_INITS, DTYPES, FIELD_HELP, LR_SCHEDULES, NORMALIZATIONS, SAEConfig
 
 _SKIP = {"d_in", "hook_name", "extra"}
 
@@ -28,23 +28,25 @@ _SKIP = {"d_in", "hook_name", "extra"}
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     defaults = SAEConfig.defaults()
     hints = typing.get_type_hints(SAEConfig)
+    choices = {"architecture": list(ARCHITECTURES), "lr_schedule": list(LR_SCHEDULES),
+               "b_dec_init": list(B_DEC_INITS), "normalize_activations": list(NORMALIZATIONS), "dtype": list(DTYPES)}
     g = p.add_argument_group("SAEConfig fields (defaults from hooked_mlx.sae.SAEConfig)")
     for f in dataclasses.fields(SAEConfig):
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults[f.name]
+        text = f"{FIELD_HELP[f.name]} (default: {default!r})"
         t = hints[f.name]
         if f.name == "decoder_unit_norm":
-            g.add_argument(flag, choices=["auto", "true", "false"], default=None,
-                           help="keep decoder rows at unit norm (auto: TopK family yes, others no)")
+            g.add_argument(flag, choices=["auto", "true", "false"], default=None, help=text)
         elif t is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
-        elif f.name == "architecture":
-            g.add_argument(flag, choices=list(ARCHITECTURES), default=None, help=f"(default {default})")
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name in choices:
+            g.add_argument(flag, choices=choices[f.name], default=None, help=text)
         else:
             typ = int if t is int else float if t is float else str
-            g.add_argument(flag, type=typ, default=None, help=f"(default {default})")
+            g.add_argument(flag, type=typ, default=None, help=text)
 
 
 def _config_from_args(args, hook: str) -> SAEConfig:

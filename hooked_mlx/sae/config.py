@@ -46,6 +46,56 @@ DTYPES = ("float32",)
 
 FORMAT_VERSION = 1
 
+#: one line of help per field (the CLI flags and docs use it)
+FIELD_HELP: dict[str, str] = {
+    "d_in": "width of the hooked activation (0: taken from the model or the data)",
+    "architecture": "SAE architecture: " + "; ".join(f"{k}: {v}" for k, v in ARCHITECTURES.items()),
+    "d_sae": "number of latents (0: expansion_factor * d_in)",
+    "expansion_factor": "d_sae / d_in when d_sae is 0",
+    "k": "active latents per token (TopK; BatchTopK: on average over the batch)",
+    "apply_b_dec_to_input": "subtract b_dec from the input before encoding",
+    "dtype": "parameter dtype",
+    "l1_coefficient": "ReLU: weight of the L1 penalty sum_i |f_i| * ||W_dec,i||",
+    "l0_coefficient": "JumpReLU: weight of the L0 penalty sum_i H(z_i - theta_i)",
+    "jumprelu_bandwidth": "JumpReLU: bandwidth epsilon of the rectangle-kernel pseudo-gradient",
+    "jumprelu_init_threshold": "JumpReLU: initial threshold theta_0",
+    "batchtopk_threshold_lr": "BatchTopK: EMA rate of the running inference threshold",
+    "aux_k": "AuxK: dead latents used to model the residual (0: d_in // 2)",
+    "aux_k_coefficient": "AuxK: weight alpha of the normalised auxiliary loss (0: off)",
+    "ghost_grads": "ReLU: ghost grads for dead latents",
+    "lr": "Adam learning rate (bias-corrected Adam)",
+    "adam_beta1": "Adam beta1",
+    "adam_beta2": "Adam beta2",
+    "adam_eps": "Adam epsilon",
+    "lr_warmup_steps": "steps of linear learning-rate warm-up from 0",
+    "lr_schedule": "after warm-up: " + ", ".join(LR_SCHEDULES) + " (decay to lr * lr_end_factor)",
+    "lr_end_factor": "final learning rate as a fraction of lr",
+    "sparsity_warmup_steps": "steps over which the sparsity coefficient ramps linearly from 0",
+    "grad_clip_norm": "global gradient-norm clip (0: off)",
+    "decoder_unit_norm": "keep decoder rows at unit norm, removing the parallel gradient (default: TopK family)",
+    "decoder_init_norm": "decoder row norm at init when rows are not kept at unit norm",
+    "b_dec_init": "decoder-bias init from the first batch: " + ", ".join(B_DEC_INITS),
+    "hook_name": "canonical hook name, e.g. blocks.2.hook_resid_post",
+    "model_name": "model name or path recorded in saved files",
+    "context_size": "tokens per context",
+    "prepend_bos": "start each context with BOS",
+    "packing": "concatenate documents (BOS-separated) into full contexts; else one document per context",
+    "exclude_special_tokens": "drop BOS and pad positions from the training data",
+    "store_batch_size_prompts": "contexts per model forward",
+    "shuffle_buffer_tokens": "size of the fixed shuffle buffer, in tokens (per hook)",
+    "train_batch_size_tokens": "tokens per training step",
+    "training_tokens": "total training tokens",
+    "normalize_activations": "input normalisation: " + "; ".join(f"{k}: {v}" for k, v in NORMALIZATIONS.items()),
+    "norm_estimation_tokens": "tokens used to estimate the input normalisation",
+    "dead_tokens_window": "a latent is dead after this many tokens without firing",
+    "log_every_steps": "read the on-device metrics this often (one host sync)",
+    "checkpoint_every_steps": "write a checkpoint this often (0: only at the end)",
+    "seed": "random seed (initialisation, data order)",
+    "wandb_project": "Weights & Biases project (empty: no W&B)",
+    "wandb_run_name": "Weights & Biases run name",
+    "extra": "free-form metadata carried into saved files",
+}
+
 
 @dataclass
 class SAEConfig:

@@ -82,3 +82,18 @@ def test_metric_keys_are_constants():
         for k in keys:
             assert f"``{k}``" in M.__doc__ or k in M.__doc__  # every key is documented
     assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu"}
+
+
+def test_every_field_has_help_and_a_cli_flag():
+    import argparse
+
+    from hooked_mlx.sae.cli import add_subcommands
+    from hooked_mlx.sae.config import FIELD_HELP
+
+    assert set(FIELD_HELP) == set(SAEConfig.field_names())
+    p = argparse.ArgumentParser()
+    add_subcommands(p.add_subparsers())
+    text = p._subparsers._group_actions[0].choices["train-sae"].format_help()
+    for name in SAEConfig.field_names():
+        if name not in ("d_in", "hook_name", "extra"):
+            assert "--" + name.replace("_", "-") in text
