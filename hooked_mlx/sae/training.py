@@ -97,15 +97,16 @@ def _auxk_loss(pre, x, x_hat, W_dec, dead, k_aux: int, kernels):
     """Normalised AuxK loss: reconstruct the residual with the top-k_aux dead latents (no decoder bias).
 
     The dead latents' raw pre-activations are used (no relu, as SAELens): a dead latent's pre-activation is
-    usually negative, and relu would give it no gradient. Fewer than k_aux dead latents: the rest are 0.
+    usually negative, and relu would give it no gradient. Fewer than k_aux dead latents: all of them are
+    used. The selection is a per-row threshold (the k_aux-th largest dead pre-activation) and the decode a
+    dense matmul: on every back end measured this beat gathering k_aux rows, whose backward is a scatter of
+    [B, k_aux, D] (the main TopK path, with k << k_aux, stays sparse).
     """
     e = mx.stop_gradient(x - x_hat)
     pre_dead = mx.where(dead, pre, -mx.inf)
-    F = pre.shape[-1]
-    idx = mx.stop_gradient(mx.argpartition(pre_dead, F - k_aux, axis=-1)[..., F - k_aux:])
-    vals = mx.take_along_axis(pre_dead, idx, axis=-1)
-    vals = mx.where(mx.isfinite(vals), vals, 0.0)
-    e_hat = kernels.sparse_decode(vals, idx, W_dec)
+    kth = mx.stop_gradient(mx.min(mx.topk(pre_dead, k_aux, axis=-1), axis=-1, keepdims=True))
+    z = mx.where((pre_dead >= kth) & dead, pre, 0.0)
+    e_hat = z @ W_dec
     denom = mx.maximum(M.total_variance(e), 1e-12)
     return mx.sum(mx.square(e_hat - e)) / denom
 
