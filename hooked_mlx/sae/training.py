@@ -35,7 +35,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf; the trainer state was restored to the last good read."""
+    """The training loss or gradient became NaN or inf; the update was skipped, the state is the last good one."""
 
 
 # ---------------------------------------------------------------------------------------------------
