@@ -373,7 +373,7 @@ class SAETrainer:
             raise NonFiniteLossError(
                 f"SAE training on {self.cfg.hook_name or 'the activations'} hit a non-finite loss or gradient at "
                 f"step {bad} (0-based). That update and any later ones were skipped, so the trainer state is the "
-                f"one after step {bad - 1} (the last good one). Usual causes: a learning rate too high (lr = "
+                f"one from before step {bad} (the last good one). Usual causes: a learning rate too high (lr = "
                 f"{self.cfg.lr}), unnormalised inputs with huge norms (normalize_activations = "
                 f"{self.cfg.normalize_activations!r}), NaN/inf in the activations themselves (check the model and "
                 f"hook), or a sparsity coefficient that collapses the latents."

@@ -192,7 +192,7 @@ def test_non_finite_loss_names_step_and_restores(sparse_data):
             return batches[(self.i - 1) % 12]
 
     cfg = _cfg("topk", normalize_activations="none", log_every_steps=5, training_tokens=12 * B)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 7 .*the one after step 6 "
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 7 .*the one from before step 7 "
                                                  r".*learning rate"):
         train_saes(cfg, Src(), progress=False)
 
