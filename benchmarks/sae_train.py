@@ -30,10 +30,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import hooked_mlx  # noqa: E402,F401  (BLAS before mlx.core)
+
+# isort: split
+from functools import partial  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-from functools import partial  # noqa: E402
 
 from hooked_mlx.sae import SAEConfig, SAETrainer  # noqa: E402
 
@@ -127,7 +130,7 @@ def bench_shape(name, shape, scale, warmup, steps, archs):
         t = SAETrainer(cfg)
         t.initialize(x, 1.0)
         mx.clear_cache()
-        dt, mem = time_steps(t.step, lambda: mx.eval(t.state_arrays()), x, warmup, steps)
+        dt, mem = time_steps(t.step, lambda t=t: mx.eval(t.state_arrays()), x, warmup, steps)
         extra = {"topk": " +AuxK" if dead else " (no dead latents)", "batchtopk": " +AuxK", "relu": " +ghost grads",
                  "jumprelu": ""}[arch]
         rows.append(dict(shape=name, impl=f"hooked_mlx {arch}{extra}", d_in=d, d_sae=F, batch=B, k=k, ms=1e3 * dt,

@@ -16,16 +16,37 @@ Metric keys are the constants of ``hooked_mlx.sae.metrics``; every default lives
 """
 
 from . import metrics
-from .analysis import (FeatureExample, LogitEffects, TokenFeatures, feature_logit_effects, feature_logit_weights,
-                       top_contexts, top_features)
+from .analysis import (
+                       FeatureExample,
+                       LogitEffects,
+                       TokenFeatures,
+                       feature_logit_effects,
+                       feature_logit_weights,
+                       top_contexts,
+                       top_features,
+)
 from .config import ARCHITECTURES, SAEConfig
 from .evals import evaluate_model, evaluate_reconstruction
-from .files import (detect_format, export_saelens, export_sparsify, load_sae, load_saelens, load_sparsify,
-                    save_sae)
+from .files import (
+                       detect_format,
+                       export_saelens,
+                       export_sparsify,
+                       load_sae,
+                       load_saelens,
+                       load_sparsify,
+                       save_sae,
+)
 from .sae import SAE
 from .store import ActivationStore, ArraySource, ShardSource, harvest, open_corpus
-from .training import (NonFiniteLossError, SAETrainer, geometric_median, load_checkpoint, save_checkpoint,
-                       train_sae, train_saes)
+from .training import (
+                       NonFiniteLossError,
+                       SAETrainer,
+                       geometric_median,
+                       load_checkpoint,
+                       save_checkpoint,
+                       train_sae,
+                       train_saes,
+)
 
 __all__ = [
     "ARCHITECTURES", "ActivationStore", "ArraySource", "FeatureExample", "LogitEffects", "NonFiniteLossError",

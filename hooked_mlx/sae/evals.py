@@ -131,11 +131,11 @@ def evaluate_model(model, sae: SAE, texts, *, batch_size: int = 8, hook_name: st
             continue
         where = splice_positions(model, toks, mask, exclude)[..., None]
 
-        def with_sae(act, hook_point):
+        def with_sae(act, hook_point, where=where):
             x_hat = sae(act.reshape(-1, act.shape[-1])).reshape(act.shape)
             return mx.where(where, x_hat, act).astype(act.dtype)
 
-        def zero(act, hook_point):
+        def zero(act, hook_point, where=where):
             return mx.where(where, mx.zeros_like(act), act)
 
         keep = (mask[:, 1:] & mask[:, :-1]).astype(mx.float32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import SAEConfig, TOPK_FAMILY
+from .config import TOPK_FAMILY, SAEConfig
 from .kernels import reference as K
 
 

@@ -15,13 +15,12 @@ and can save / restore its exact position (``state_dict`` / ``load_state_dict``)
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
 import warnings
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np

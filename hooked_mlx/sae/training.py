@@ -27,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import metrics as M
-from .config import FORMAT_VERSION, SAEConfig, TOPK_FAMILY
+from .config import FORMAT_VERSION, TOPK_FAMILY, SAEConfig
 from .kernels import get_backend
 from .sae import SAE
 
@@ -262,7 +262,6 @@ class SAETrainer:
 
     def _build(self):
         cfg = self.cfg
-        sae, opt, aux, kernels = self.sae, self.optimizer, self.aux, self.kernels
         unit_norm = cfg.resolved_decoder_unit_norm
         window = cfg.dead_tokens_window
         warm = cfg.sparsity_warmup_steps

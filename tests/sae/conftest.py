@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from sae_fixtures import CORPUS, HERE, HOOK, make_sparse_data  # noqa: F401
 
 

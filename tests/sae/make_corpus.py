@@ -10,6 +10,8 @@ import os
 import sys
 
 import hooked_mlx  # noqa: F401  (loads the CPU BLAS before mlx.core)
+
+# isort: split
 import mlx.core as mx
 
 from hooked_mlx import HookedTransformer

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from hooked_mlx.sae import SAEConfig, metrics as M
+from hooked_mlx.sae import SAEConfig
+from hooked_mlx.sae import metrics as M
 from hooked_mlx.sae.config import ARCHITECTURES
 
 

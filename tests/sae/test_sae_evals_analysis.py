@@ -6,11 +6,19 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from hooked_mlx.sae import (SAE, SAEConfig, evaluate_model, evaluate_reconstruction, feature_logit_effects,
-                            feature_logit_weights, metrics as M, top_contexts, top_features)
-
 from test_sae_model import _random_sae
+
+from hooked_mlx.sae import (
+    SAE,
+    SAEConfig,
+    evaluate_model,
+    evaluate_reconstruction,
+    feature_logit_effects,
+    feature_logit_weights,
+    top_contexts,
+    top_features,
+)
+from hooked_mlx.sae import metrics as M
 
 HOOK = "blocks.1.hook_resid_post"
 TEXTS = ["Once upon a time, there was a little girl named Lily.", "Tom saw a big red ball in the park.",

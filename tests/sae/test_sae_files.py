@@ -9,12 +9,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-
-from hooked_mlx.sae import (SAE, SAEConfig, detect_format, export_saelens, export_sparsify, load_sae,
-                            load_saelens, load_sparsify, save_sae)
-from hooked_mlx.sae.files import sparsify_hook_name
-
 from test_sae_model import _random_sae
+
+from hooked_mlx.sae import (
+    SAE,
+    SAEConfig,
+    detect_format,
+    export_saelens,
+    export_sparsify,
+    load_sae,
+    load_saelens,
+    load_sparsify,
+    save_sae,
+)
+from hooked_mlx.sae.files import sparsify_hook_name
 
 D, F = 16, 64
 X = np.random.default_rng(7).normal(size=(40, D)).astype(np.float32)

@@ -8,11 +8,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from sae_fixtures import HOOK
 
 from hooked_mlx.sae import ActivationStore, SAEConfig, ShardSource, harvest, open_corpus
 from hooked_mlx.sae.store import ContextBuilder, stop_layer_for
-
-from sae_fixtures import HOOK
 
 DOCS = ["Once upon a time, there was a little girl.", "Tom had a red ball. He liked it.", "The sun was hot."]
 

@@ -16,13 +16,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from hooked_mlx.sae import SAEConfig, SAETrainer, metrics as M
-from hooked_mlx.sae.store import ArraySource
-from hooked_mlx.sae.training import (CHECKPOINT_FILE, NonFiniteLossError, geometric_median, load_checkpoint,
-                                     lr_schedule, train_saes)
-
 from sae_fixtures import make_sparse_data
+
+from hooked_mlx.sae import SAEConfig, SAETrainer
+from hooked_mlx.sae import metrics as M
+from hooked_mlx.sae.store import ArraySource
+from hooked_mlx.sae.training import (
+    CHECKPOINT_FILE,
+    NonFiniteLossError,
+    geometric_median,
+    load_checkpoint,
+    lr_schedule,
+    train_saes,
+)
 
 B = 512
 
