@@ -78,12 +78,16 @@ def _load_model(path: str | None):
 
 
 def cmd_train_sae(args) -> int:
-    from .evals import evaluate_reconstruction
+    import numpy as np
+
+    from .evals import evaluate_model, evaluate_reconstruction
+    from .store import open_corpus
     from .files import export_saelens, export_sparsify, save_sae
     from .store import ActivationStore, ShardSource, is_harvest_dir
     from .training import train_saes
 
     harvested = is_harvest_dir(args.data)
+    model = None
     if harvested:
         hooks = _expand_hooks(args.hook) if args.hook else None
         probe = ShardSource(args.data, batch_size=1, hook_names=hooks)
@@ -115,7 +119,18 @@ def cmd_train_sae(args) -> int:
         if "sparsify" in args.export:
             export_sparsify(sae, os.path.join(folder, "sparsify"), hookpoint=None)
         entry = {"path": folder}
-        if args.eval_batches:
+        if args.eval_data:
+            # held-out documents: reconstruction on their activations, and the SAE spliced into the model
+            if model is None:
+                if not args.model:
+                    raise ValueError("--eval-data needs --model (the model the SAE reads from).")
+                model = _load_model(args.model)
+            docs = list(open_corpus(args.eval_data, args.text_field)())[: args.eval_docs]
+            store = ActivationStore(model, hook, docs, sae.cfg, text_field=args.text_field)
+            acts = np.concatenate([a[hook] for a in store.iter_activations(65536)])
+            entry["eval"] = {**evaluate_reconstruction(sae, acts), **evaluate_model(model, sae, docs)}
+            entry["eval_tokens"] = int(acts.shape[0])
+        elif args.eval_batches:
             batches = [source.next_batch()[hook] for _ in range(args.eval_batches)]
             entry["eval"] = evaluate_reconstruction(sae, batches)
         report[hook] = entry
@@ -152,7 +167,12 @@ def add_subcommands(subparsers) -> None:
                    help="also write these formats inside the output folder")
     p.add_argument("--checkpoint-dir", default=None, help="folder for atomic training checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
-    p.add_argument("--eval-batches", type=int, default=4, help="batches of fresh activations to evaluate on (0: none)")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="without --eval-data: batches of further training-source activations to evaluate on (0: none)")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out corpus (.txt / .jsonl): report FVU, L0 ... on its activations and CE loss recovered "
+                        "/ KL with the SAE spliced into the model")
+    p.add_argument("--eval-docs", type=int, default=32, help="documents of --eval-data to use")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--kernels", default="reference", choices=["reference", "fused"],
                    help="SAE kernel back end: the pure-MLX reference, or the fused kernels (CUDA / Metal when "

@@ -21,10 +21,12 @@ def test_harvest_then_train_from_shards(stories_path, corpus_path, tmp_path, cap
     assert man["hook_names"] == ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
     assert man["n_tokens"] == 6000 and len(man["shards"]) == 3
     out = tmp_path / "saes"
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(corpus_path.read_text().split("\n\n")[-6:]))
     rc = main(["train-sae", "--data", str(acts), "--out", str(out), "--architecture", "batchtopk", "--k", "8",
                "--expansion-factor", "4", "--train-batch-size-tokens", "256", "--shuffle-buffer-tokens", "256",
-               "--training-tokens", "5120", "--lr-warmup-steps", "2", "--export", "saelens", "--eval-batches", "2",
-               "--quiet"])
+               "--training-tokens", "5120", "--lr-warmup-steps", "2", "--export", "saelens", "--model",
+               str(stories_path), "--eval-data", str(held), "--eval-docs", "4", "--quiet"])
     assert rc == 0
     stdout = capsys.readouterr().out
     report = json.loads(stdout[stdout.index("{"):])
@@ -36,7 +38,9 @@ def test_harvest_then_train_from_shards(stories_path, corpus_path, tmp_path, cap
         assert sl.cfg.architecture == "jumprelu"
         x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
         np.testing.assert_allclose(np.array(sl(mx.array(x))), np.array(sae(mx.array(x))), atol=1e-5)
-        assert 0 < report[hook]["eval"]["fvu"] < 1.5
+        ev = report[hook]["eval"]
+        assert 0 < ev["fvu"] < 1.5 and report[hook]["eval_tokens"] > 100
+        assert ev["ce_loss_zero_ablation"] > ev["ce_loss_clean"] and "kl_score" in ev
 
 
 def test_train_streaming_with_checkpoint_and_resume(stories_path, corpus_path, tmp_path):
