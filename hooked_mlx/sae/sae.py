@@ -157,6 +157,26 @@ class SAE(nn.Module):
         self.threshold = mx.full((self.d_sae,), theta, dtype=mx.float32) if not isinstance(theta, mx.array) \
             else mx.broadcast_to(theta.astype(mx.float32), (self.d_sae,))
 
+    def calibrate_threshold(self, x: mx.array, target_l0: float | None = None) -> float:
+        """BatchTopK: set the global threshold so that the inference L0 on activations x [N, d_in] is
+        ``target_l0`` (default k): theta = the (target_l0 * N)-th largest relu(pre) over x. Returns theta.
+
+        The running threshold of training (an EMA of each batch's smallest kept value) lags behind in short
+        runs; this re-estimates it from data, e.g. held-out activations, after training.
+        """
+        if self.cfg.architecture != "batchtopk":
+            raise ValueError("calibrate_threshold applies to batchtopk SAEs only.")
+        acts = mx.maximum(self.encode_pre(x.reshape(-1, self.d_in)), 0).reshape(-1)
+        n_keep = int(round((self.cfg.k if target_l0 is None else target_l0) * x.reshape(-1, self.d_in).shape[0]))
+        if not 1 <= n_keep <= acts.size:
+            raise ValueError(f"target L0 gives {n_keep} kept entries; expected between 1 and {acts.size}.")
+        kth = mx.min(mx.topk(acts, n_keep))
+        # the largest value strictly below the cut, so that "pre > theta" keeps the cut entry itself
+        below = mx.max(mx.where(acts < kth, acts, 0.0))
+        theta = float(((kth + below) / 2).item())
+        self.set_batchtopk_threshold(theta)
+        return theta
+
     def num_params(self) -> int:
         from mlx.utils import tree_flatten
 

@@ -130,3 +130,16 @@ def test_init_and_errors():
         sae(mx.zeros((2, 5)))
     with pytest.raises(ValueError, match="d_in = 0"):
         SAE(SAEConfig())
+
+
+def test_batchtopk_threshold_calibration():
+    sae = _random_sae("batchtopk", d_in=16, d_sae=64, k=4)
+    x = mx.array(np.random.default_rng(5).normal(size=(500, 16)).astype(np.float32))
+    theta = sae.calibrate_threshold(x)
+    assert float(sae.threshold[0]) == pytest.approx(theta) and theta > 0
+    l0 = float((np.array(sae.encode(x)) != 0).sum(-1).mean())
+    assert l0 == pytest.approx(4.0, abs=1e-6)
+    sae.calibrate_threshold(x, target_l0=2.5)
+    assert float((np.array(sae.encode(x)) != 0).sum(-1).mean()) == pytest.approx(2.5, abs=1e-6)
+    with pytest.raises(ValueError, match="batchtopk SAEs only"):
+        _random_sae("topk").calibrate_threshold(x)
