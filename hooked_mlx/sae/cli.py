@@ -186,7 +186,8 @@ def add_subcommands(subparsers) -> None:
     h.add_argument("--data", required=True, help="corpus: .txt / .jsonl / hf:NAME[:SPLIT]")
     h.add_argument("--text-field", default="text")
     h.add_argument("--out", required=True, help="output folder")
-    h.add_argument("--tokens", type=int, required=True, help="number of activation rows (tokens) to write")
+    h.add_argument("--tokens", type=int, default=None,
+                   help="number of activation rows (tokens) to write (default: the whole corpus once)")
     h.add_argument("--shard-tokens", type=int, default=262144, help="rows per shard file")
     h.add_argument("--context-size", type=int, default=d["context_size"])
     h.add_argument("--batch-prompts", type=int, default=d["store_batch_size_prompts"])
