@@ -324,7 +324,8 @@ def profile(shape, reps=10):
     m, v = g * 0.1, mx.abs(g) * 0.01
     hp = FU._hparams(1e-4, 0.9, 0.999, 1e-8, 3)
     db = mx.random.normal((F,))
-    mx.eval(p, x, W16, pre, vals, idx, dY, g, m, v, hp, db)
+    gE, mE, vE = (mx.contiguous(a.T) for a in (g, m, v))  # W_enc-shaped [D,F], contiguous as in the step
+    mx.eval(p, x, W16, pre, vals, idx, dY, g, m, v, hp, db, gE, mE, vE)
     step = FusedStep(p, K, 1e-4)
     items = {
         "encoder matmul bf16 (addmm)": lambda: ops.pre(x, p["W_enc"], p["b_enc"], W16),
@@ -342,7 +343,7 @@ def profile(shape, reps=10):
                                                                        F, False),
         "W_enc @ db_enc (b_dec share)": lambda: p["W_enc"] @ db,
         "fused Adam+proj+renorm W_dec": lambda: ops.adam_rows(p["W_dec"], g, m, v, hp, True, True, 1e-8),
-        "fused Adam W_enc (+bf16 copy)": lambda: ops.adam(p["W_enc"], g.T, m.T, v.T, hp, mx.bfloat16),
+        "fused Adam W_enc (+bf16 copy)": lambda: ops.adam(p["W_enc"], gE, mE, vE, hp, mx.bfloat16),
         "forward+backward (compiled)": lambda: step.grad_fn(step.params, x, step.W_lowp),
         "whole fused step": lambda: step(x),
     }

@@ -46,7 +46,7 @@ __device__ __forceinline__ float hk_block_sum(float v, float* red) {
 """
 
 ROW_TOPK = r"""
-  // template: K, F, BF16 (bool), HAS_DEAD (bool)
+  // template: K, F, BF16 (bool), HAS_DEAD (bool), RELU (bool: relu the written values)
   __shared__ unsigned int hist[256];
   __shared__ unsigned int sel[2];
   __shared__ unsigned int cnt[2];
@@ -111,7 +111,7 @@ ROW_TOPK = r"""
     else if (key == prefix) { unsigned int s = atomicAdd(&cnt[1], 1u); if (s < remaining) slot = (int)(n_gt + s); }
     if (slot >= 0) {
       float v = (key == 0u) ? 0.f : value(i);
-      vals[(size_t)row * K + slot] = v > 0.f ? v : 0.f;
+      vals[(size_t)row * K + slot] = RELU ? (v > 0.f ? v : 0.f) : v;
       idx[(size_t)row * K + slot] = (uint32_t)i;
     }
   }
@@ -366,7 +366,7 @@ class CudaOps(ReferenceOps):
         self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
 
     # -- selection ------------------------------------------------------------------------------------
-    def row_topk(self, pre, k, dead=None):
+    def row_topk(self, pre, k, dead=None, relu=True):
         B, F = pre.shape
         bf16 = pre.dtype == mx.bfloat16
         if not bf16 and pre.dtype != mx.float32:
@@ -374,7 +374,8 @@ class CudaOps(ReferenceOps):
         nt = 1024 if F >= 65536 else 512
         d = mx.zeros((1,), mx.float32) if dead is None else dead.astype(mx.float32)
         vals, idx = self._row_topk(
-            inputs=[pre, d], template=[("K", int(k)), ("F", int(F)), ("BF16", bf16), ("HAS_DEAD", dead is not None)],
+            inputs=[pre, d], template=[("K", int(k)), ("F", int(F)), ("BF16", bf16), ("HAS_DEAD", dead is not None),
+                                       ("RELU", bool(relu))],
             grid=(B * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(B, k), (B, k)],
             output_dtypes=[mx.float32, mx.uint32])
         return vals, idx

@@ -26,6 +26,15 @@ The interface
   self-check (run once, at first use, on a small problem against the reference ops; on a mismatch or
   an exception it warns and falls back to "reference"). ``HOOKED_MLX_SAE_KERNELS=reference`` forces it.
 
+Trainer integration:
+
+* ``SAETrainer(cfg, kernels="fused")`` / ``train_saes(..., kernels="fused")`` already use the per-op functions
+  inside the trainer's compiled step, unchanged (radix top-k select, fused decode with a sparse VJP; the
+  encoder backward stays MLX's dense one there).
+* The fully sparse path is ``topk_train_forward(sae, x, dead, use_dead)`` -> (x_hat, vals, idx, aux), the
+  trainer's TopK branch with its AuxK semantics (raw dead pre-activations); ``fused_adam_renorm`` + ``adam``
+  replace projection + ``optim.Adam`` + renorm (see ``benchmarks/sae_kernels.py:FusedStep``).
+
 Precision: GPU back ends run the encoder matmul in bf16 with fp32 accumulation (pre-activations stored
 in bf16, as under sparsify's autocast); everything else (values, decode, gradients, Adam) is fp32. The
 reference back end is fp32 end to end and equals the dense reference (``reference.py``) to float32
@@ -47,7 +56,7 @@ __all__ = [
     "TopKOut", "topk_sae_forward", "batchtopk_threshold", "batchtopk_mask", "fused_adam_renorm", "adam",
     "backend", "get_ops", "self_check", "ReferenceOps",
     "encode_pre", "topk_select", "topk_encode", "sparse_decode", "topk_decode", "scatter_dense",
-    "dense_decode", "jumprelu", "heaviside", "topk_sae_loss",
+    "dense_decode", "jumprelu", "heaviside", "topk_sae_loss", "topk_train_forward",
 ]
 
 
@@ -84,17 +93,18 @@ class ReferenceOps:
         W = W_lowp if W_lowp is not None and W_lowp.size else W_enc.astype(dt)
         return mx.addmm(b_enc.astype(dt), xc.astype(dt), W)
 
-    def row_topk(self, pre: mx.array, k: int, dead: mx.array | None = None) -> tuple[mx.array, mx.array]:
-        """(relu of the k largest pre per row [B,k] float32, their indices [B,k] uint32), any order.
-
-        ``dead`` [F] (nonzero = eligible): entries of other latents count as -inf (value 0 if picked).
-        """
+    def row_topk(self, pre: mx.array, k: int, dead: mx.array | None = None, relu: bool = True
+                 ) -> tuple[mx.array, mx.array]:
+        """(the k largest pre per row [B,k] float32, relu'd unless ``relu=False``; their indices [B,k]
+        uint32), any order. ``dead`` [F] (nonzero = eligible): entries of other latents count as -inf
+        (value 0 if picked)."""
         if dead is not None:
             pre = mx.where(dead.astype(mx.bool_), pre, -mx.inf)
         F = pre.shape[-1]
         idx = mx.argpartition(pre, F - k, axis=-1)[..., F - k:].astype(mx.uint32)
-        vals = mx.maximum(mx.take_along_axis(pre, idx, axis=-1), 0).astype(mx.float32)
-        return vals, idx
+        vals = mx.take_along_axis(pre, idx, axis=-1)
+        vals = mx.maximum(vals, 0) if relu else mx.where(mx.isfinite(vals), vals, 0)
+        return vals.astype(mx.float32), idx
 
     def radix_histogram(self, keys: mx.array, prefix: mx.array, shift: int) -> mx.array:
         """256-bin histogram of digit (key >> shift) & 255 over keys whose bits above the digit equal
@@ -259,13 +269,15 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     if pre_t is not None:
         close("pre", pre_t, ref.pre(x, W_enc, b_enc), lo, lo)
     pre = ref.pre(x, W_enc, b_enc)
-    for name, dd in (("row_topk", None), ("row_topk(dead)", dead)):
-        got = run(name, lambda dd=dd: ops.row_topk(pre, k, dd))
+    for name, dd, relu in (("row_topk", None, True), ("row_topk(dead)", dead, True),
+                           ("row_topk(dead, raw)", dead, False)):
+        got = run(name, lambda dd=dd, relu=relu: ops.row_topk(pre, k, dd, relu))
         if got is not None:
-            want = ref.row_topk(pre, k, dd)
+            want = ref.row_topk(pre, k, dd, relu)
             close(name, mx.sort(got[0], axis=-1), mx.sort(want[0], axis=-1), 1e-6, 1e-6)
-            chk = mx.maximum(mx.take_along_axis(pre if dd is None else mx.where(dd > 0, pre, -mx.inf),
-                                                got[1].astype(mx.int32), axis=-1), 0)
+            src = pre if dd is None else mx.where(dd > 0, pre, -mx.inf)
+            chk = mx.take_along_axis(src, got[1].astype(mx.int32), axis=-1)
+            chk = mx.maximum(chk, 0) if relu else mx.where(mx.isfinite(chk), chk, 0)
             close(name + " indices", chk, got[0], 1e-6, 1e-6)
     keys = ref.acts_keys(pre)
     top = (mx.max(keys) >> 24).astype(mx.uint32) << 24  # the highest occupied first digit
@@ -371,7 +383,7 @@ def _dense_cols(idx: mx.array) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, deterministic: bool):
+def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, deterministic: bool, aux_relu: bool):
     aux = k_aux > 0
 
     def xc_of(x, b_dec):
@@ -385,7 +397,7 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
         x_hat = ops.decode(vals, idx, W_dec) + b_dec
         if not aux:
             return x_hat, vals, idx
-        avals, aidx = ops.row_topk(pre, k_aux, dead)
+        avals, aidx = ops.row_topk(pre, k_aux, dead, aux_relu)
         e_hat = ops.decode(avals, aidx, W_dec)
         return x_hat, vals, idx, e_hat, avals, aidx
 
@@ -405,7 +417,10 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
             d_ehat, d_avals = cotangents[3], cotangents[4]
             avals, aidx = outputs[4], outputs[5]
             dva = ops.gather_dot(d_ehat, aidx, W_dec) + d_avals
-            dprea = mx.where(avals > 0, dva, 0)
+            if aux_relu:
+                dprea = mx.where(avals > 0, dva, 0)
+            else:  # raw values: every pick of a dead latent carries gradient (fillers for -inf do not)
+                dprea = mx.where(mx.take(dead, aidx.astype(mx.int32)) > 0, dva, 0)
             arows = mx.repeat(mx.arange(B, dtype=mx.uint32), k_aux)
             cols = mx.concatenate([_dense_cols(idx), _dense_cols(aidx)])
             rows_dec = mx.concatenate([rows, arows + B])
@@ -429,12 +444,13 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
 
 
 def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
-                     apply_b_dec_to_input: bool = True, deterministic: bool = True, W_enc_lowp=None,
-                     ops=None) -> TopKOut:
+                     apply_b_dec_to_input: bool = True, deterministic: bool = True, aux_relu: bool = True,
+                     W_enc_lowp=None, ops=None) -> TopKOut:
     """Fused TopK SAE forward (see the module docstring). x [B,D] float32.
 
     ``dead`` [F] bool/float (nonzero = dead) with ``k_aux`` > 0 turns on the AuxK outputs; k_aux is
-    clipped to F. ``W_enc_lowp``: the bf16 copy of W_enc that ``adam(..., lowp_copy=True)`` produced in the
+    clipped to F. ``aux_relu=False``: the AuxK values are the dead latents' raw pre-activations (SAELens
+    and the hooked_mlx trainer) instead of relu'd ones (OpenAI, sparsify). ``W_enc_lowp``: the bf16 copy of W_enc that ``adam(..., lowp_copy=True)`` produced in the
     same pass as the update (saves a cast pass per step; GPU back ends only). ``ops``: a back-end name or ops object (default: the self-checked best).
     """
     ops = _resolve(ops)
@@ -446,7 +462,7 @@ def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: in
         raise ValueError(f"Expected W_enc [{D},{F}] and W_dec [{F},{D}]; got {W_enc.shape} and {W_dec.shape}.")
     ka = 0 if (dead is None or not k_aux) else min(int(k_aux), F)
     d = mx.zeros((F,), mx.float32) if dead is None else dead.astype(mx.float32)
-    fn = _topk_fn(ops, int(k), ka, bool(apply_b_dec_to_input), bool(deterministic))
+    fn = _topk_fn(ops, int(k), ka, bool(apply_b_dec_to_input), bool(deterministic), bool(aux_relu))
     wl = W_enc_lowp if (W_enc_lowp is not None and ops.matmul_dtype is not None) else mx.zeros((0,), mx.bfloat16)
     return TopKOut(*fn(x, W_enc, b_enc, W_dec, b_dec, d, wl))
 
@@ -467,6 +483,29 @@ def topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux=None, 
         scale = mx.minimum(n_dead / k_aux, 1.0)
         aux = scale * mx.sum(mx.square(out.e_hat - mx.stop_gradient(e))) / tv
     return fvu + aux_coef * aux, (fvu, aux, out)
+
+
+def topk_train_forward(sae, x, dead, use_dead: bool = True, ops=None):
+    """The TopK branch of ``hooked_mlx.sae.training.train_forward`` on the fused path, same semantics:
+
+    returns (x_hat [B,D], vals [B,k], idx [B,k] (the kept latents, for bookkeeping), aux) where aux is the
+    trainer's AuxK term (raw dead pre-activations, no decoder bias, normalised by the residual's total
+    variance, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False).
+    Call ``backend()`` once before compiling a step that uses it (the self-check runs at first use).
+    """
+    from .. import metrics as M  # noqa: PLC0415
+
+    cfg = sae.cfg
+    aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
+    out = topk_sae_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
+                           cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+                           aux_relu=False, ops=ops)
+    aux = mx.array(0.0)
+    if aux_on:
+        e = mx.stop_gradient(x - out.x_hat)
+        loss = mx.sum(mx.square(out.e_hat - e)) / mx.maximum(M.total_variance(e), 1e-12)
+        aux = cfg.aux_k_coefficient * mx.where(mx.sum(dead) > 0, loss, 0.0)
+    return out.x_hat, out.vals, out.idx, aux
 
 
 # ---------------------------------------------------------------------------------------------------

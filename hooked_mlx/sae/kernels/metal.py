@@ -25,7 +25,7 @@ inline uint hk_key(float f) {
 """
 
 ROW_TOPK = r"""
-  // template: K, F, KEYBITS (16 for bf16 pre, 32 for fp32), HAS_DEAD
+  // template: K, F, KEYBITS (16 for bf16 pre, 32 for fp32), HAS_DEAD, RELU
   threadgroup atomic_uint hist[256];
   threadgroup uint sel[2];
   threadgroup atomic_uint cnt[2];
@@ -68,7 +68,7 @@ ROW_TOPK = r"""
     else if (key == prefix) { uint s = atomic_fetch_add_explicit(&cnt[1], 1u, memory_order_relaxed); if (s < remaining) slot = (int)(n_gt + s); }
     if (slot >= 0) {
       float v = (key == 0u) ? 0.0f : float(pre[base + i]);
-      vals[(size_t)row * K + slot] = v > 0.0f ? v : 0.0f;
+      vals[(size_t)row * K + slot] = RELU ? (v > 0.0f ? v : 0.0f) : v;
       idx[(size_t)row * K + slot] = i;
     }
   }
@@ -237,7 +237,7 @@ class MetalOps(ReferenceOps):
                       ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS)
         self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
 
-    def row_topk(self, pre, k, dead=None):
+    def row_topk(self, pre, k, dead=None, relu=True):
         B, F = pre.shape
         keybits = 16 if pre.dtype == mx.bfloat16 else 32
         if keybits == 32 and pre.dtype != mx.float32:
@@ -246,7 +246,7 @@ class MetalOps(ReferenceOps):
         d = mx.zeros((1,), mx.float32) if dead is None else dead.astype(mx.float32)
         return tuple(self._row_topk(
             inputs=[pre, d], template=[("K", int(k)), ("F", int(F)), ("KEYBITS", keybits),
-                                       ("HAS_DEAD", dead is not None)],
+                                       ("HAS_DEAD", dead is not None), ("RELU", bool(relu))],
             grid=(B * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(B, k), (B, k)],
             output_dtypes=[mx.float32, mx.uint32]))
 
