@@ -177,6 +177,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for TL")
     ap.add_argument("--tl-python", default=os.environ.get("TL_PYTHON", "/work/tlvenv/bin/python"))
+    ap.add_argument("--json", default=None, help="also write the results (and run_all.py's summary rows) here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -191,9 +192,21 @@ def main(argv=None):
           f"{load:.1f} at start); best of {args.repeats} interleaved runs after a warm-up")
     print(f"{'config':<40} {'cells':>5} {'TL s':>7} {'TL ms/cell':>10} {'hm s':>7} {'hm ms/cell':>10} "
           f"{'ratio':>7} {'ratio*':>7} {'max|diff|':>9}")
+    rows, summary = [], []
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         r = run_config(name, cfg, args.tl_python, args.repeats, args.threads)
+        rows.append({**r, "config": cfg})
+        shape = f"{cfg['n_layers']} layers x d {cfg['d_model']} x {cfg['n_tokens']} tokens"
+        summary.append({"row": f"resid_pre sweep, {shape} ({r['cells']} cells)",
+                        "value": f"{1e3 * r['best']['hm'] / r['cells']:.2f} ms/cell",
+                        "anchor": f"TransformerLens {1e3 * r['best']['tl'] / r['cells']:.2f} ms/cell "
+                                  f"(torch {r['threads']} threads)",
+                        "ratio": round(r["ratio"], 1), "goal": ">= 10x"})
+        summary.append({"row": f"same, every cell run (no identity skip), {shape}",
+                        "value": f"{1e3 * r['best']['hm_all_cells'] / r['cells']:.2f} ms/cell",
+                        "anchor": f"TransformerLens {1e3 * r['best']['tl'] / r['cells']:.2f} ms/cell",
+                        "ratio": round(r["ratio_all"], 1), "goal": ">= 10x"})
         label = (f"{name}: {cfg['n_layers']}L d{cfg['d_model']} {cfg['n_tokens']}tok V{cfg['vocab']} "
                  f"H{cfg['n_heads']}/{cfg['n_kv_heads']}")
         b, n = r["best"], r["cells"]
@@ -205,6 +218,9 @@ def main(argv=None):
           f"unembeds the metric's position; skips cells whose clean and corrupted activations are bitwise equal). "
           f"ratio* = the same without that skip (every cell run). max|diff| = largest difference between the "
           f"TL and hooked_mlx grids.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": "patching", "rows": rows, "summary": summary},
+                                              indent=2, default=str))
 
 
 if __name__ == "__main__":
