@@ -1,14 +1,23 @@
 """``hooked-mlx train-sae`` and ``hooked-mlx harvest`` (registered by ``add_subcommands``).
 
 Every ``SAEConfig`` field is a flag of ``train-sae`` (``--expansion-factor``, ``--lr`` ...), generated from
-the dataclass, so defaults and help live in one place. Examples::
+the dataclass, so defaults and help live in one place; ``--arch``, ``--expansion`` and ``--tokens`` are
+short aliases of ``--architecture``, ``--expansion-factor`` and ``--training-tokens``, and the model may
+be given as the first argument. Examples::
 
+    hooked-mlx train-sae ../shared/models/stories260K --hook blocks.2.hook_resid_post --arch topk --k 32 \\
+        --expansion 16 --data stories.txt --tokens 1000000 --out sae/ [--resume]
     hooked-mlx harvest --model ../shared/models/stories260K --hook blocks.2.hook_resid_post \\
         --data stories.txt --tokens 1000000 --out acts/
     hooked-mlx train-sae --data acts/ --architecture topk --k 16 --expansion-factor 16 --out sae/
     hooked-mlx train-sae --model ../shared/models/stories260K --hook blocks.1.hook_resid_post \\
         --hook blocks.3.hook_resid_post --data stories.txt --training-tokens 2000000 --out saes/ \\
         --checkpoint-dir ckpt/ --checkpoint-every-steps 100 --export saelens
+
+Data-parallel (one process per rank; see hooked_mlx/sae/distributed.py)::
+
+    mlx.launch --backend ring -n 2 -- hooked-mlx train-sae ...        # CPU processes (NCCL on CUDA GPUs)
+    mlx.launch --backend ring -n 2 -- hooked-mlx harvest ...          # disjoint per-rank shards
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import typing
 from .config import ARCHITECTURES, B_DEC_INITS, DTYPES, FIELD_HELP, LR_SCHEDULES, NORMALIZATIONS, SAEConfig
 
 _SKIP = {"d_in", "hook_name", "extra"}
+#: short aliases of SAEConfig flags (the form of the train-sae examples)
+_ALIASES = {"architecture": "--arch", "expansion_factor": "--expansion", "training_tokens": "--tokens"}
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -35,18 +46,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag] + ([_ALIASES[f.name]] if f.name in _ALIASES else [])
         default = defaults[f.name]
         text = f"{FIELD_HELP[f.name]} (default: {default!r})"
         t = hints[f.name]
         if f.name == "decoder_unit_norm":
-            g.add_argument(flag, choices=["auto", "true", "false"], default=None, help=text)
+            g.add_argument(*flags, choices=["auto", "true", "false"], default=None, help=text)
         elif t is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            g.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in choices:
-            g.add_argument(flag, choices=choices[f.name], default=None, help=text)
+            g.add_argument(*flags, choices=choices[f.name], default=None, help=text)
         else:
             typ = int if t is int else float if t is float else str
-            g.add_argument(flag, type=typ, default=None, help=text)
+            g.add_argument(*flags, type=typ, default=None, help=text)
 
 
 def _config_from_args(args, hook: str) -> SAEConfig:
@@ -77,15 +89,25 @@ def _load_model(path: str | None):
     return HookedTransformer.from_pretrained(path)
 
 
+def _resolve_model_arg(args) -> None:
+    """MODEL may be the first argument or --model (not two different ones)."""
+    pos = getattr(args, "model_pos", None)
+    if pos and args.model and pos != args.model:
+        raise ValueError(f"Two models given: {pos!r} (first argument) and --model {args.model!r}; give one.")
+    args.model = args.model or pos
+
+
 def cmd_train_sae(args) -> int:
     import numpy as np
 
+    from .distributed import world
     from .evals import evaluate_model, evaluate_reconstruction
-    from .store import open_corpus
     from .files import export_saelens, export_sparsify, save_sae
-    from .store import ActivationStore, ShardSource, is_harvest_dir
+    from .store import ActivationStore, ShardSource, is_harvest_dir, open_corpus
     from .training import train_saes
 
+    _resolve_model_arg(args)
+    checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoint")
     harvested = is_harvest_dir(args.data)
     model = None
     if harvested:
@@ -99,7 +121,8 @@ def cmd_train_sae(args) -> int:
                           context_size=probe.manifest.get("context_size", c.context_size)) for c in cfgs]
     else:
         if not args.model:
-            raise ValueError("--model is required unless --data is a folder written by `hooked-mlx harvest`.")
+            raise ValueError("MODEL (first argument) or --model is required unless --data is a folder written by "
+                             "`hooked-mlx harvest`.")
         if not args.hook:
             raise ValueError("--hook is required (e.g. --hook blocks.2.hook_resid_post); list names with "
                              "`hooked-mlx hooks MODEL`.")
@@ -108,8 +131,10 @@ def cmd_train_sae(args) -> int:
         cfgs = [_config_from_args(args, h) for h in hooks]
         cfgs = [c.replace(model_name=c.model_name or args.model) for c in cfgs]
         source = ActivationStore(model, hooks, args.data, cfgs[0], text_field=args.text_field)
-    result = train_saes(cfgs, source, checkpoint_path=args.checkpoint_dir, resume=args.resume,
+    result = train_saes(cfgs, source, checkpoint_path=checkpoint_dir, resume=args.resume,
                         progress=not args.quiet, kernels=args.kernels)
+    if not world().is_main:
+        return 0  # rank 0 saves, evaluates and reports (the parameters are identical on every rank)
     report = {}
     for hook, sae in result.items():
         folder = args.out if len(result) == 1 else os.path.join(args.out, hook)
@@ -139,6 +164,7 @@ def cmd_train_sae(args) -> int:
 
 
 def cmd_harvest(args) -> int:
+    from .distributed import world
     from .store import harvest
 
     model = _load_model(args.model)
@@ -147,6 +173,8 @@ def cmd_harvest(args) -> int:
                     prepend_bos=args.prepend_bos, packing=args.packing, model_name=args.model)
     man = harvest(model, hooks, args.data, args.out, args.tokens, cfg=cfg, shard_tokens=args.shard_tokens,
                   text_field=args.text_field, progress=not args.quiet, dtype=args.dtype)
+    if not world().is_main:
+        return 0
     print(f"wrote {man['n_tokens']:,} tokens of {', '.join(hooks)} in {len(man['shards'])} shard(s) to {args.out}")
     return 0
 
@@ -156,6 +184,8 @@ def add_subcommands(subparsers) -> None:
     d = SAEConfig.defaults()
     p = subparsers.add_parser("train-sae", help="train sparse autoencoders on a model's activations",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
+                   help="model folder / hub id (same as --model)")
     p.add_argument("--model", help="model folder / hub id (not needed when --data is a harvest folder)")
     p.add_argument("--hook", action="append", default=[],
                    help="hook name (repeat for several SAEs trained from one forward); shorthands like resid_post2")
@@ -165,7 +195,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (one subfolder per hook when there are several)")
     p.add_argument("--export", nargs="*", default=[], choices=["saelens", "sparsify"],
                    help="also write these formats inside the output folder")
-    p.add_argument("--checkpoint-dir", default=None, help="folder for atomic training checkpoints")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="folder for atomic training checkpoints (default: OUT/checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--eval-batches", type=int, default=4,
                    help="without --eval-data: batches of further training-source activations to evaluate on (0: none)")

@@ -306,6 +306,21 @@ class ActivationStore:
         self.pending: deque = deque()  # of dicts {hook: np [n, d]}
         self.tokens_processed = 0
         self.forwards = 0
+        self.per_rank_state = False  # set by set_shard: each rank streams its own documents
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Data-parallel use: stream only documents i with i % size == rank, in batches of
+        batch_size / size, with an RNG of this rank's own (call before the first batch)."""
+        if self.buffers is not None or self.tokens_processed:
+            raise RuntimeError("ActivationStore.set_shard must be called before the store produced any batch.")
+        if self.batch_size % size:
+            raise ValueError(f"batch size {self.batch_size} does not split evenly over {size} ranks.")
+        corpus_fn = self.contexts.corpus_fn
+        self.contexts.corpus_fn = lambda: (d for i, d in enumerate(corpus_fn()) if i % size == rank)
+        self.batch_size //= size
+        self.rng = np.random.default_rng([self.cfg.seed, rank])
+        self.per_rank_state = True
+        self.shard = (rank, size)
 
     # -- info ---------------------------------------------------------------------------------------------
     def d_in(self, hook: str) -> int:
@@ -479,6 +494,14 @@ class ArraySource:
         self.pos = 0
         self._perm = None
         self._description = description
+        self.shard = (0, 1)
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Data-parallel use: every rank draws the same global batches and returns rows
+        [rank*b, (rank+1)*b) of each (b = batch_size / size), reading nothing else."""
+        if self.batch_size % size:
+            raise ValueError(f"batch size {self.batch_size} does not split evenly over {size} ranks.")
+        self.shard = (rank, size)
 
     def d_in(self, hook: str) -> int:
         return int(self.segments[hook][0].shape[1])
@@ -509,6 +532,10 @@ class ArraySource:
             self._perm = None
         idx = self._permutation()[self.pos:self.pos + B]
         self.pos += B
+        rank, size = self.shard
+        if size > 1:
+            b = B // size
+            idx = idx[rank * b:(rank + 1) * b]
         return {h: mx.array(self._gather(segs, idx)) for h, segs in self.segments.items()}
 
     def state_dict(self):
@@ -565,24 +592,38 @@ class ShardSource(ArraySource):
 
 def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: int | None = None, *,
             cfg: SAEConfig | None = None, shard_tokens: int = 262144, text_field: str = "text",
-            progress: bool = True, dtype: str = "float32") -> dict:
+            progress: bool = True, dtype: str = "float32", world=None) -> dict:
     """Run the model over the corpus once and write activations of each hook to safetensors shards.
 
     Writes ``shard_00000.safetensors`` ... (tensor per hook name, [n, d]) and ``manifest.json``
     (hooks, d_in, token counts, model / context settings). Each shard is written to a temporary name and
     renamed, the manifest last: a folder with a manifest is complete. ``n_tokens`` None: the whole corpus
     once. Returns the manifest.
+
+    Under ``mlx.launch`` (``world`` of size N > 1, default ``distributed.world()``): rank r runs the model on
+    documents i with i % N == r, writes its own ``shard_r{r:03d}_{j:05d}.safetensors`` files (disjoint:
+    about n_tokens / N rows each) into the shared ``out_dir``, and rank 0 writes the one manifest listing
+    every rank's shards once all have finished.
     """
+    from . import distributed as D  # noqa: PLC0415
+
+    w = world if world is not None else D.world()
+    n_tokens_total = n_tokens
+    n_tokens = D.rank_tokens(n_tokens, w)
     limit = n_tokens if n_tokens is not None else 2**62
     cfg = cfg or SAEConfig()
     hooks = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"harvest dtype {dtype!r} is invalid: allowed 'float32' or 'float16'.")
     store = ActivationStore(model, hooks, corpus, cfg, text_field=text_field)
+    prefix = "shard_"
+    if w.distributed:
+        store.set_shard(w.rank, w.size)
+        prefix = f"shard_r{w.rank:03d}_"
     os.makedirs(out_dir, exist_ok=True)
     shards, written = [], 0
     bar = None
-    if progress:
+    if progress and w.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="harvest")
@@ -590,7 +631,7 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
         for chunk in store.iter_activations(min(shard_tokens, limit)):
             n = next(iter(chunk.values())).shape[0]
             n = min(n, limit - written)
-            name = f"shard_{len(shards):05d}.safetensors"
+            name = f"{prefix}{len(shards):05d}.safetensors"
             tmp = os.path.join(out_dir, f".{name}.tmp.safetensors")  # MLX appends .safetensors otherwise
             mx.save_safetensors(tmp, {h: mx.array(v[:n]).astype(getattr(mx, dtype)) for h, v in chunk.items()})
             os.replace(tmp, os.path.join(out_dir, name))
@@ -603,14 +644,16 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
     finally:
         if bar is not None:
             bar.close()
-    if n_tokens is not None and written < n_tokens:
-        warnings.warn(f"The corpus ran out after {written:,} tokens (asked for {n_tokens:,}).", RuntimeWarning,
+    d_in = {h: store.d_in(h) for h in hooks}
+    shards, written = D.merge_shard_lists(shards, written, w)  # collective: every rank's shards, rank order
+    if n_tokens_total is not None and written < n_tokens_total and w.is_main:
+        warnings.warn(f"The corpus ran out after {written:,} tokens (asked for {n_tokens_total:,}).", RuntimeWarning,
                       stacklevel=2)
     manifest = {
         "format": "hooked_mlx.activations",
         "format_version": 1,
         "hook_names": hooks,
-        "d_in": {h: store.d_in(h) for h in hooks},
+        "d_in": d_in,
         "n_tokens": int(written),
         "dtype": dtype,
         "shards": shards,
@@ -620,10 +663,14 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
         "packing": cfg.packing,
         "exclude_special_tokens": cfg.exclude_special_tokens,
     }
-    tmp = os.path.join(out_dir, f".{MANIFEST}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=2)
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    if w.distributed:
+        manifest["world_size"] = w.size
+    if w.is_main:
+        tmp = os.path.join(out_dir, f".{MANIFEST}.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=2)
+        os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    w.barrier()  # the folder is complete (manifest written) when any rank returns
     return manifest
 
 

@@ -23,9 +23,9 @@ from typing import Callable, Iterable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import distributed as D
 from . import metrics as M
 from .config import FORMAT_VERSION, TOPK_FAMILY, SAEConfig
 from .kernels import get_backend
@@ -107,7 +107,8 @@ def _auxk_loss(pre, x, x_hat, W_dec, dead, k_aux: int, kernels):
     kth = mx.stop_gradient(mx.min(mx.topk(pre_dead, k_aux, axis=-1), axis=-1, keepdims=True))
     z = mx.where((pre_dead >= kth) & dead, pre, 0.0)
     e_hat = z @ W_dec
-    denom = mx.maximum(M.total_variance(e), 1e-12)
+    # data-parallel back ends give the global batch's variance (see distributed.DistributedKernels)
+    denom = mx.maximum(getattr(kernels, "batch_total_variance", M.total_variance)(e), 1e-12)
     return mx.sum(mx.square(e_hat - e)) / denom
 
 
@@ -214,13 +215,19 @@ class SAETrainer:
     """One SAE, its optimizer and its on-device bookkeeping; ``step(x)`` runs one compiled update.
 
     Inputs to ``step`` are raw activations [B, d_in]; the trainer applies the input scale itself.
+    ``world`` (``distributed.World`` of size > 1): ``step`` takes this rank's slice of the global batch and
+    the step reduces gradients, metrics and dead-latent counters over the ranks (see ``distributed``).
     """
 
-    def __init__(self, cfg: SAEConfig, sae: SAE | None = None, kernels: str = "reference"):
+    def __init__(self, cfg: SAEConfig, sae: SAE | None = None, kernels: str = "reference",
+                 world: D.World | None = None):
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
         self.cfg = cfg
         self.kernels = get_backend(kernels)
+        self.world = world if world is not None and world.distributed else None
+        if self.world is not None:
+            self.kernels = D.DistributedKernels(self.kernels, self.world)
         self.sae = sae if sae is not None else SAE(cfg)
         self._fresh = sae is None  # b_dec is initialised from data only for a new SAE
         self.optimizer = optim.Adam(
@@ -245,6 +252,8 @@ class SAETrainer:
     def initialize(self, first_batch: mx.array, input_scale: float = 1.0) -> None:
         """Input scale, b_dec init from the first (scaled) batch, optimizer state, compiled step."""
         self.input_scale = float(input_scale)
+        if self.world is not None:
+            first_batch = self.world.gather_rows(first_batch)  # b_dec from the global first batch
         x = first_batch.astype(mx.float32) * self.input_scale
         if not self._fresh:
             pass  # continue training the given SAE as it is
@@ -252,6 +261,8 @@ class SAETrainer:
             self.sae.b_dec = geometric_median(x)
         elif self.cfg.b_dec_init == "mean":
             self.sae.b_dec = mx.mean(x, axis=0)
+        if self.world is not None:
+            self.sae.update(self.world.broadcast(self.sae.parameters()))  # identical start on every rank
         self.optimizer.init(self.sae.trainable_parameters())
         mx.eval(self.sae.parameters(), self.optimizer.state)
         self.initialized = True
@@ -270,7 +281,7 @@ class SAETrainer:
 
     def _make_step(self, use_dead: bool, unit_norm: bool, window: int, warm: int, scale: float):
         cfg = self.cfg
-        sae, opt, aux, kernels = self.sae, self.optimizer, self.aux, self.kernels
+        sae, opt, aux, kernels, world = self.sae, self.optimizer, self.aux, self.kernels, self.world
         loss_and_grad = nn.value_and_grad(
             sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead))
 
@@ -282,6 +293,11 @@ class SAETrainer:
             sp = mx.minimum((step_i + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
             dead = aux["tokens_since_fired"] >= window
             (loss, (mets, fired, extras)), grads = loss_and_grad(x, dead, sp)
+            if world is not None:  # one all_sum: averaged gradients, global metrics / fired mask / FVU
+                loss, mets, fired, grads = world.reduce_step(x, loss, mets, fired, grads)
+                B = B * world.size
+                if "min_kept" in extras:
+                    extras["min_kept"] = world.global_min(extras["min_kept"])
             if unit_norm:
                 W = sae.W_dec
                 g = grads["W_dec"]
@@ -345,7 +361,8 @@ class SAETrainer:
         if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise ValueError(f"Training batch has shape {tuple(x.shape)}; expected [B, {self.sae.d_in}].")
         # No latent can be dead before dead_tokens_window tokens were seen: skip the dead-latent losses then.
-        use_dead = self._host_step * x.shape[0] >= self.cfg.dead_tokens_window
+        n_ranks = self.world.size if self.world is not None else 1
+        use_dead = self._host_step * x.shape[0] * n_ranks >= self.cfg.dead_tokens_window
         self._step_fns[use_dead](x)
         self._host_step += 1
 
@@ -520,6 +537,7 @@ def train_saes(
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
     kernels: str = "reference",
+    world: D.World | None = None,
 ) -> TrainResult:
     """Train one SAE per config from one activation source and return {hook_name: SAE}.
 
@@ -529,7 +547,12 @@ def train_saes(
 
     ``checkpoint_path``: a folder; a checkpoint is written there every ``checkpoint_every_steps`` steps and
     at the end. ``resume=True`` continues from it (if present) and ends with the same parameters as an
-    uninterrupted run. ``callback(step, {hook: metrics})`` runs after every metrics read.
+    uninterrupted run. ``callback(step, {hook: metrics})`` runs after every metrics read (on every rank).
+
+    ``world``: the process group (default: ``distributed.world()``, of size 1 unless launched with
+    ``mlx.launch``). With several ranks the source is sharded (each rank takes its slice of every global
+    batch of ``train_batch_size_tokens``), the steps are data-parallel, and rank 0 prints and writes the
+    checkpoints; see ``hooked_mlx.sae.distributed``.
     """
     cfgs = [cfgs] if isinstance(cfgs, SAEConfig) else list(cfgs)
     if not cfgs:
@@ -556,8 +579,13 @@ def train_saes(
     c0 = cfgs[0]
     B = c0.train_batch_size_tokens
     total = c0.total_steps
-    out = sys.stderr
-    trainers = [SAETrainer(c, kernels=kernels) for c in cfgs]
+    w = world if world is not None else D.world()
+    out = sys.stderr if w.is_main else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    if w.distributed:
+        w.local_rows(B)
+        D.shard_source(source, w)
+        progress = progress and w.is_main
+    trainers = [SAETrainer(c, kernels=kernels, world=w) for c in cfgs]
     start = 0
     ckpt_file = os.path.join(checkpoint_path, CHECKPOINT_FILE) if checkpoint_path else None
     if resume and ckpt_file and os.path.exists(ckpt_file):
@@ -567,11 +595,11 @@ def train_saes(
             diffs = [(k, a.to_dict()[k], b.to_dict()[k]) for a, b in zip(saved, cfgs) for k in a.to_dict()
                      if a.to_dict()[k] != b.to_dict()[k]]
             raise ValueError(f"Cannot resume from {ckpt_file}: the configs differ (field, saved, now): {diffs[:8]}")
+        D.check_resume_world(meta, source, w, ckpt_file, out)
         for i, t in enumerate(trainers):
             t.load_tensors(tensors, f"t{i}.", meta["input_scales"][i])
         if hasattr(source, "load_state_dict"):
-            src = {k[len("source."):]: np.array(v) for k, v in tensors.items() if k.startswith("source.")}
-            source.load_state_dict(src, meta["source"])
+            D.load_source_state(source, tensors, meta, w)
         start = int(meta["step"])
         print(f"Resuming from {ckpt_file} at step {start} of {total}.", file=out)
     elif resume and ckpt_file:
@@ -592,9 +620,19 @@ def train_saes(
             n_batches = max(1, math.ceil(c0.norm_estimation_tokens / B))
             est = [source.next_batch() for _ in range(n_batches)]
             for i in need:
-                scales[i] = estimate_input_scale([b[cfgs[i].hook_name] for b in est], cfgs[i].d_in)
+                scales[i] = estimate_input_scale([w.gather_rows(b[cfgs[i].hook_name]) for b in est], cfgs[i].d_in)
             del est
-    run = _wandb_run(c0, cfgs)
+    run = _wandb_run(c0, cfgs) if w.is_main else None
+
+    def checkpoint(done):
+        mx.eval([t.state_arrays() for t in trainers])
+        if not w.distributed:
+            save_checkpoint(checkpoint_path, trainers, source, done)
+            return
+        src = D.gathered_source_state(source, w)  # collective: every rank takes part
+        if w.is_main:
+            save_checkpoint(checkpoint_path, trainers, src, done, extra={"world_size": w.size})
+
     history = []
     bar = None
     if progress:
@@ -634,14 +672,14 @@ def train_saes(
                 if callback is not None:
                     callback(done, mets)
             if ckpt_file and c0.checkpoint_every_steps and done % c0.checkpoint_every_steps == 0 and done < total:
-                mx.eval([t.state_arrays() for t in trainers])
-                save_checkpoint(checkpoint_path, trainers, source, done)
+                checkpoint(done)
         mx.eval([t.state_arrays() for t in trainers])
         if ckpt_file and total > start:
-            save_checkpoint(checkpoint_path, trainers, source, total)
+            checkpoint(total)
     except KeyboardInterrupt:
         # Ctrl-C between two steps leaves a consistent state: keep it, so that resume=True goes on from here.
-        if ckpt_file and not in_step and completed > start:
+        # (not with several ranks: writing it needs every rank, and they may not all have been interrupted)
+        if ckpt_file and not in_step and completed > start and not w.distributed:
             mx.eval([t.state_arrays() for t in trainers])
             save_checkpoint(checkpoint_path, trainers, source, completed)
             print(f"\nInterrupted: checkpoint at step {completed} written to {ckpt_file}; resume=True "
@@ -652,6 +690,8 @@ def train_saes(
             bar.close()
         if run is not None:
             run.finish()
+        if out is not sys.stderr:
+            out.close()
     result = TrainResult({t.cfg.hook_name: t.finalize() for t in trainers})
     result.history = history
     result.trainers = trainers

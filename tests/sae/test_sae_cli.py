@@ -59,3 +59,24 @@ def test_train_streaming_with_checkpoint_and_resume(stories_path, corpus_path, t
     np.testing.assert_array_equal(np.array(first.W_dec), np.array(again.W_dec))
     assert main(["train-sae", "--data", str(corpus_path), "--out", str(tmp_path / "x"), "--quiet"]) == 2  # no model
     assert SAEConfig.defaults()["k"] != 4  # flags override the one set of defaults
+
+
+def test_issue6_form_positional_model_and_short_aliases(stories_path, corpus_path, tmp_path, capsys):
+    # exactly: hooked-mlx train-sae MODEL --hook blocks.2.hook_resid_post --arch topk --k 32 --expansion 16
+    #          --data FILE --tokens N --out DIR [--resume]
+    out = tmp_path / "sae"
+    form = ["train-sae", str(stories_path), "--hook", "blocks.2.hook_resid_post", "--arch", "topk", "--k", "32",
+            "--expansion", "16", "--data", str(corpus_path), "--tokens", "8192", "--out", str(out)]
+    assert main(form) == 0
+    sae = load_sae(str(out))
+    c = sae.cfg
+    assert (c.architecture, c.k, c.expansion_factor, c.training_tokens) == ("topk", 32, 16, 8192)
+    assert c.hook_name == "blocks.2.hook_resid_post" and c.model_name == str(stories_path)
+    assert sae.d_sae == 16 * sae.d_in == 16 * 64
+    assert (out / "checkpoint" / "checkpoint.safetensors").exists()  # default --checkpoint-dir: OUT/checkpoint
+    capsys.readouterr()
+    assert main(form + ["--resume"]) == 0  # a finished run: resumes at its last step, re-saves the same SAE
+    assert "Resuming from" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.array(load_sae(str(out)).W_dec), np.array(sae.W_dec))
+    # the model once, not twice
+    assert main(form[:1] + form[1:] + ["--model", "other/model"]) == 2
