@@ -311,6 +311,8 @@ class ActivationStore:
     def set_shard(self, rank: int, size: int) -> None:
         """Data-parallel use: stream only documents i with i % size == rank, in batches of
         batch_size / size, with an RNG of this rank's own (call before the first batch)."""
+        if getattr(self, "shard", None) == (rank, size):
+            return  # already sharded this way
         if self.buffers is not None or self.tokens_processed:
             raise RuntimeError("ActivationStore.set_shard must be called before the store produced any batch.")
         if self.batch_size % size:

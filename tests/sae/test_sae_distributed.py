@@ -90,6 +90,33 @@ def test_two_ranks_stream_their_own_documents_and_resume_exactly(stories_path, c
     assert not np.array_equal(np.array(tensors["source.rank0.buffer0"]), np.array(tensors["source.rank1.buffer0"]))
 
 
+def test_rank_slices_of_array_sources_make_up_the_global_batches(stories, corpus_docs):
+    from hooked_mlx.sae import ActivationStore, ArraySource
+
+    x = np.arange(600 * 3, dtype=np.float32).reshape(600, 3)
+    whole = ArraySource({"h": x}, 96, seed=5)
+    parts = [ArraySource({"h": x}, 96, seed=5) for _ in range(3)]
+    for r, p in enumerate(parts):
+        p.set_shard(r, 3)
+        p.set_shard(r, 3)  # idempotent
+    for _ in range(8):  # across an epoch boundary (600 // 96 = 6 batches per epoch)
+        ref = np.array(whole.next_batch()["h"])
+        got = np.concatenate([np.array(p.next_batch()["h"]) for p in parts])
+        np.testing.assert_array_equal(got, ref)
+    with pytest.raises(ValueError, match="does not split evenly over 5 ranks"):
+        ArraySource({"h": x}, 96).set_shard(0, 5)
+    five = World(None)
+    five.size = 5
+    with pytest.raises(ValueError, match="does not split evenly over 5 ranks; use a multiple of 5"):
+        five.local_rows(96)
+    # a streaming store shard reads documents rank, rank + size, ...
+    cfg = SAEConfig(train_batch_size_tokens=64, shuffle_buffer_tokens=64, context_size=32)
+    st = ActivationStore(stories, "blocks.0.hook_resid_post", corpus_docs[:6], cfg)
+    st.set_shard(1, 2)
+    st.set_shard(1, 2)
+    assert st.batch_size == 32 and list(st.contexts.corpus_fn()) == corpus_docs[1:6:2]
+
+
 def test_streaming_resume_refuses_another_rank_count():
     meta = {"extra": {"world_size": 2}, "source": {"kind": "per_rank", "world_size": 2, "ranks": [{}, {}]}}
     with pytest.raises(ValueError, match=r"written by 2 rank\(s\) and this run has 1.*mlx.launch -n 2"):
