@@ -12,8 +12,9 @@ What a rank does (``World`` holds the group; every collective goes through it):
   rows (``ArraySource`` / ``ShardSource``: all ranks draw the same global batch order and read only their
   slice), or streams from its own document shard (``ActivationStore``: documents ``i`` with
   ``i % size == rank``, a shuffle buffer and RNG of its own).
-* **step**: inside the compiled step the gradients, the fired-latent mask, the metrics and the global FVU
-  sums travel in ONE ``all_sum``; gradients are averaged, so every rank applies the same update and the
+* **step**: inside the compiled step the small gradients, the fired-latent mask, the metrics and the
+  global FVU sums travel in ONE packed ``all_sum``, the large gradients (W_enc, W_dec) in one each, with
+  no copy; gradients are averaged, so every rank applies the same update and the
   parameters stay identical (they are also broadcast from rank 0 once, at the start). The losses that are
   not means over tokens are made global too: the AuxK normaliser (the residual's total variance) and the
   BatchTopK cut (the k*B-th largest activation of the global batch, from an ``all_gather`` of each rank's
@@ -37,6 +38,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import metrics as M
+
+#: gradients with at least this many elements get an all_sum of their own (see World.reduce_step)
+PACK_LIMIT = 1 << 20
 
 
 class World:
@@ -104,23 +108,30 @@ class World:
 
     # -- the compiled step's reduction -----------------------------------------------------------------
     def reduce_step(self, x, loss, mets, fired, grads):
-        """One all_sum for the whole step: averaged gradients and metrics, the global fired mask and FVU.
+        """Averaged gradients, global metrics, the global fired mask and FVU, in few all_sums.
 
-        x [b, D] is this rank's scaled slice; returns (loss, mets, fired, grads), all global.
+        x [b, D] is this rank's scaled slice; returns (loss, mets, fired, grads), all global. Gradients of
+        ``PACK_LIMIT`` elements or more (W_enc, W_dec) get one all_sum each, without a copy into a packed
+        buffer (at S2 that copy would be another 2 x D x F floats); everything else travels together in
+        one packed all_sum.
         """
         n = self.size
         flat = tree_flatten(grads)
         keys = list(mets)
         b = x.shape[0]
         sse = mets[M.MSE] * b  # sum over this slice of ||x - x_hat||^2
-        parts = [v.reshape(-1).astype(mx.float32) for _, v in flat]
+        big = [v.size >= PACK_LIMIT for _, v in flat]
+        parts = [v.reshape(-1).astype(mx.float32) for (_, v), large in zip(flat, big) if not large]
         parts += [fired.astype(mx.float32), mx.stack([loss] + [mets[k] for k in keys] + [sse]).astype(mx.float32),
                   mx.sum(x, axis=0), mx.sum(mx.square(x)).reshape(1)]
         packed = mx.distributed.all_sum(mx.concatenate(parts), group=self.group)
         out, i = [], 0
-        for _, v in flat:
-            out.append(packed[i:i + v.size].reshape(v.shape).astype(v.dtype) / n)
-            i += v.size
+        for (_, v), large in zip(flat, big):
+            if large:
+                out.append(mx.distributed.all_sum(v, group=self.group) / n)
+            else:
+                out.append(packed[i:i + v.size].reshape(v.shape).astype(v.dtype) / n)
+                i += v.size
         grads = tree_unflatten([(k, g) for (k, _), g in zip(flat, out)])
         F = fired.size
         fired = packed[i:i + F] > 0

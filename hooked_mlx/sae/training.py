@@ -293,7 +293,7 @@ class SAETrainer:
             sp = mx.minimum((step_i + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
             dead = aux["tokens_since_fired"] >= window
             (loss, (mets, fired, extras)), grads = loss_and_grad(x, dead, sp)
-            if world is not None:  # one all_sum: averaged gradients, global metrics / fired mask / FVU
+            if world is not None:  # all_sums: averaged gradients, global metrics / fired mask / FVU
                 loss, mets, fired, grads = world.reduce_step(x, loss, mets, fired, grads)
                 B = B * world.size
                 if "min_kept" in extras:

@@ -15,10 +15,12 @@ import sys
 
 import numpy as np
 
-from hooked_mlx.sae import ArraySource, SAEConfig  # (hooked_mlx before mlx.core: see hooked_mlx/_blas.py)
+from hooked_mlx.sae import ArraySource, SAEConfig, distributed  # (hooked_mlx first: see hooked_mlx/_blas.py)
 from hooked_mlx.sae.distributed import world
 from hooked_mlx.sae.training import train_saes
 
+# W_enc / W_dec (16 x 128) take the per-tensor all_sum, the biases the packed one: both paths run
+distributed.PACK_LIMIT = 1024
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 B, STEPS = 64, 8
 
