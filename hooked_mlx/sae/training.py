@@ -145,9 +145,19 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
+    fused_topk = (arch == "topk" and hasattr(kernels, "topk_train_forward")
+                  and not hasattr(kernels, "batch_total_variance"))
+    if fused_topk:
+        # the fully fused path (CUDA / Metal; its pure-MLX fallback on CPU): sparse encoder backward, AuxK
+        # included, never a dense [B,F] gradient. Data-parallel back ends keep the per-op path below, whose
+        # AuxK normaliser is global.
+        x_hat, vals, idx, aux = kernels.topk_train_forward(sae, x, dead, use_dead)
+    else:
+        vals = idx = None
     if arch == "topk":
-        vals, idx = kernels.topk_select(pre, cfg.k)
-        x_hat = kernels.topk_decode(vals, idx, sae.W_dec, sae.b_dec)
+        if not fused_topk:
+            vals, idx = kernels.topk_select(pre, cfg.k)
+            x_hat = kernels.topk_decode(vals, idx, sae.W_dec, sae.b_dec)
         # bookkeeping from the sparse latents, never a dense [B,F]
         v = mx.stop_gradient(vals)
         active = (v > 0).astype(mx.float32)
@@ -171,7 +181,7 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     else:  # pragma: no cover - SAEConfig validates
         raise ValueError(arch)
     mse = M.mse(x, x_hat)
-    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0:
+    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not fused_topk:
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _auxk_loss(pre, x, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
         aux = cfg.aux_k_coefficient * aux
@@ -225,6 +235,8 @@ class SAETrainer:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
         self.cfg = cfg
         self.kernels = get_backend(kernels)
+        if hasattr(self.kernels, "backend"):
+            self.kernels.backend()  # fused kernels check themselves against the reference before any compile
         self.world = world if world is not None and world.distributed else None
         if self.world is not None:
             self.kernels = D.DistributedKernels(self.kernels, self.world)
