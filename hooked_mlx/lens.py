@@ -110,7 +110,13 @@ def logit_lens(model, input, pos: int | list | slice | None = -1, k: int = 5, re
     if attention_mask is not None:
         kw["attention_mask"] = attention_mask
     stack, labels, cache = _resid_stack(model, input, pos, **kw)
-    logits = model._final(stack)
+    return _lens_result(model, input, model._final(stack), labels, pos, k, return_logits, prepend_bos,
+                        padding_side, "logit lens")
+
+
+def _lens_result(model, input, logits, labels, pos, k, return_logits, prepend_bos, padding_side,
+                 kind: str) -> LensResult:
+    """Top-k tokens and probabilities of per-layer ``logits`` [L+1, B, (P), V], with the input's tokens."""
     top, probs = _topk(logits, k)
     mx.eval(top, probs)
     str_tokens = None
@@ -119,7 +125,7 @@ def logit_lens(model, input, pos: int | list | slice | None = -1, k: int = 5, re
         str_tokens = [model.to_str_tokens(row) for row in toks]
     return LensResult(labels=labels, top_tokens=top, top_probs=probs, positions=pos,
                       logits=logits if return_logits else None, str_tokens=str_tokens,
-                      token_strings=_decode(model, top))
+                      token_strings=_decode(model, top), kind=kind)
 
 
 def _kl(logp_ref: mx.array, logp: mx.array) -> mx.array:
@@ -251,12 +257,5 @@ class TunedLens(nn.Module):
         stack, labels, _ = _resid_stack(model, input, pos, prepend_bos=prepend_bos, padding_side=padding_side)
         logits = mx.stack([self.logits(model, stack[l], l) for l in range(self.n_layers)]
                           + [model._final(stack[-1]).astype(mx.float32)])
-        top, probs = _topk(logits, k)
-        mx.eval(top, probs)
-        str_tokens = None
-        if model.tokenizer is not None:
-            toks = model._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
-            str_tokens = [model.to_str_tokens(row) for row in toks]
-        return LensResult(labels=labels, top_tokens=top, top_probs=probs, positions=pos,
-                          logits=logits if return_logits else None, str_tokens=str_tokens,
-                          token_strings=_decode(model, top), kind="tuned lens")
+        return _lens_result(model, input, logits, labels, pos, k, return_logits, prepend_bos, padding_side,
+                            "tuned lens")
