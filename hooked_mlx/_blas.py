@@ -61,7 +61,7 @@ def load_blas() -> str | None:
             warnings.warn(
                 "hooked_mlx: mlx.core was imported before hooked_mlx, so MLX keeps its slow reference BLAS "
                 "on this Linux CPU (~30x slower matmuls). Import hooked_mlx first, or start Python with "
-                "LD_PRELOAD=<path to libopenblas.so.0 or libmkl_rt.so.2>. Set HOOKED_MLX_NO_BLAS=1 to silence.",
+                "LD_PRELOAD=<path to libopenblas.so.0 or libmkl_rt.so.3>. Set HOOKED_MLX_NO_BLAS=1 to silence.",
                 RuntimeWarning,
                 stacklevel=3,
             )
