@@ -29,7 +29,17 @@ SCRIPTS = {
     "patching": ("patching.py", [], {"cpu"}, ["--configs", "small", "--repeats", "2"]),
     "sae_train": ("sae_train.py", [], {"cpu", "cuda", "metal"}, []),
     "sae_kernels": ("sae_kernels.py", [], {"cuda", "metal"}, []),
+    # data-parallel scaling: only where several GPUs share the host ("cuda-multi")
+    "sae_distributed": ("sae_distributed.py", ["-n", "2"], {"cuda-multi"}, ["--shapes", "S1"]),
 }
+
+
+def _gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def device_name() -> str:
@@ -37,7 +47,7 @@ def device_name() -> str:
     import mlx.core as mx
 
     if mx.cuda.is_available():
-        return "cuda"
+        return "cuda-multi" if _gpu_count() > 1 else "cuda"
     if mx.metal.is_available():
         return "metal"
     return "cpu"
@@ -70,7 +80,7 @@ def main(argv=None) -> int:
     results, table = {}, []
     for name in wanted:
         script, extra, devices, quick = SCRIPTS[name]
-        if device not in devices:
+        if device not in devices and not (device == "cuda-multi" and "cuda" in devices):
             print(f"-- {name}: does not apply to {device}, skipped")
             continue
         if not (HERE / script).exists():
@@ -98,9 +108,14 @@ def main(argv=None) -> int:
             table.append({"benchmark": name, "command": command, **row})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    jpath = out / f"{device}-{date}.json"
+    if jpath.exists():  # a partial run (--only) updates the day's results instead of replacing them
+        previous = json.loads(jpath.read_text()).get("results", {})
+        results = {**previous, **results}
+        table = [{"benchmark": name, "command": r.get("command", ""), **row}
+                 for name, r in results.items() for row in r.get("summary", [])]
     payload = {"device": device, "date": date, "platform": sys.platform, "cpu_count": os.cpu_count(),
                "results": results}
-    jpath = out / f"{device}-{date}.json"
     tmp = jpath.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, jpath)
