@@ -6,6 +6,8 @@ import re
 
 import mlx.core as mx
 
+from ..config import require
+
 #: HF / mlx-lm Llama-style names -> canonical names (see weights/README.md). Suffixes (.weight, .bias,
 #: .scales, .biases) are kept, so quantized triplets rename with their weight.
 LLAMA_LIKE_RULES: list[tuple[str, str]] = [
@@ -43,3 +45,27 @@ def drop_tied_head(weights: dict, tied: bool) -> dict:
     if tied:
         weights = {k: v for k, v in weights.items() if not k.startswith("unembed.lm_head.")}
     return weights
+
+
+def hf_dims(d: dict, n_ctx_default: int) -> dict:
+    """The shape fields of ``HookedConfig`` from the keys every Hugging Face decoder config names alike."""
+    d_model = require(d, "hidden_size")
+    n_heads = require(d, "num_attention_heads")
+    return dict(
+        n_layers=require(d, "num_hidden_layers"),
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d.get("head_dim") or d_model // n_heads,
+        d_mlp=require(d, "intermediate_size"),
+        d_vocab=require(d, "vocab_size"),
+        n_key_value_heads=d.get("num_key_value_heads") or n_heads,
+        n_ctx=d.get("max_position_embeddings") or n_ctx_default,
+    )
+
+
+def tied_embeddings(d: dict, weight_names: set[str] | None) -> bool:
+    """Tied when the config says so (Hugging Face's default is untied; mlx-lm's llama default, tied, is not
+    followed), or when the checkpoint has no ``lm_head.weight`` whatever the config says."""
+    if weight_names is not None and "lm_head.weight" not in weight_names:
+        return True
+    return bool(d.get("tie_word_embeddings", False))

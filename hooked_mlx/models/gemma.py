@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from ..config import HookedConfig, require, rope_settings, token_ids
-from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
+from .base import LLAMA_LIKE_RULES, drop_tied_head, hf_dims, rename
 
 MODEL_TYPES = ("gemma",)
 
@@ -23,18 +23,10 @@ def gemma_activation(d: dict) -> str:
 
 def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfig:
     d_model = require(d, "hidden_size")
-    n_heads = require(d, "num_attention_heads")
     theta, scaling = rope_settings(d)
     return HookedConfig(
         architecture=d["model_type"],
-        n_layers=require(d, "num_hidden_layers"),
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d.get("head_dim") or d_model // n_heads,
-        d_mlp=require(d, "intermediate_size"),
-        d_vocab=require(d, "vocab_size"),
-        n_key_value_heads=d.get("num_key_value_heads") or n_heads,
-        n_ctx=d.get("max_position_embeddings") or 8192,
+        **hf_dims(d, n_ctx_default=8192),
         normalization="rms_offset",
         norm_eps=d.get("rms_norm_eps", 1e-6),
         act_fn=gemma_activation(d),

@@ -13,33 +13,18 @@ or if ``lm_head.weight`` is absent.
 
 from __future__ import annotations
 
-from ..config import HookedConfig, require, rope_settings, token_ids
-from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
+from ..config import HookedConfig, rope_settings, token_ids
+from .base import LLAMA_LIKE_RULES, drop_tied_head, hf_dims, rename, tied_embeddings
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfig:
     mt = d["model_type"]
-    n_heads = require(d, "num_attention_heads")
-    d_model = require(d, "hidden_size")
     theta, scaling = rope_settings(d)
-    tied = d.get("tie_word_embeddings")
-    if tied is None:  # HF default False; a checkpoint without lm_head is tied whatever the config says
-        tied = weight_names is not None and "lm_head.weight" not in weight_names
-    if weight_names is not None and "lm_head.weight" not in weight_names:
-        tied = True
-    head_dim = d.get("head_dim") or d_model // n_heads
     return HookedConfig(
         architecture=mt,
-        n_layers=require(d, "num_hidden_layers"),
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=head_dim,
-        d_mlp=require(d, "intermediate_size"),
-        d_vocab=require(d, "vocab_size"),
-        n_key_value_heads=d.get("num_key_value_heads") or n_heads,
-        n_ctx=d.get("max_position_embeddings") or 2048,
+        **hf_dims(d, n_ctx_default=2048),
         normalization="rms",
         norm_eps=d.get("rms_norm_eps", 1e-6 if mt.startswith("qwen") else 1e-5),
         act_fn=d.get("hidden_act", "silu"),
@@ -52,7 +37,7 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
         rope_theta=theta,
         rope_scaling=scaling,
         rope_traditional=bool(d.get("rope_traditional", False)),
-        tie_word_embeddings=bool(tied),
+        tie_word_embeddings=tied_embeddings(d, weight_names),
         default_prepend_bos=not mt.startswith("qwen"),
         **token_ids(d),
     )

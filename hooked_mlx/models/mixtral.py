@@ -20,7 +20,7 @@ import mlx.core as mx
 from ..components import TransformerBlock
 from ..components.moe import MoEMLP
 from ..config import HookedConfig, require, rope_settings, token_ids
-from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
+from .base import LLAMA_LIKE_RULES, drop_tied_head, hf_dims, rename, tied_embeddings
 
 MODEL_TYPES = ("mixtral",)
 
@@ -47,31 +47,19 @@ def stack_experts(weights: dict, pattern: str, names: dict[str, str], num_expert
 
 
 def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfig:
-    d_model = require(d, "hidden_size")
-    n_heads = require(d, "num_attention_heads")
     n_layers = require(d, "num_hidden_layers")
     theta, scaling = rope_settings(d, default_theta=1e6)
     window = d.get("sliding_window")
-    tied = bool(d.get("tie_word_embeddings", False))
-    if weight_names is not None and "lm_head.weight" not in weight_names:
-        tied = True
     return HookedConfig(
         architecture="mixtral",
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d.get("head_dim") or d_model // n_heads,
-        d_mlp=require(d, "intermediate_size"),
-        d_vocab=require(d, "vocab_size"),
-        n_key_value_heads=d.get("num_key_value_heads") or n_heads,
-        n_ctx=d.get("max_position_embeddings") or 32768,
+        **hf_dims(d, n_ctx_default=32768),
         norm_eps=d.get("rms_norm_eps", 1e-5),
         act_fn=d.get("hidden_act", "silu"),
         sliding_window=window,
         layer_types=["sliding_attention" if window else "full_attention"] * n_layers,
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied_embeddings(d, weight_names),
         num_experts=require(d, "num_local_experts"),
         experts_per_token=require(d, "num_experts_per_tok"),
         norm_topk_prob=True,

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-from ..config import HookedConfig, require, rope_settings, token_ids
-from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
+from ..config import HookedConfig, rope_settings, token_ids
+from .base import LLAMA_LIKE_RULES, drop_tied_head, hf_dims, rename, tied_embeddings
 
 MODEL_TYPES = ("olmo2",)
 
@@ -22,22 +22,10 @@ RULES = [
 
 
 def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfig:
-    d_model = require(d, "hidden_size")
-    n_heads = require(d, "num_attention_heads")
     theta, scaling = rope_settings(d)
-    tied = bool(d.get("tie_word_embeddings", False))
-    if weight_names is not None and "lm_head.weight" not in weight_names:
-        tied = True
     return HookedConfig(
         architecture="olmo2",
-        n_layers=require(d, "num_hidden_layers"),
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d.get("head_dim") or d_model // n_heads,
-        d_mlp=require(d, "intermediate_size"),
-        d_vocab=require(d, "vocab_size"),
-        n_key_value_heads=d.get("num_key_value_heads") or n_heads,
-        n_ctx=d.get("max_position_embeddings") or 4096,
+        **hf_dims(d, n_ctx_default=4096),
         norm_eps=d.get("rms_norm_eps", 1e-6),
         act_fn=d.get("hidden_act", "silu"),
         mlp_bias=bool(d.get("mlp_bias", False)),
@@ -48,7 +36,7 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
         rope_scaling=scaling,
         pre_norms=False,
         post_norms=True,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied_embeddings(d, weight_names),
         **token_ids(d),
     )
 

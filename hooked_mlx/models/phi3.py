@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..config import HookedConfig, partial_rotary_factor, require, rope_settings, token_ids
-from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
+from .base import LLAMA_LIKE_RULES, drop_tied_head, rename, tied_embeddings
 
 MODEL_TYPES = ("phi3",)
 
@@ -33,9 +33,6 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
         elif rtype != "linear":
             raise ValueError(f"phi3 rope_scaling type {rtype!r} is not supported; expected su, longrope or linear.")
     window = d.get("sliding_window")
-    tied = bool(d.get("tie_word_embeddings", False))
-    if weight_names is not None and "lm_head.weight" not in weight_names:
-        tied = True
     return HookedConfig(
         architecture="phi3",
         n_layers=n_layers,
@@ -54,7 +51,7 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
         rope_theta=theta,
         rope_scaling=scaling,
         rope_traditional=bool(d.get("rope_traditional", False)),
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied_embeddings(d, weight_names),
         default_prepend_bos=False,
         **token_ids(d),
     )
