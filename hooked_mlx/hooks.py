@@ -191,7 +191,7 @@ class HookedRootModule(nn.Module):
 
 def _order(name: str):
     """Forward order: top-level input hooks, then blocks by layer (each in BLOCK_HOOKS order), then the rest."""
-    from .names import BLOCK_HOOKS, EXTRA_BLOCK_HOOKS, TOP_HOOKS
+    from .names import BLOCK_HOOKS, TOP_HOOKS
 
     parts = name.split(".")
     if parts[0] == "blocks":

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import ActivationCache
-from .components import Norm, TransformerBlock, Unembed, linear_weight
+from .components import Norm, TransformerBlock, Unembed
 from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
 from .weights_view import WeightsViewMixin

@@ -8,7 +8,6 @@ from pathlib import Path
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # parity tests compare in float32 without TF32
 
 import hooked_mlx  # noqa: E402,F401  (BLAS before mlx.core)
-import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
 from mlx_fixtures import STORIES, TINY_LLAMA, build_mlx_lm_checkpoint  # noqa: E402,F401

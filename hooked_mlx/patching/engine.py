@@ -23,7 +23,7 @@ import contextlib
 import ctypes
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
