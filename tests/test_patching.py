@@ -281,3 +281,25 @@ def test_batch_of_prompts_with_per_prompt_positions(stories):
     cells = [Cell("blocks.2.attn.hook_v", (5, 1, None)), Cell("blocks.0.attn.hook_v", (4, 3, None))]
     ref = run_cells_loop(m, corrupted, {c.name: cache[c.name] for c in cells}, cells, metric)
     np.testing.assert_allclose([float(heads[2, 5, 1]), float(heads[0, 4, 3])], np.array(ref), atol=1e-5)
+
+
+def test_gpu_engine_settings_give_the_same_grid_on_cpu(setup, monkeypatch):
+    """GPUs run with bucketed batch sizes and the full-width last block (engine.split_last_layer=False, which
+    works around an MLX CUDA launch failure); the CPU path must give the same grid with those settings."""
+    from hooked_mlx.patching import engine as E
+
+    s, m = setup, setup["m"]
+    cpu = pt.get_act_patch_attn_head_out_by_pos(m, s["corrupted"], s["cache"], s["metric"])
+    orig = E.PatchEngine.__init__
+    seen = []
+
+    def gpu_like(self, *a, **k):
+        orig(self, *a, **k)
+        self.split_last_layer, self.bucket = False, True
+        seen.append(self)
+
+    monkeypatch.setattr(E.PatchEngine, "__init__", gpu_like)
+    gpu = pt.get_act_patch_attn_head_out_by_pos(m, s["corrupted"], s["cache"], s["metric"])
+    assert seen and not seen[0].split_last_layer
+    np.testing.assert_allclose(np.array(gpu), np.array(cpu), atol=1e-5, rtol=0)
+    assert np.ptp(np.array(cpu)) > 0.1  # a real grid, not a constant

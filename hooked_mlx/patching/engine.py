@@ -250,6 +250,11 @@ class PatchEngine:
         self.budget = (memory_budget_mb or MEMORY_BUDGET_MB) * 2 ** 20
         self.reuse_kv = reuse_kv
         self.bucket = (mx.default_device() != mx.cpu) if bucket is None else bucket
+        # Running the last block for the metric's query positions only (``_last_layer``) is a CPU-side saving.
+        # On MLX's CUDA backend (0.32.4, H100) a chunk of >= 64 rows through it fails to launch a kernel
+        # ("cudaGraphAddKernelNode ... invalid argument", also with MLX_USE_CUDA_GRAPHS=0), while the full-width
+        # last block runs; on a GPU that layer costs little, so GPUs run it full width.
+        self.split_last_layer = mx.default_device() == mx.cpu
 
     def identical(self, cells: Sequence[Cell]) -> np.ndarray:
         """bool per cell: the clean and corrupted activations are bitwise equal at the cell's index (e.g. every
@@ -370,7 +375,7 @@ class PatchEngine:
             return x.reshape(((b - a) * B,) + base.shape[1:])
 
         split_last = None
-        if isinstance(self.metric, Metric) and all(l < L - 1 for l in layers):
+        if self.split_last_layer and isinstance(self.metric, Metric) and all(l < L - 1 for l in layers):
             from ..components.block import TransformerBlock
 
             blk = model.blocks[-1]

@@ -241,10 +241,13 @@ def trainer_checks(steps=20, time_steps=10):
         t = SAETrainer(cfg_for(D, F, B, K, aux=1 / 32), kernels=kern)
         t.initialize(xs[0], 1.0)
         losses = []
-        for x in xs:
+        t0 = time.perf_counter()
+        for i, x in enumerate(xs):
             t.step(x)
             mx.eval(t.state_arrays())
             losses.append(t.read_metrics()["loss"])
+            if i < 3 or i == len(xs) - 1:
+                print(f"   {kern} step {i}: loss {losses[-1]:.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
         curves[kern] = losses
     dev = max(abs(a - b) / abs(b) for a, b in zip(curves["fused"], curves["reference"]))
     record("trainer_kernels_fused_tracks_reference", dev < 0.05, max_rel_dev=dev, first=curves["fused"][0],
@@ -299,7 +302,12 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--sections", default="kernels,forward,training,trainer",
                     help="comma-separated subset of: kernels, forward, training, trainer")
+    ap.add_argument("--watchdog", type=float, default=0, help="dump the Python stacks every N seconds")
     a = ap.parse_args()
+    if a.watchdog:
+        import faulthandler  # noqa: PLC0415
+
+        faulthandler.dump_traceback_later(a.watchdog, repeat=True)
     sections = set(a.sections.split(","))
     RESULTS["mlx"] = mx.__version__
     RESULTS["device"] = str(mx.default_device())
