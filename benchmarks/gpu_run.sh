@@ -23,5 +23,6 @@ if [ -z "${BENCH_ONLY:-}" ]; then
 fi
 if [ -z "${SECTIONS:-}" ]; then
   timeout 380 python benchmarks/sae_kernels.py --shapes S1,S2 --steps 20 --warmup 4 --profile \
+    --impls fused,fused_fp32bwd,reference,sparsify \
     --out "$OUT/sae_kernels_h100.json" 2>&1 | tee "$OUT/sae_kernels_bench.log"
 fi

@@ -251,6 +251,8 @@ def pick_lg_variant(shape, reps=5):
     idx = mx.random.randint(0, F, (B, K)).astype(mx.uint32)
     vals = mx.random.uniform(shape=(B, K))
     cols, rows = idx.reshape(-1), mx.repeat(mx.arange(B, dtype=mx.uint32), K)
+    if getattr(ops, "lowp_backward", False):  # time the operands the step passes
+        dY, x = dY.astype(mx.bfloat16), x.astype(mx.bfloat16)
     args = (cols, rows, rows, vals.reshape(-1), vals.reshape(-1) * 0.5, dY, x, F, True)
     times, outs = {}, {}
     for variant in ("v1", "v4"):
@@ -268,6 +270,16 @@ def pick_lg_variant(shape, reps=5):
 
 
 def bench_mlx(kind, shape, steps, warmup):
+    """kind: "fused", "fused_fp32bwd" (the fused step with fp32 operands in the per-latent gradient sums, to
+    measure what the bf16 operands buy) or "reference"."""
+    if kind == "fused_fp32bwd":
+        ops = FU.get_ops()
+        old = ops.lowp_backward
+        ops.lowp_backward = False
+        try:
+            return bench_mlx("fused", shape, steps, warmup)
+        finally:
+            ops.lowp_backward = old
     D, F, B, K = shape["D"], shape["F"], shape["B"], shape["K"]
     mx.clear_cache()
     tuned = pick_lg_variant(shape) if kind == "fused" else None
@@ -290,6 +302,7 @@ def bench_mlx(kind, shape, steps, warmup):
         res["backend"] = FU.backend()
         res["latent_grads_variant"] = tuned
         res["low_memory_optimizer"] = step.low_memory
+        res["lowp_backward"] = bool(getattr(FU.get_ops(), "lowp_backward", False))
     del step, xs
     gc.collect()
     mx.clear_cache()
@@ -339,6 +352,8 @@ def profile(shape, reps=10):
         "argsort of the entry keys (latent grads prep)": lambda: mx.argsort(cols * B + rows),
         "latent grads v4 (segmented, float4)": lambda: _with_variant(ops, "v4", lambda: ops.latent_grads(
             cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)),
+        "latent grads v4, bf16 dY / x operands": lambda: _with_variant(ops, "v4", lambda: ops.latent_grads(
+            cols, rows, rows, vals.reshape(-1), ce, dY.astype(mx.bfloat16), x.astype(mx.bfloat16), F, True)),
         "latent grads (atomic scatter-add)": lambda: ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x,
                                                                        F, False),
         "W_enc @ db_enc (b_dec share)": lambda: p["W_enc"] @ db,
@@ -367,7 +382,8 @@ def profile(shape, reps=10):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="S1,S2")
-    ap.add_argument("--impls", default="fused,reference,sparsify")
+    ap.add_argument("--impls", default="fused,reference,sparsify",
+                    help="comma-separated: fused, fused_fp32bwd, reference, sparsify")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None, help="write the results as JSON here")

@@ -317,3 +317,26 @@ def test_trainer_compiled_step_with_fused_backend_matches_reference(monkeypatch)
     assert dead_seen["reference"], "the AuxK path was not exercised"
     for (la, aa), (lb, ab) in zip(curves["fused"], curves["reference"]):
         assert abs(la - lb) <= 1e-5 * abs(lb) and abs(aa - ab) <= 1e-5 * max(abs(ab), 1e-12)
+
+
+class _LowpBackward(FU.ReferenceOps):
+    lowp_backward = True  # what the CUDA / Metal back ends do: bf16 dY and xc in the per-latent sums
+
+
+def test_lowp_backward_changes_only_the_latent_sums_within_bf16_rounding():
+    x, W_enc, b_enc, W_dec, b_dec, dead = _problem(2, 100)
+    args = (x, W_enc, b_enc, W_dec, b_dec)
+
+    def grads(ops):
+        def loss(*a):
+            out = FU.topk_sae_forward(*a, K, dead, K_AUX, ops=ops)
+            return mx.sum(mx.square(a[0] - out.x_hat)) + mx.sum(mx.square(out.e_hat))
+        return mx.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+
+    full, low = grads(FU.ReferenceOps()), grads(_LowpBackward())
+    for name, a, b in zip(("dx", "dW_enc", "db_enc", "dW_dec", "db_dec"), low, full):
+        err = (mx.max(mx.abs(a - b)) / mx.max(mx.abs(b))).item()
+        if name in ("dW_enc", "dW_dec"):
+            assert 0 < err <= 1e-2, (name, err)  # bf16 operands (2^-8 relative), fp32 sums
+        else:
+            assert err <= 1e-6, (name, err)

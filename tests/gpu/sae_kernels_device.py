@@ -111,6 +111,13 @@ def kernel_checks(ops, ref):
         got_d = ops.latent_grads(cols, rows, rows, vals.reshape(-1), None, dY, None, F, True)
         err_d = maxrel(got_d[0], want[0])
         record(f"latent_grads_{variant}", max(errs + [err_d]) < 1e-5, maxrel=errs, dec_only=err_d)
+        # bf16 operands (what the fused VJP passes on GPUs): equal to the fp32 sums of the rounded operands
+        dY16, x16 = dY.astype(mx.bfloat16), x.astype(mx.bfloat16)
+        want16 = ref.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY16.astype(mx.float32),
+                                  x16.astype(mx.float32), F)
+        got16 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY16, x16, F, True)
+        errs16 = [maxrel(a, b) for a, b in zip(got16, want16)]
+        record(f"latent_grads_{variant}_bf16_operands", max(errs16) < 1e-5, maxrel=errs16)
     ops.lg_variant = old_variant
     got1 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)
     got2 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)

@@ -32,6 +32,19 @@ __device__ __forceinline__ unsigned int hk_key(float f) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 __device__ __forceinline__ float hk_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+// element i (a multiple of 4 for hk_ld4) of a float32 (LP false) or bfloat16 (LP true) array, as float
+template <bool LP> __device__ __forceinline__ float hk_ld1(const void* p, size_t i) {
+  if (LP) return hk_bf16(reinterpret_cast<const unsigned short*>(p)[i]);
+  return reinterpret_cast<const float*>(p)[i];
+}
+template <bool LP> __device__ __forceinline__ float4 hk_ld4(const void* p, size_t i) {
+  if (LP) {
+    const uint2 u = *reinterpret_cast<const uint2*>(reinterpret_cast<const unsigned short*>(p) + i);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+  }
+  return *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p) + i);
+}
 __device__ __forceinline__ float hk_block_sum(float v, float* red) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
@@ -187,7 +200,7 @@ GATHER_DOT = r"""
 """
 
 LATENT_GRADS = r"""
-  // template: F, D, HAS_ENC; block 256 threads = 256 d's, 32 latents per block
+  // template: F, D, HAS_ENC, LPY / LPX (Y / X in bfloat16); block 256 threads = 256 d's, 32 latents per block
   __shared__ float tile[32][257];
   const int f0 = blockIdx.x * 32;
   const int d0 = blockIdx.y * 256;
@@ -199,8 +212,8 @@ LATENT_GRADS = r"""
       const int s = offsets[f], e = offsets[f + 1];
       if (d < D) {
         for (int q = s; q < e; ++q) {
-          accd += coef_dec[q] * Y[(size_t)rows_dec[q] * D + d];
-          if (HAS_ENC) acce += coef_enc[q] * X[(size_t)rows_enc[q] * D + d];
+          accd += coef_dec[q] * hk_ld1<LPY>(Y, (size_t)rows_dec[q] * D + d);
+          if (HAS_ENC) acce += coef_enc[q] * hk_ld1<LPX>(X, (size_t)rows_enc[q] * D + d);
         }
         dW_dec[(size_t)f * D + d] = accd;
       }
@@ -224,7 +237,8 @@ LATENT_GRADS = r"""
 """
 
 LATENT_GRADS_V4 = r"""
-  // template: F, D (D % 4 == 0), HAS_ENC, TL; 64 threads x float4 = 256 d's, TL latents per block,
+  // template: F, D (D % 4 == 0), HAS_ENC, TL, LPY / LPX (Y / X in bfloat16); 64 threads x float4 = 256 d's,
+  // TL latents per block,
   // two entries per iteration (independent loads in flight)
   __shared__ float tile[TL][257];
   const int f0 = blockIdx.x * TL;
@@ -239,25 +253,25 @@ LATENT_GRADS_V4 = r"""
       int q = s;
       for (; q + 1 < e; q += 2) {
         const float c0 = coef_dec[q], c1 = coef_dec[q + 1];
-        const float4 y0 = *reinterpret_cast<const float4*>(Y + (size_t)rows_dec[q] * D + d);
-        const float4 y1 = *reinterpret_cast<const float4*>(Y + (size_t)rows_dec[q + 1] * D + d);
+        const float4 y0 = hk_ld4<LPY>(Y, (size_t)rows_dec[q] * D + d);
+        const float4 y1 = hk_ld4<LPY>(Y, (size_t)rows_dec[q + 1] * D + d);
         ad.x += c0 * y0.x; ad.y += c0 * y0.y; ad.z += c0 * y0.z; ad.w += c0 * y0.w;
         ad.x += c1 * y1.x; ad.y += c1 * y1.y; ad.z += c1 * y1.z; ad.w += c1 * y1.w;
         if (HAS_ENC) {
           const float e0 = coef_enc[q], e1 = coef_enc[q + 1];
-          const float4 x0 = *reinterpret_cast<const float4*>(X + (size_t)rows_enc[q] * D + d);
-          const float4 x1 = *reinterpret_cast<const float4*>(X + (size_t)rows_enc[q + 1] * D + d);
+          const float4 x0 = hk_ld4<LPX>(X, (size_t)rows_enc[q] * D + d);
+          const float4 x1 = hk_ld4<LPX>(X, (size_t)rows_enc[q + 1] * D + d);
           ae.x += e0 * x0.x; ae.y += e0 * x0.y; ae.z += e0 * x0.z; ae.w += e0 * x0.w;
           ae.x += e1 * x1.x; ae.y += e1 * x1.y; ae.z += e1 * x1.z; ae.w += e1 * x1.w;
         }
       }
       if (q < e) {
         const float c0 = coef_dec[q];
-        const float4 y0 = *reinterpret_cast<const float4*>(Y + (size_t)rows_dec[q] * D + d);
+        const float4 y0 = hk_ld4<LPY>(Y, (size_t)rows_dec[q] * D + d);
         ad.x += c0 * y0.x; ad.y += c0 * y0.y; ad.z += c0 * y0.z; ad.w += c0 * y0.w;
         if (HAS_ENC) {
           const float e0 = coef_enc[q];
-          const float4 x0 = *reinterpret_cast<const float4*>(X + (size_t)rows_enc[q] * D + d);
+          const float4 x0 = hk_ld4<LPX>(X, (size_t)rows_enc[q] * D + d);
           ae.x += e0 * x0.x; ae.y += e0 * x0.y; ae.z += e0 * x0.z; ae.w += e0 * x0.w;
         }
       }
@@ -360,7 +374,9 @@ class CudaOps(ReferenceOps):
         self._lg4 = _k("hk_latent_grads_v4", ["offsets", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
                        ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS_V4)
         # "v1": one d per thread, 32 latents per block; "v4": float4 per thread, 16 latents per block
-        self.lg_variant = os.environ.get("HOOKED_MLX_SAE_LG", "v1")
+        # v4 was the faster at both benchmark shapes on the H100 (benchmarks/results/sae_kernels.md)
+        self.lg_variant = os.environ.get("HOOKED_MLX_SAE_LG", "v4")
+        self.lowp_backward = os.environ.get("HOOKED_MLX_SAE_LOWP_BWD", "1") != "0"
         self._lga = _k("hk_latent_grads_atomic", ["cols", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
                        ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS_ATOMIC)
         self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
@@ -425,6 +441,7 @@ class CudaOps(ReferenceOps):
         X = xc if has_enc else Y
         ce = coef_enc if has_enc else coef_dec
         if not deterministic:
+            Y, X = Y.astype(mx.float32), X.astype(mx.float32)  # the atomic variant reads float32
             outs = self._lga(inputs=[cols, rows_dec.astype(mx.uint32), rows_enc.astype(mx.uint32), coef_dec, ce, Y, X],
                              template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)],
                              grid=(cols.size * 256, 1, 1), threadgroup=(256, 1, 1),
@@ -438,7 +455,8 @@ class CudaOps(ReferenceOps):
         offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
         ins = [offsets, rows_dec.astype(mx.uint32)[order], rows_enc.astype(mx.uint32)[order], coef_dec[order],
                ce[order], Y, X]
-        tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)]
+        tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc), ("LPY", Y.dtype == mx.bfloat16),
+                ("LPX", X.dtype == mx.bfloat16)]
         shapes = [(F, D), (D, F), (F,)] if has_enc else [(F, D), (1,), (1,)]
         if self.lg_variant == "v4" and D % 4 == 0:
             TL = 16

@@ -36,7 +36,9 @@ Trainer integration:
   replace projection + ``optim.Adam`` + renorm (see ``benchmarks/sae_kernels.py:FusedStep``).
 
 Precision: GPU back ends run the encoder matmul in bf16 with fp32 accumulation (pre-activations stored
-in bf16, as under sparsify's autocast); everything else (values, decode, gradients, Adam) is fp32. The
+in bf16, as under sparsify's autocast), and the per-latent gradient sums read bf16 copies of the
+reconstruction gradient and of the (centred) input with fp32 sums (``lowp_backward``: half the gathered
+bytes; ``HOOKED_MLX_SAE_LOWP_BWD=0`` turns it off). Parameters, values, decode, Adam and θ are fp32. The
 reference back end is fp32 end to end and equals the dense reference (``reference.py``) to float32
 rounding, which the CPU tests check.
 """
@@ -83,6 +85,7 @@ class ReferenceOps:
 
     name = "reference"
     matmul_dtype = None  # None: the inputs' dtype (float32)
+    lowp_backward = False  # True: the per-latent gradient sums read bf16 copies of dY and xc (fp32 sums)
 
     # encoder ---------------------------------------------------------------------------------------
     def pre(self, xc: mx.array, W_enc: mx.array, b_enc: mx.array, W_lowp: mx.array | None = None) -> mx.array:
@@ -301,13 +304,15 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     rows = mx.repeat(mx.arange(B, dtype=mx.uint32), k)
     cd = vals.reshape(-1)
     ce = mx.random.normal((n,), key=k1)
-    for det in (True, False):
-        got = run(f"latent_grads(det={det})",
-                  lambda det=det: ops.latent_grads(cols, rows, rows, cd, ce, dY, x, F, det))
+    dY16, x16 = dY.astype(mx.bfloat16), x.astype(mx.bfloat16)
+    for det, lp in ((True, False), (False, False), (True, True)):
+        Yc, Xc = (dY16, x16) if lp else (dY, x)
+        nm0 = f"latent_grads(det={det}{', bf16 operands' if lp else ''})"
+        got = run(nm0, lambda det=det, Yc=Yc, Xc=Xc: ops.latent_grads(cols, rows, rows, cd, ce, Yc, Xc, F, det))
         if got is not None:
-            want = ref.latent_grads(cols, rows, rows, cd, ce, dY, x, F)
+            want = ref.latent_grads(cols, rows, rows, cd, ce, Yc.astype(mx.float32), Xc.astype(mx.float32), F)
             for nm, a, b in zip(("dW_dec", "dW_enc", "db_enc"), got, want):
-                close(f"latent_grads(det={det}).{nm}", a, b, 1e-4, 1e-4)
+                close(f"{nm0}.{nm}", a, b, 1e-4, 1e-4)
     got = run("enc_rows_sum", lambda: ops.enc_rows_sum(vals, idx, W_enc))
     if got is not None:
         close("enc_rows_sum", got, ref.enc_rows_sum(vals, idx, W_enc), 1e-4, 1e-4)
@@ -431,7 +436,10 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
         else:
             cols, rows_dec, rows_enc = _dense_cols(idx), rows, rows
             coef_dec, coef_enc, Y = vals.reshape(-1), dpre.reshape(-1), d_xhat
-        dW_dec, dW_enc, db_enc = ops.latent_grads(cols, rows_dec, rows_enc, coef_dec, coef_enc, Y, xc, F,
+        Xs = xc
+        if ops.lowp_backward:  # bf16 operands, fp32 sums (as the bf16 autocast backward of sparsify's encoder)
+            Y, Xs = Y.astype(mx.bfloat16), xc.astype(mx.bfloat16)
+        dW_dec, dW_enc, db_enc = ops.latent_grads(cols, rows_dec, rows_enc, coef_dec, coef_enc, Y, Xs, F,
                                                   deterministic)
         dxc = ops.enc_rows_sum(dpre, idx, W_enc)
         if aux:

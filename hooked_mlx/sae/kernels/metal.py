@@ -141,8 +141,8 @@ LATENT_GRADS = r"""
     float accd = 0.0f, acce = 0.0f;
     if (f < F && d < D) {
       for (int q = offsets[f]; q < offsets[f + 1]; ++q) {
-        accd += coef_dec[q] * Y[(size_t)rows_dec[q] * D + d];
-        if (HAS_ENC) acce += coef_enc[q] * X[(size_t)rows_enc[q] * D + d];
+        accd += coef_dec[q] * static_cast<float>(Y[(size_t)rows_dec[q] * D + d]);  // Y, X: float or bfloat
+        if (HAS_ENC) acce += coef_enc[q] * static_cast<float>(X[(size_t)rows_enc[q] * D + d]);
       }
       dW_dec[(size_t)f * D + d] = accd;
     }
@@ -225,6 +225,7 @@ class MetalOps(ReferenceOps):
 
     name = "metal"
     matmul_dtype = mx.bfloat16
+    lowp_backward = True  # bf16 dY / xc operands in the latent sums (the kernel reads float or bfloat)
 
     def __init__(self):
         if not mx.metal.is_available():
