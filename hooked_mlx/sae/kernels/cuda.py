@@ -12,7 +12,9 @@ Kernels:
 * ``hk_gather_dot`` dv[b,j] = dY[b] . W[idx_bj] (one warp per entry, dY row in shared memory).
 * ``hk_latent_grads`` segmented per-latent sums (entries sorted by (latent, row): deterministic):
   dW_dec rows written directly, dW_enc columns through a shared-memory transpose (coalesced [D,F]
-  writes), db_enc; ``hk_latent_grads_atomic`` the scatter-add variant (atomics, nondeterministic order).
+  writes), db_enc; dY / xc read as fp32 or bf16 (``LPY`` / ``LPX``; sums in fp32); ``hk_latent_grads_v4`` the
+  float4 variant (the default); ``hk_latent_grads_atomic`` the scatter-add variant (atomics, nondeterministic
+  order, fp32 operands).
 * ``hk_adam_rows``  one block per decoder row: parallel-gradient removal, Adam, renormalisation.
 
 The plain Adam for W_enc / b_enc / b_dec is MLX's compiled elementwise kernel (already one pass).
@@ -238,8 +240,7 @@ LATENT_GRADS = r"""
 
 LATENT_GRADS_V4 = r"""
   // template: F, D (D % 4 == 0), HAS_ENC, TL, LPY / LPX (Y / X in bfloat16); 64 threads x float4 = 256 d's,
-  // TL latents per block,
-  // two entries per iteration (independent loads in flight)
+  // TL latents per block, two entries per iteration (independent loads in flight)
   __shared__ float tile[TL][257];
   const int f0 = blockIdx.x * TL;
   const int d0 = blockIdx.y * 256;
