@@ -322,6 +322,11 @@ class ActivationCache:
             r = mx.moveaxis(r, -2, 0)  # [H, ..., dm]
             comps.append(self._post_norm_linear(l, "ln1_post", r, pos_slice))
             labels += [f"L{l}H{h}" for h in range(H)]
+        return self._finish_component_stack(comps, labels, layer, pos_slice, incl_remainder, apply_ln,
+                                            return_labels)
+
+    def _finish_component_stack(self, comps, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels):
+        """The shared end of the per-head and per-neuron stacks: concatenate, remainder, final LN, labels."""
         stack = mx.concatenate(comps) if comps else self._empty_stack(pos_slice)
         if incl_remainder:
             stack, labels = self._with_remainder(stack, labels, layer, pos_slice)
@@ -372,12 +377,8 @@ class ActivationCache:
             r = mx.moveaxis(self.get_neuron_results(l, neuron_slice, pos_slice), -2, 0)  # [n, ..., dm]
             comps.append(self._post_norm_linear(l, "ln2_post", r, pos_slice))
             labels += [f"L{l}N{i}" for i in idx]
-        stack = mx.concatenate(comps) if comps else self._empty_stack(pos_slice)
-        if incl_remainder:
-            stack, labels = self._with_remainder(stack, labels, layer, pos_slice)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._finish_component_stack(comps, labels, layer, pos_slice, incl_remainder, apply_ln,
+                                            return_labels)
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> mx.array:
         """One hook stacked over layers 0..layer-1 (all for -1): [layer, ...]. ``activation_name`` is a TL
