@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PLATFORM_EXTRAS := $(if $(filter Linux,$(shell uname -s)),cpu,)
 comma := ,
 
-.PHONY: demo test setup setup-dev bench
+.PHONY: demo test lint parity-other-blas setup setup-dev bench
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ demo: setup
 
 test: setup-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup-dev
+	$(VENV)/bin/ruff check .
+
+# the parity tests again under MLX's own reference BLAS (another GEMM code path than MKL / OpenBLAS)
+PARITY_TESTS := tests/test_core.py tests/test_architectures.py tests/test_padding.py tests/test_processing.py \
+	tests/test_analysis.py tests/test_patching.py
+parity-other-blas: setup-dev
+	HOOKED_MLX_NO_BLAS=1 $(PY) -m pytest -q $(PARITY_TESTS)
 
 bench: setup-dev
 	$(PY) benchmarks/run_all.py

@@ -16,11 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+import hooked_mlx  # first: loads the optimised BLAS before mlx.core
+from hooked_mlx import HookedTransformer
 import mlx.core as mx
 from mlx_lm.utils import load_model
-
-from hooked_mlx import HookedTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = ROOT.parent / "shared" / "models" / "stories260K"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,6 @@ CONFIGS = {
 # TransformerLens worker (runs under the TL venv's python; must not import hooked_mlx)
 # --------------------------------------------------------------------------------------------------
 def tl_worker(cfg: dict, out_dir: Path, threads: int) -> None:
-    import numpy as np
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens import patching as tlp
@@ -110,11 +108,10 @@ def tl_worker(cfg: dict, out_dir: Path, threads: int) -> None:
 # --------------------------------------------------------------------------------------------------
 def run_config(name: str, cfg: dict, tl_python: str, repeats: int, threads: int) -> dict:
     import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
-    import mlx.core as mx
-    import numpy as np
-
     from hooked_mlx import HookedTransformer
     from hooked_mlx import patching as pt
+    import mlx.core as mx
+    import numpy as np
 
     with tempfile.TemporaryDirectory(prefix=f"patchbench_{name}_") as d:
         d = Path(d)

@@ -31,10 +31,9 @@ sys.path.insert(0, ROOT)
 import hooked_mlx  # noqa: E402,F401  (BLAS before mlx.core)
 
 # isort: split
-import mlx.core as mx  # noqa: E402
-
 from hooked_mlx.sae import SAEConfig, SAETrainer  # noqa: E402
 from hooked_mlx.sae.distributed import world  # noqa: E402
+import mlx.core as mx  # noqa: E402
 
 SHAPES = {"S1": {"d_in": 2048, "expansion": 16, "batch": 4096, "k": 64},
           "S2": {"d_in": 4096, "expansion": 32, "batch": 4096, "k": 128}}

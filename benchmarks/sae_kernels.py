@@ -31,12 +31,11 @@ import time
 from functools import partial
 
 import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels import reference as R
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-
-from hooked_mlx.sae.kernels import fused as FU
-from hooked_mlx.sae.kernels import reference as R
 
 SHAPES = {
     "S1": dict(D=2048, F=32768, B=4096, K=64),
@@ -189,21 +188,21 @@ def import_sparsify():
         stub = types.ModuleType("sparsify")
         stub.__path__ = list(spec.submodule_search_locations)
         sys.modules["sparsify"] = stub
-    import sparsify.config as cfg  # noqa: PLC0415
-    import sparsify.sparse_coder as sc  # noqa: PLC0415
+    import sparsify.config as cfg
+    import sparsify.sparse_coder as sc
 
     version = "?"
     try:
-        from importlib.metadata import version as _v  # noqa: PLC0415
+        from importlib.metadata import version as _v
 
         version = _v("eai-sparsify")
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return sc, cfg, version
 
 
 def bench_sparsify(shape, steps, warmup):
-    import torch  # noqa: PLC0415
+    import torch
 
     sc, cfg, version = import_sparsify()
     D, F, B, K = shape["D"], shape["F"], shape["B"], shape["K"]
@@ -233,8 +232,8 @@ def bench_sparsify(shape, steps, warmup):
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated()
     res = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=peak / 1e9, loss=float(loss), version=version,
-               torch=torch.__version__, decoder_impl=getattr(sc, "decoder_impl").__name__)
-    del sae, opt, xs
+               torch=torch.__version__, decoder_impl=sc.decoder_impl.__name__)
+    sae = opt = xs = None  # free the GPU memory before the next implementation
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -303,7 +302,7 @@ def bench_mlx(kind, shape, steps, warmup):
         res["latent_grads_variant"] = tuned
         res["low_memory_optimizer"] = step.low_memory
         res["lowp_backward"] = bool(getattr(FU.get_ops(), "lowp_backward", False))
-    del step, xs
+    step = xs = None
     gc.collect()
     mx.clear_cache()
     return res
@@ -373,7 +372,7 @@ def profile(shape, reps=10):
         mx.synchronize()
         out[name] = (time.perf_counter() - t0) / reps * 1e3
         print(f"  {name:42s} {out[name]:8.3f} ms", flush=True)
-    del step
+    step = None
     gc.collect()
     mx.clear_cache()
     return out
@@ -393,11 +392,11 @@ def main(argv=None):
     device = "cpu"
     try:
         if mx.cuda.is_available():
-            import subprocess  # noqa: PLC0415
+            import subprocess
 
             device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                                     text=True).stdout.strip() or "cuda"
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     meta = dict(device=device, mlx=mx.__version__, python=platform.python_version(), command=" ".join(sys.argv),
                 steps=a.steps, warmup=a.warmup, tf32=os.environ.get("MLX_ENABLE_TF32", "1 (default)"))
@@ -413,7 +412,7 @@ def main(argv=None):
             try:
                 r = bench_sparsify(shape, a.steps, a.warmup) if impl == "sparsify" else \
                     bench_mlx(impl, shape, a.steps, a.warmup)
-            except Exception as e:  # noqa: BLE001 - record and go on to the next implementation
+            except Exception as e:  # record it and go on to the next implementation
                 r = {"error": f"{type(e).__name__}: {e}"}
             row[impl] = r
             print(f"{name} {impl:9s} " + (f"{r['ms']:8.2f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "

@@ -29,16 +29,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import hooked_mlx  # noqa: E402,F401  (BLAS before mlx.core)
+import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
 
 # isort: split
-from functools import partial  # noqa: E402
+from functools import partial
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-
-from hooked_mlx.sae import SAEConfig, SAETrainer  # noqa: E402
+from hooked_mlx.sae import SAEConfig, SAETrainer
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 
 SHAPES = {"S1": dict(d_in=2048, expansion=16, batch=4096, k=64), "S2": dict(d_in=4096, expansion=32, batch=4096, k=128)}
 ARCHS = ("topk", "batchtopk", "relu", "jumprelu")

@@ -75,7 +75,7 @@ def load_blas() -> str | None:
     for path in candidate_paths():
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            getattr(lib, "cblas_sgemm")
+            _ = lib.cblas_sgemm  # AttributeError: not a CBLAS library
         except (OSError, AttributeError):
             continue
         LOADED = path

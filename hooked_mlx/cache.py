@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -91,7 +92,7 @@ class ActivationCache:
         return f"ActivationCache({len(self)} activations: {list(self.cache_dict)[:4]}{'...' if len(self) > 4 else ''})"
 
     # -- conversions -------------------------------------------------------------------------------
-    def remove_batch_dim(self) -> "ActivationCache":
+    def remove_batch_dim(self) -> ActivationCache:
         """Drop a batch dimension of size 1 (in place, like TL); errors if the batch is larger."""
         if not self.has_batch_dim:
             return self
@@ -116,7 +117,7 @@ class ActivationCache:
             out[k] = np.array(v)
         return out
 
-    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+    def apply_slice_to_batch_dim(self, batch_slice) -> ActivationCache:
         mask = self.attention_mask[batch_slice] if self.attention_mask is not None else None
         return ActivationCache({k: v[batch_slice] for k, v in self.cache_dict.items()}, self.model,
                                self.has_batch_dim, attention_mask=mask)

@@ -24,6 +24,8 @@ def _add_convert(sub):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--dequantize", action="store_true", help="store float weights instead of quantized ones")
     p.add_argument("--revision", default=None, help="hub revision")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty OUT, replacing only the files convert writes")
     for opt in _processing_options():
         p.add_argument("--" + opt.replace("_", "-"), action="store_true", dest=opt,
                        help=f"apply {opt} (weight processing; see hooked_mlx.processing)")
@@ -57,16 +59,21 @@ def cmd_convert(args) -> int:
     import mlx.core as mx
 
     from .loading import read_checkpoint, save_canonical
+    from .loading.checkpoint import resolve_path
     from .model import HookedTransformer
+    from .outputs import check_output_dir
 
     processing = {opt: True for opt in _processing_options() if getattr(args, opt, False)}
+    src_path = resolve_path(args.src, args.revision)
+    out = Path(args.out) if args.out else _default_out(args.src)
+    # refuse a bad output before the (possibly long) load
+    check_output_dir(out, sources=[src_path], overwrite=args.overwrite, what="convert")
     ck = read_checkpoint(args.src, revision=args.revision)
     model = HookedTransformer.from_checkpoint(ck, dtype=args.dtype, dequantize=args.dequantize, **processing)
-    out = Path(args.out) if args.out else _default_out(args.src)
     print(f"converting {args.src} -> {out}  ({model})")
     save_canonical(model, out, tokenizer_dir=ck.tokenizer_dir,
                    tokenizer=ck.tokenizer if ck.tokenizer_dir is None else None,
-                   hf_config=ck.hf_config)
+                   hf_config=ck.hf_config, overwrite=args.overwrite, sources=(src_path,))
     # reload both and compare logits on a fixed prompt
     src_model = HookedTransformer.from_pretrained(args.src, dtype=args.dtype, dequantize=args.dequantize,
                                                   revision=args.revision, **processing)
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"hooked-mlx {args.command}: error: {e}", file=sys.stderr)
         return 2
 

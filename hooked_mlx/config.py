@@ -102,7 +102,7 @@ class HookedConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HookedConfig":
+    def from_dict(cls, d: dict) -> HookedConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

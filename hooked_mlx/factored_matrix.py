@@ -52,7 +52,7 @@ class FactoredMatrix:
         return self.B @ self.A
 
     @property
-    def T(self) -> "FactoredMatrix":
+    def T(self) -> FactoredMatrix:
         return FactoredMatrix(self.B.swapaxes(-1, -2), self.A.swapaxes(-1, -2))
 
     def __matmul__(self, other):
@@ -70,7 +70,7 @@ class FactoredMatrix:
         an ``mx.array`` on the left write ``fm.rmatmul(x)`` (lists / scalars on the left work with @)."""
         return self.rmatmul(other)
 
-    def rmatmul(self, other) -> "FactoredMatrix | mx.array":
+    def rmatmul(self, other) -> FactoredMatrix | mx.array:
         """``other @ self``: a matrix [..., n, ldim] gives a FactoredMatrix, a vector [ldim] an array."""
         other = mx.array(other)
         if other.ndim == 1:
@@ -144,7 +144,7 @@ class FactoredMatrix:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, idx) -> "FactoredMatrix":
+    def __getitem__(self, idx) -> FactoredMatrix:
         """Index leading dims; an index one past them selects rows (of A), two past them columns (of B)."""
         if not isinstance(idx, tuple):
             idx = (idx,)
@@ -165,7 +165,7 @@ class FactoredMatrix:
         B = self.B[(0,) * (self.ndim - 2)] if self.has_leading_dims else self.B
         return A[:k] @ B[:, :k]
 
-    def unsqueeze(self, axis: int = 0) -> "FactoredMatrix":
+    def unsqueeze(self, axis: int = 0) -> FactoredMatrix:
         if axis < 0:
             axis = self.ndim + 1 + axis
         if axis > self.ndim - 2:

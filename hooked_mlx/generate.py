@@ -12,7 +12,9 @@ it would alone.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from collections.abc import Iterable
+from typing import Any
 
 import mlx.core as mx
 
@@ -58,6 +60,20 @@ def sample_logits(logits: mx.array, temperature: float = 1.0, top_k: int | None 
     return mx.random.categorical(logits, key=key)
 
 
+def _check_generate_args(max_new_tokens, temperature, top_k, top_p, freq_penalty) -> None:
+    """One clear error per bad sampling argument (TransformerLens's generate takes the same ones)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}.")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1; got {top_k!r}.")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p must be None or a number in (0, 1]; got {top_p!r}.")
+    if not isinstance(freq_penalty, (int, float)) or not math.isfinite(freq_penalty):
+        raise ValueError(f"generate: freq_penalty must be a finite number; got {freq_penalty!r}.")
+
+
 def generate(
     model,
     input: Any = "",
@@ -90,6 +106,7 @@ def generate(
     """
     from mlx_lm.models.cache import KVCache
 
+    _check_generate_args(max_new_tokens, temperature, top_k, top_p, freq_penalty)
     if return_type not in ("input", "str", "tokens"):
         raise ValueError(f"return_type must be 'input', 'str' or 'tokens'; got {return_type!r}.")
     text_input = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
@@ -107,6 +124,8 @@ def generate(
         raise ValueError("generate needs left padding (every prompt ending at the last position); the "
                          "attention_mask has pads at the end of a row.")
     B = tokens.shape[0]
+    if model.cfg.positional == "learned":  # there are no positions past n_ctx: refuse before generating
+        model.check_context(tokens.shape[1] + max_new_tokens, what="The prompt plus max_new_tokens")
     eos = _eos_ids(model, eos_token_id) if stop_at_eos else set()
     if stop_at_eos and not eos:
         raise ValueError("stop_at_eos=True but neither the tokenizer nor the config defines an EOS token; pass "

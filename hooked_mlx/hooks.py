@@ -12,15 +12,15 @@ MLX has no backward hooks: gradients of activations are computed functionally by
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .names import unknown_name_error
 
-HookFn = Callable[[mx.array, "HookPoint"], Union[mx.array, None]]
-NameOrFilter = Union[str, Callable[[str], bool]]
+HookFn = Callable[[mx.array, "HookPoint"], mx.array | None]
+NameOrFilter = str | Callable[[str], bool]
 
 
 class HookPoint(nn.Module):

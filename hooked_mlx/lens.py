@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -147,7 +148,7 @@ class TunedLens(nn.Module):
             t.bias = mx.zeros((d_model,))
 
     @classmethod
-    def for_model(cls, model) -> "TunedLens":
+    def for_model(cls, model) -> TunedLens:
         return cls(model.cfg.n_layers, model.cfg.d_model)
 
     def _check(self, model):
@@ -224,23 +225,28 @@ class TunedLens(nn.Module):
             mx.eval(sums, count)
         return sums / count
 
-    def save(self, path: str | os.PathLike, **metadata) -> Path:
-        """Write the translators to a .safetensors file (atomically), with n_layers / d_model metadata."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False, **metadata) -> Path:
+        """Write the translators to a .safetensors file (atomically), with n_layers / d_model metadata. An
+        existing file is refused unless ``overwrite=True``."""
         from mlx.utils import tree_flatten
+
+        from .outputs import write_file_atomic
 
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"A tuned lens is saved as .safetensors; got {path.name!r}.")
         meta = {"format": "hooked_mlx.tuned_lens", "n_layers": str(self.n_layers), "d_model": str(self.d_model),
                 "extra": json.dumps(metadata)}
-        tmp = path.with_name(path.stem + ".tmp.safetensors")
-        mx.save_safetensors(str(tmp), dict(tree_flatten(self.parameters())), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        weights = dict(tree_flatten(self.parameters()))
+        return write_file_atomic(path, lambda tmp: mx.save_safetensors(tmp, weights, metadata=meta),
+                                 overwrite=overwrite, what="TunedLens.save", suffix=".safetensors")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None) -> "TunedLens":
+    def load(cls, path: str | os.PathLike, model=None) -> TunedLens:
         """Read a lens written by ``save`` (checked against ``model`` when given)."""
+        from .readers import check_safetensors
+
+        check_safetensors(path)
         weights, meta = mx.load(str(path), return_metadata=True)
         if meta.get("format") != "hooked_mlx.tuned_lens":
             raise ValueError(f"{path} is not a hooked_mlx tuned lens (metadata format {meta.get('format')!r}).")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +17,7 @@ from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
 from .weights_view import WeightsViewMixin
 
-Input = Union[str, Sequence[str], mx.array, Sequence[int], Sequence[Sequence[int]]]
+Input = str | Sequence[str] | mx.array | Sequence[int] | Sequence[Sequence[int]]
 
 _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
            "float16": mx.float16, "fp16": mx.float16, "half": mx.float16}
@@ -72,7 +74,7 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         dequantize: bool = False,
         revision: str | None = None,
         **processing,
-    ) -> "HookedTransformer":
+    ) -> HookedTransformer:
         """Load an mlx-lm / HF directory, a canonical hooked_mlx directory, a .gguf file or a hub id.
 
         dtype: "float32" / "bfloat16" / "float16" or an ``mx.Dtype`` (default: the checkpoint's; on the CPU
@@ -86,7 +88,7 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         return cls.from_checkpoint(ck, dtype=dtype, dequantize=dequantize, **processing)
 
     @classmethod
-    def from_checkpoint(cls, ck, dtype=None, dequantize: bool = False, **processing) -> "HookedTransformer":
+    def from_checkpoint(cls, ck, dtype=None, dequantize: bool = False, **processing) -> HookedTransformer:
         from .loading import dequantize_weights, quantization_params
 
         cfg, weights = ck.cfg, dict(ck.weights)
@@ -208,7 +210,17 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         seqs = [self._encode(t, prepend_bos) for t in texts]
-        if truncate:
+        empty = [i for i, s in enumerate(seqs) if not s]
+        if empty:
+            raise ValueError(
+                f"Prompt {empty[0]} ({texts[empty[0]]!r}) has no tokens: it is empty and no BOS token is prepended. "
+                f"Expected non-empty text; or pass prepend_bos=True if the tokenizer defines a BOS token."
+            )
+        longest = max(len(s) for s in seqs)
+        if truncate and longest > self.cfg.n_ctx:
+            warnings.warn(f"to_tokens: a prompt of {longest} tokens was truncated to the model's context of "
+                          f"{self.cfg.n_ctx} tokens (n_ctx). Pass truncate=False to keep every token.",
+                          UserWarning, stacklevel=2)
             seqs = [s[: self.cfg.n_ctx] for s in seqs]
         n = max(len(s) for s in seqs)
         pad = self.pad_token_id
@@ -300,6 +312,9 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
                 f"Token input must be an integer array [batch, pos] (or [pos]); got shape {tuple(input.shape)} "
                 f"and dtype {input.dtype}. Float activations go through start_at_layer instead."
             )
+        if input.size == 0:
+            raise ValueError(f"The token input is empty (shape {tuple(input.shape)}); expected at least one token "
+                             f"per row. Pass non-empty text or token ids.")
         if input.size and (int(input.max()) >= self.cfg.d_vocab or int(input.min()) < 0):
             raise ValueError(f"Token ids must lie in [0, {self.cfg.d_vocab}); got min {int(input.min())}, "
                              f"max {int(input.max())}.")
@@ -437,6 +452,9 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             attention_mask = mx.array(attention_mask).astype(mx.bool_)
             if attention_mask.ndim == 1:
                 attention_mask = attention_mask[None]
+        q_len = residual.shape[1] if residual is not None else toks.shape[1]
+        past = int(past_kv_cache[0].offset) if past_kv_cache is not None and past_kv_cache[0] is not None else 0
+        self.check_context(past + q_len)
         fast = (start_at_layer is None and stop_at_layer is None and past_kv_cache is None
                 and attention_mask is None and not self.has_any_hooks)
         if fast:
@@ -455,6 +473,22 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         return loss if return_type == "loss" else (out, loss)
 
     __call__ = forward
+
+    def check_context(self, n_tokens: int, what: str = "The input") -> None:
+        """Sequences past the trained context ``n_ctx``: an error with learned position embeddings (there
+        are none past it), a warning (once per model) with RoPE, which extrapolates with degraded quality."""
+        n_ctx = self.cfg.n_ctx
+        if n_tokens <= n_ctx:
+            return
+        if self.cfg.positional == "learned":
+            raise ValueError(f"{what} has {n_tokens} positions, more than the model's context of {n_ctx} (n_ctx): "
+                             f"its learned position embeddings stop at {n_ctx - 1}. Expected at most {n_ctx} tokens; "
+                             f"shorten the input (to_tokens truncates to n_ctx by default).")
+        if not getattr(self, "_warned_context", False):
+            object.__setattr__(self, "_warned_context", True)
+            warnings.warn(f"{what} has {n_tokens} positions, more than the trained context of {n_ctx} tokens "
+                          f"(n_ctx). RoPE runs past it, but the model was not trained there: expect degraded "
+                          f"outputs. (Warned once per model.)", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # hooks and caches

@@ -32,7 +32,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-from .components import GatedMLP, MLP, Norm, Unembed
+from .components import MLP, GatedMLP, Norm, Unembed
 from .components.attention import linear_weight
 from .components.moe import MoEMLP, SwitchLinear, switch_weight
 

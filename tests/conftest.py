@@ -7,10 +7,9 @@ from pathlib import Path
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # parity tests compare in float32 without TF32
 
-import hooked_mlx  # noqa: E402,F401  (BLAS before mlx.core)
-import pytest  # noqa: E402
-
-from mlx_fixtures import STORIES, TINY_LLAMA, build_mlx_lm_checkpoint  # noqa: E402,F401
+import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+import pytest
+from mlx_fixtures import STORIES, TINY_LLAMA, build_mlx_lm_checkpoint
 
 
 def pytest_addoption(parser):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from hooked_mlx import HookedTransformer
+from hooked_mlx.factored_matrix import FactoredMatrix
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
-
-from hooked_mlx import HookedTransformer
-from hooked_mlx.factored_matrix import FactoredMatrix
 
 TOKENS = mx.array([[1, 5, 9, 200, 3, 77, 100, 11], [1, 300, 2, 8, 99, 45, 60, 61]])
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from hooked_mlx.cli import main
 from hooked_mlx.sae import metrics as M
+import pytest
 
 
 def _check_report(out, n_layers: int):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from docs_fixtures import docs_workdir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_analysis_doc_blocks_run(monkeypatch, stories_path, capsys):
+def test_analysis_doc_blocks_run(monkeypatch, stories_path, capsys, tmp_path):
     text = (ROOT / "docs" / "analysis.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 5
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(docs_workdir(tmp_path))  # writes land in tmp_path, never in the source tree
     ns: dict = {}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/analysis.md block {i}", "exec"), ns)

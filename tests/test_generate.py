@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from hooked_mlx import HookedTransformer
+from hooked_mlx.generate import sample_logits
 import mlx.core as mx
 import pytest
 from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
-
-from hooked_mlx import HookedTransformer
-from hooked_mlx.generate import sample_logits
 
 GOLDEN_IDS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396,
               267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261,

@@ -10,26 +10,21 @@ import importlib.util
 import json
 from pathlib import Path
 
-from hooked_mlx import _blas
-
-_blas.load_blas()
-
+from hooked_mlx.loading.gguf import (  # first: hooked_mlx loads the BLAS before mlx.core
+    DEFAULT_GGUF_INSTALL,
+    find_default_gguf,
+    load_gguf,
+    read_gguf_header,
+)
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx import nn
 
 gguf = pytest.importorskip("gguf", reason="the GGUF tests write files with the gguf package: pip install gguf")
-from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize as gguf_dequantize
-from gguf.quants import quantize as gguf_quantize
-
-from hooked_mlx.loading.gguf import (
-    DEFAULT_GGUF_INSTALL,
-    find_default_gguf,
-    load_gguf,
-    read_gguf_header,
-)
+QT = gguf.GGMLQuantizationType
+gguf_dequantize = gguf.quants.dequantize
+gguf_quantize = gguf.quants.quantize
 
 N_LAYERS, D, N_HEADS, N_KV, D_MLP = 2, 64, 4, 2, 128
 HEAD_DIM = D // N_HEADS
@@ -491,7 +486,7 @@ def test_header_reader(tmp_path, gpt2_tok, monkeypatch):
     assert read_gguf_header(f) == (md, infos)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(f.read_bytes()[:3000])
-    with pytest.raises(ValueError, match="truncated GGUF header"):
+    with pytest.raises(ValueError, match="is truncated: the GGUF header ends early"):
         read_gguf_header(cut)
     with pytest.raises(ValueError, match="not a GGUF file"):
         bad = tmp_path / "bad.gguf"

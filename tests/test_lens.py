@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from hooked_mlx import HookedTransformer
+from hooked_mlx.lens import TunedLens, logit_lens
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
-
-from hooked_mlx import HookedTransformer
-from hooked_mlx.lens import TunedLens, logit_lens
+from tolerance import assert_close
 
 TRAIN = ["Once upon a time, there was a little girl named Lily. She loved to play outside.",
          "One day, a big dog ran to the park. The dog was happy and wanted to play with a ball.",
@@ -50,11 +50,11 @@ def test_logit_lens_matches_direct_computation(model):
         p = direct_lens_probs(model, cache["resid_pre", l][:, -1])
         order = np.argsort(-p, axis=-1)[:, :4]
         assert res.top_tokens[l].tolist() == order.tolist()
-        np.testing.assert_allclose(np.array(res.top_probs[l]), np.take_along_axis(p, order, -1), atol=1e-5)
+        assert_close(np.array(res.top_probs[l]), np.take_along_axis(p, order, -1), tol=1e-5)
     # the last entry is the model's own prediction
     out = softmax(np.array(model(text)[:, -1]))
     assert int(res.top_tokens[-1, 0, 0]) == int(out.argmax())
-    np.testing.assert_allclose(float(res.top_probs[-1, 0, 0]), out.max(), atol=1e-5)
+    assert_close(float(res.top_probs[-1, 0, 0]), out.max(), tol=1e-5)
     # all positions, batches (left-padded so -1 is each row's last real token), printable table
     allpos = model.logit_lens([text, "The cat"], pos=None, k=3)
     assert allpos.top_tokens.shape == (n + 1, 2, len(model.to_tokens(text)[0]), 3)
@@ -71,7 +71,7 @@ def test_tuned_lens_identity_init_training_and_round_trip(model, tmp_path):
     # identity at init: the tuned lens is the logit lens
     a, b = lens.lens(model, HELD_OUT[0], k=5), logit_lens(model, HELD_OUT[0], k=5)
     assert a.top_tokens.tolist() == b.top_tokens.tolist()
-    np.testing.assert_allclose(np.array(a.top_probs), np.array(b.top_probs), atol=1e-5)
+    assert_close(np.array(a.top_probs), np.array(b.top_probs), tol=1e-5)
     before = lens.kl_per_layer(model, [HELD_OUT])
     # KL per layer against a direct NumPy computation (layer 1, identity translator)
     toks = model.to_tokens(HELD_OUT[0])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from hooked_mlx import HookedTransformer
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_fixtures import TINY_LLAMA, build_mlx_lm_checkpoint
-
-from hooked_mlx import HookedTransformer
+from tolerance import assert_close
 
 TEXTS = ["Once upon a time there was a little", "The cat", "Lily saw a big red ball and"]
 
@@ -33,9 +33,9 @@ def test_padded_rows_equal_prompts_alone(model, side):
         alone_logits, alone = model.run_with_cache(text)
         np.testing.assert_allclose(np.array(logits[i])[m[i]], np.array(alone_logits[0]), atol=1e-4, rtol=0)
         for name in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.ln2.hook_scale"):
-            np.testing.assert_allclose(np.array(cache[name][i])[m[i]], np.array(alone[name][0]), atol=1e-4)
+            assert_close(np.array(cache[name][i])[m[i]], np.array(alone[name][0]), tol=1e-4)
         pat = np.array(cache["pattern", 1][i])[:, m[i]][:, :, m[i]]
-        np.testing.assert_allclose(pat, np.array(alone["pattern", 1][0]), atol=1e-5)
+        assert_close(pat, np.array(alone["pattern", 1][0]), tol=1e-5)
         # pad positions are neutral in the cache: 0 activations/patterns, 1 scales, -inf scores
         pads = ~m[i]
         if pads.any():
@@ -48,7 +48,7 @@ def test_padded_rows_equal_prompts_alone(model, side):
     assert np.isfinite(np.array(logits)).all()
     # the same batch as pre-tokenized ids with the mask gives the same logits
     again = model(toks, attention_mask=mask)
-    np.testing.assert_allclose(np.array(again), np.array(logits), atol=1e-5)
+    assert_close(np.array(again), np.array(logits), tol=1e-5)
 
 
 def test_padded_loss_skips_pads(model):
@@ -58,10 +58,10 @@ def test_padded_loss_skips_pads(model):
     for i, text in enumerate(TEXTS):
         alone = model(text, return_type="loss", loss_per_token=True)[0]
         keep = m[i, 1:] & m[i, :-1]
-        np.testing.assert_allclose(np.array(per[i])[keep], np.array(alone), atol=1e-4)
+        assert_close(np.array(per[i])[keep], np.array(alone), tol=1e-4)
         assert np.all(np.array(per[i])[~keep] == 0)
     mean = model(TEXTS, padding_side="left", return_type="loss")
-    assert abs(float(mean) - float(np.array(per).sum() / (m[:, 1:] & m[:, :-1]).sum())) < 1e-5
+    assert_close(float(mean), float(np.array(per).sum() / (m[:, 1:] & m[:, :-1]).sum()), 1e-5)
 
 
 def test_mask_with_hole_is_rejected(model):
@@ -78,22 +78,22 @@ def test_start_and_stop_layers_on_every_call_path(model):
     full, cache = model.run_with_cache(toks, attention_mask=mask)
     for k in range(1, n):
         resid = model(toks, stop_at_layer=k, attention_mask=mask)
-        np.testing.assert_allclose(np.array(resid) * np.array(mask)[..., None],
-                                   np.array(cache.cache_dict[f"blocks.{k - 1}.hook_resid_post"]), atol=1e-5)
+        assert_close(np.array(resid) * np.array(mask)[..., None],
+                                   np.array(cache.cache_dict[f"blocks.{k - 1}.hook_resid_post"]), tol=1e-5)
         resid = model(toks, stop_at_layer=k, attention_mask=mask)
         out = model(resid, start_at_layer=k, attention_mask=mask)
-        np.testing.assert_allclose(np.array(out), np.array(full), atol=1e-4)
+        assert_close(np.array(out), np.array(full), tol=1e-4)
     # negative indices, run_with_hooks and run_with_cache
     r = model.run_with_hooks(toks, stop_at_layer=-1, attention_mask=mask,
                              fwd_hooks=[("blocks.0.hook_resid_post", lambda a, h: a * 1.0)])
-    np.testing.assert_allclose(np.array(r), np.array(model(toks, stop_at_layer=n - 1, attention_mask=mask)), atol=1e-6)
+    assert_close(np.array(r), np.array(model(toks, stop_at_layer=n - 1, attention_mask=mask)), tol=1e-6)
     mid, c2 = model.run_with_cache(toks, stop_at_layer=1, attention_mask=mask)
     assert "blocks.0.hook_resid_post" in c2 and "blocks.1.hook_resid_pre" not in c2
     out, c3 = model.run_with_cache(mid, start_at_layer=1, attention_mask=mask, tokens=toks, return_type="both")
     assert "blocks.0.hook_resid_pre" not in c3 and f"blocks.{n - 1}.hook_resid_post" in c3
-    np.testing.assert_allclose(np.array(out[0]), np.array(full), atol=1e-4)
+    assert_close(np.array(out[0]), np.array(full), tol=1e-4)
     part = model(mid, start_at_layer=1, stop_at_layer=2, attention_mask=mask)
-    np.testing.assert_allclose(np.array(part) * np.array(mask)[..., None],
-                               np.array(cache["resid_post", 1]), atol=1e-4)
+    assert_close(np.array(part) * np.array(mask)[..., None],
+                               np.array(cache["resid_post", 1]), tol=1e-4)
     with pytest.raises(ValueError, match="out of range"):
         model(toks, stop_at_layer=n + 1)

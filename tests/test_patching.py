@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 
+from hooked_mlx import patching as pt
+from hooked_mlx.patching.engine import Cell, run_cells_loop
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from hooked_mlx import patching as pt
-from hooked_mlx.patching.engine import Cell, run_cells_loop
+from tolerance import assert_close
 
 P = 8
 
@@ -46,7 +46,7 @@ def test_resid_pre_batched_equals_loop_and_tl_shape(setup):
     np.testing.assert_allclose(np.array(batched), np.array(loop), atol=1e-5, rtol=0)
     # the effect is real: the corrupted positions matter at layer 0, untouched positions do nothing there
     assert abs(float(batched[0, 3]) - s["corr_value"]) > 0.5 and abs(float(batched[0, 6]) - s["corr_value"]) > 0.5
-    np.testing.assert_allclose(float(batched[0, 0]), s["corr_value"], atol=1e-5)
+    assert_close(float(batched[0, 0]), s["corr_value"], tol=1e-5)
     # every engine variant gives the same grid
     for kw in (dict(reuse_kv=False), dict(bucket=True), dict(memory_budget_mb=0.01), dict(blas_threads=None),
                dict(skip_identical=False)):
@@ -96,36 +96,36 @@ def test_block_every_and_all_pos_every(setup):
     L, H = m.cfg.n_layers, m.cfg.n_heads
     every = pt.get_act_patch_block_every(m, s["corrupted"], s["cache"], s["metric"])
     assert every.shape == (3, L, P)
-    np.testing.assert_allclose(np.array(every[0]), np.array(pt.get_act_patch_resid_pre(
-        m, s["corrupted"], s["cache"], s["metric"])), atol=1e-5)
-    np.testing.assert_allclose(np.array(every[2]), np.array(pt.get_act_patch_mlp_out(
-        m, s["corrupted"], s["cache"], s["metric"])), atol=1e-5)
+    assert_close(np.array(every[0]), np.array(pt.get_act_patch_resid_pre(
+        m, s["corrupted"], s["cache"], s["metric"])), tol=1e-5)
+    assert_close(np.array(every[2]), np.array(pt.get_act_patch_mlp_out(
+        m, s["corrupted"], s["cache"], s["metric"])), tol=1e-5)
     heads = pt.get_act_patch_attn_head_all_pos_every(m, s["corrupted"], s["cache"], s["metric"])
     assert heads.shape == (5, L, H)
     Hkv = m.cfg.n_key_value_heads
     assert float(mx.abs(heads[2, :, Hkv:]).max()) == 0.0  # k over KV heads, zero-padded to H (TL #980)
-    np.testing.assert_allclose(np.array(heads[2, :, :Hkv]), np.array(pt.get_act_patch_attn_head_k_all_pos(
-        m, s["corrupted"], s["cache"], s["metric"])), atol=1e-5)
+    assert_close(np.array(heads[2, :, :Hkv]), np.array(pt.get_act_patch_attn_head_k_all_pos(
+        m, s["corrupted"], s["cache"], s["metric"])), tol=1e-5)
 
 
 def test_invariants_clean_into_clean_and_patch_everything(setup):
     s, m = setup, setup["m"]
     # patching the clean run into itself gives the clean metric in every cell
     same = pt.get_act_patch_resid_pre(m, s["clean"], s["cache"], s["metric"])
-    np.testing.assert_allclose(np.array(same), s["clean_value"], atol=1e-5)
+    assert_close(np.array(same), s["clean_value"], tol=1e-5)
     # patching everything (resid_pre of layer 0 at every position) gives the clean result
     every_pos = pt.generic_activation_patch(m, s["corrupted"], s["cache"], s["metric"], "resid_pre",
                                             index_axis_names=["layer"])
     assert every_pos.shape == (m.cfg.n_layers,)
-    np.testing.assert_allclose(float(every_pos[0]), s["clean_value"], atol=1e-5)
+    assert_close(float(every_pos[0]), s["clean_value"], tol=1e-5)
     # KL(clean || patched) is 0 everywhere when patching clean into clean, and > 0 for real patches
     kl = pt.KLDivergence(m(s["clean"]))
-    np.testing.assert_allclose(np.array(pt.get_act_patch_resid_pre(m, s["clean"], s["cache"], kl)), 0.0, atol=1e-5)
+    assert_close(np.array(pt.get_act_patch_resid_pre(m, s["clean"], s["cache"], kl)), 0.0, tol=1e-5)
     kl_grid = np.array(pt.get_act_patch_resid_pre(m, s["corrupted"], s["cache"], kl))
     assert np.isfinite(kl_grid).all() and kl_grid[0, 6] < kl_grid[0, 0] and kl_grid.min() > -1e-6
     # the final residual at the metric's position decides the metric
     last = pt.get_act_patch_resid_post(m, s["corrupted"], s["cache"], s["metric"])
-    np.testing.assert_allclose(float(last[-1, -1]), s["clean_value"], atol=1e-5)
+    assert_close(float(last[-1, -1]), s["clean_value"], tol=1e-5)
 
 
 def test_generic_activation_patch_index_sets(setup):
@@ -133,11 +133,11 @@ def test_generic_activation_patch_index_sets(setup):
     grid = pt.generic_activation_patch(m, s["corrupted"], s["cache"], s["metric"], "z",
                                        index_axis_names=["layer", "head_index"])
     ref = pt.get_act_patch_attn_head_out_all_pos(m, s["corrupted"], s["cache"], s["metric"])
-    np.testing.assert_allclose(np.array(grid), np.array(ref), atol=1e-5)
+    assert_close(np.array(grid), np.array(ref), tol=1e-5)
     rows = [{"layer": 1, "pos": 6, "neuron": 7}, {"layer": 3, "pos": 7, "neuron": 100}]
     vals = pt.generic_activation_patch(m, s["corrupted"], s["cache"], s["metric"], "post", index_df=rows)
     cells = [Cell("blocks.1.mlp.hook_post", (6, 7)), Cell("blocks.3.mlp.hook_post", (7, 100))]
-    np.testing.assert_allclose(np.array(vals), _loop(s, cells), atol=1e-5)
+    assert_close(np.array(vals), _loop(s, cells), tol=1e-5)
     # TL's patch_setter form (one forward per cell)
     def setter(act, idx, clean):
         p, = idx
@@ -146,13 +146,13 @@ def test_generic_activation_patch_index_sets(setup):
         return out
     custom = pt.generic_activation_patch(m, s["corrupted"], s["cache"], s["metric"], "resid_pre",
                                          index_axis_names=["layer", "pos"], patch_setter=setter)
-    np.testing.assert_allclose(np.array(custom), np.array(pt.get_act_patch_resid_pre(
-        m, s["corrupted"], s["cache"], s["metric"])), atol=1e-5)
+    assert_close(np.array(custom), np.array(pt.get_act_patch_resid_pre(
+        m, s["corrupted"], s["cache"], s["metric"])), tol=1e-5)
     # the clean input instead of a cache; a plain callable metric (full logits) instead of a Metric
     a, b = int(s["metric"].correct), int(s["metric"].incorrect)
     plain = pt.get_act_patch_attn_out(m, s["corrupted"], s["clean"], lambda lg: lg[0, -1, a] - lg[0, -1, b])
-    np.testing.assert_allclose(np.array(plain), np.array(pt.get_act_patch_attn_out(
-        m, s["corrupted"], s["cache"], s["metric"])), atol=1e-5)
+    assert_close(np.array(plain), np.array(pt.get_act_patch_attn_out(
+        m, s["corrupted"], s["cache"], s["metric"])), tol=1e-5)
 
 
 # -- metrics ------------------------------------------------------------------------------------------
@@ -186,8 +186,8 @@ def test_normalized_metric(setup):
     assert float(norm(m(s["corrupted"]))) == pytest.approx(0.0, abs=1e-5)
     grid = pt.get_act_patch_resid_pre(m, s["corrupted"], s["cache"], norm)
     raw = pt.get_act_patch_resid_pre(m, s["corrupted"], s["cache"], s["metric"])
-    np.testing.assert_allclose(np.array(grid), (np.array(raw) - s["corr_value"]) /
-                               (s["clean_value"] - s["corr_value"]), atol=1e-4)
+    assert_close(np.array(grid), (np.array(raw) - s["corr_value"]) /
+                               (s["clean_value"] - s["corr_value"]), tol=1e-4)
     with pytest.raises(ValueError, match="cannot be normalised"):
         s["metric"].normalized(m(s["clean"]), m(s["clean"]))
 
@@ -217,7 +217,7 @@ def test_strict_lengths_error_then_align(stories):
         assert np.isfinite(grid[:, paired]).all()
         # a paired cell equals the hand-made patch of the aligned clean position
         p = paired[-1]
-        def hook(act, hp, p=p):
+        def hook(act, hp, p=p, shift=shift):
             out = mx.array(act)
             out[:, p] = cache["blocks.1.hook_resid_pre"][:, p - shift]
             return out
@@ -225,7 +225,7 @@ def test_strict_lengths_error_then_align(stories):
         assert float(grid[1, p]) == pytest.approx(float(ref), abs=3e-5)  # logits ~14: float32 rounding
         loop = np.array(pt.get_act_patch_resid_pre(m, corrupted, cache, metric, align=align, batched=False))
         # the logits here are ~ -14 (float32 spacing ~1e-6): batched GEMM shapes round differently
-        np.testing.assert_allclose(grid, loop, atol=2e-5)
+        assert_close(grid, loop, tol=2e-5)
 
 
 def test_mlxterp_example_3_into_4_tokens(stories):
@@ -253,15 +253,15 @@ def test_embedding_hook_and_by_pos_every(setup):
                                       index_axis_names=["pos"])
     assert emb.shape == (P,)
     cells = [Cell("hook_embed", (p, None)) for p in range(P)]
-    np.testing.assert_allclose(np.array(emb), _loop(s, cells), atol=1e-5)
+    assert_close(np.array(emb), _loop(s, cells), tol=1e-5)
     # with rotary positions the embedding is resid_pre of layer 0
-    np.testing.assert_allclose(np.array(emb), np.array(pt.get_act_patch_resid_pre(
-        m, s["corrupted"], s["cache"], s["metric"])[0]), atol=1e-5)
+    assert_close(np.array(emb), np.array(pt.get_act_patch_resid_pre(
+        m, s["corrupted"], s["cache"], s["metric"])[0]), tol=1e-5)
     every = pt.get_act_patch_attn_head_by_pos_every(m, s["corrupted"], s["cache"], s["metric"])
     L, H = m.cfg.n_layers, m.cfg.n_heads
     assert every.shape == (5, L, P, H)
     pat = pt.get_act_patch_attn_head_pattern_by_pos(m, s["corrupted"], s["cache"], s["metric"])
-    np.testing.assert_allclose(np.array(every[4]), np.array(pat.transpose(0, 2, 1)), atol=1e-6)
+    assert_close(np.array(every[4]), np.array(pat.transpose(0, 2, 1)), tol=1e-6)
 
 
 def test_batch_of_prompts_with_per_prompt_positions(stories):
@@ -275,12 +275,12 @@ def test_batch_of_prompts_with_per_prompt_positions(stories):
     metric = pt.LogitDiff([top[0][0], top[1][0]], [top[0][1], top[1][1]], pos=[-1, 6])  # per prompt
     grid = pt.get_act_patch_resid_pre(m, corrupted, cache, metric)
     loop = pt.get_act_patch_resid_pre(m, corrupted, cache, metric, batched=False)
-    np.testing.assert_allclose(np.array(grid), np.array(loop), atol=1e-5)
+    assert_close(np.array(grid), np.array(loop), tol=1e-5)
     assert float(mx.abs(grid[:, 4] - grid[:, 0]).max()) > 1e-3
     heads = pt.get_act_patch_attn_head_v_by_pos(m, corrupted, cache, metric)
     cells = [Cell("blocks.2.attn.hook_v", (5, 1, None)), Cell("blocks.0.attn.hook_v", (4, 3, None))]
     ref = run_cells_loop(m, corrupted, {c.name: cache[c.name] for c in cells}, cells, metric)
-    np.testing.assert_allclose([float(heads[2, 5, 1]), float(heads[0, 4, 3])], np.array(ref), atol=1e-5)
+    assert_close([float(heads[2, 5, 1]), float(heads[0, 4, 3])], np.array(ref), tol=1e-5)
 
 
 def test_gpu_engine_settings_give_the_same_grid_on_cpu(setup, monkeypatch):

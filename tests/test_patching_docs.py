@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tolerance import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,7 @@ def test_patching_docs_run(monkeypatch, tmp_path, stories_path):
     assert np.all(resid[:, 12] > 0.8)
     assert np.unravel_index(np.abs(heads).argmax(), heads.shape) == (4, 2)
     assert heads[4, 2] == pytest.approx(1.17, abs=0.01)
-    np.testing.assert_allclose(resid[0, :12], 0.0, atol=1e-5)  # identical prefix: identity patches
+    assert_close(resid[0, :12], 0.0, tol=1e-5)  # identical prefix: identity patches
     grid = np.array(ns["grid"])
     assert grid.shape == (5, 6) and np.isnan(grid[:, :2]).all() and np.isfinite(grid[:, 2:]).all()
     assert np.array(ns["direct"]).shape == (5, 8) and np.array(ns["via_v"]).shape == (5, 8)

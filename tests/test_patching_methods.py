@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from hooked_mlx import HookedTransformer
+from hooked_mlx import patching as pt
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from hooked_mlx import HookedTransformer
-from hooked_mlx import patching as pt
+from tolerance import assert_close
 
 P = 8
 
@@ -85,7 +85,7 @@ def test_attribution_agrees_with_activation_patching_on_stories(pair):
         top = np.argsort(-np.abs(a).ravel())[:8]
         assert (np.sign(b.ravel()[top]) == np.sign(a.ravel()[top])).all()
     # positions that were not corrupted have zero attribution (clean == corrupted there at layer 0)
-    np.testing.assert_allclose(att[0, [0, 1, 2, 4, 5, 7]], 0.0, atol=1e-6)
+    assert_close(att[0, [0, 1, 2, 4, 5, 7]], 0.0, tol=1e-6)
     heads = pt.attribution_patch_head_by_pos(m, s["corrupted"], s["cache"], s["metric"])
     assert heads.shape == (m.cfg.n_layers, P, m.cfg.n_heads)
     heads_all = pt.attribution_patch_head_all_pos(m, s["corrupted"], s["cache"], s["metric"], hook="k")
@@ -94,7 +94,7 @@ def test_attribution_agrees_with_activation_patching_on_stories(pair):
     assert neurons.shape == (m.cfg.n_layers, P, m.cfg.d_mlp)
     # summing the attribution over the heads of a layer = attribution of that layer's z
     z = pt.attribution_patch(m, s["corrupted"], s["cache"], s["metric"], ["blocks.2.attn.hook_z"])
-    np.testing.assert_allclose(np.array(heads[2]), np.array(z["blocks.2.attn.hook_z"].sum(axis=(0, 3))), atol=1e-6)
+    assert_close(np.array(heads[2]), np.array(z["blocks.2.attn.hook_z"].sum(axis=(0, 3))), tol=1e-6)
 
 
 # -- path patching ----------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_path_patch_to_receiver_value_input(pair):
     assert abs(float(got) - s["corr_value"]) > 1e-4
     # a sender at or after the receiver's layer cannot reach it
     grid = pt.get_path_patch_head_to_heads(m, s["corrupted"], s["cache"], s["metric"], [receiver], "q")
-    np.testing.assert_allclose(np.array(grid[2:]), s["corr_value"], atol=1e-5)
+    assert_close(np.array(grid[2:]), s["corr_value"], tol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         pt.path_patch(m, s["corrupted"], s["cache"], s["metric"], [(0, 0)], [(2, 7)], receiver_input="k")
 
@@ -164,7 +164,7 @@ def test_interventions(pair):
     m.run_with_hooks(toks, fwd_hooks=[(z, pt.zero_ablate(head=3)), grab(z)])
     ref = np.array(base[z])
     ref[:, :, 3] = 0
-    np.testing.assert_allclose(np.array(got[z]), ref, atol=1e-5)  # base ran the unfused attention path
+    assert_close(np.array(got[z]), ref, tol=1e-5)  # base ran the unfused attention path
     assert float(mx.abs(got[z][:, :, 3]).max()) == 0.0
 
     r = "blocks.2.hook_resid_pre"
@@ -179,7 +179,7 @@ def test_interventions(pair):
     m.run_with_hooks(toks, fwd_hooks=[(r, pt.clamp(-0.5, 0.5, pos=slice(0, 4))), grab(r)])
     ref = np.array(base[r])
     ref[:, :4] = np.clip(ref[:, :4], -0.5, 0.5)
-    np.testing.assert_allclose(np.array(got[r]), ref, atol=1e-5)
+    assert_close(np.array(got[r]), ref, tol=1e-5)
     assert float(mx.abs(got[r][:, :4]).max()) <= 0.5
 
     two = mx.concatenate([toks, s["clean"]])
@@ -187,7 +187,7 @@ def test_interventions(pair):
     m.run_with_hooks(two, fwd_hooks=[(r, pt.mean_ablate(pos=3)), grab(r)])
     ref = np.array(base2[r])
     ref[:, 3] = ref[:, 3].mean(axis=0)
-    np.testing.assert_allclose(np.array(got[r]), ref, atol=1e-5)
+    assert_close(np.array(got[r]), ref, tol=1e-5)
 
     m.run_with_hooks(toks, fwd_hooks=[(r, pt.noise(0.1, seed=7)), grab(r)])
     a = np.array(got[r])
@@ -215,7 +215,7 @@ def test_replace_with_length_policy(pair):
                                                 (r, lambda a, hp: got.__setitem__("x", a))])
     _, base = m.run_with_cache(s["corrupted"])
     np.testing.assert_array_equal(np.array(got["x"][:, 3:]), np.array(src))
-    np.testing.assert_allclose(np.array(got["x"][:, :3]), np.array(base[r][:, :3]), atol=1e-5)
+    assert_close(np.array(got["x"][:, :3]), np.array(base[r][:, :3]), tol=1e-5)
     m.run_with_hooks(s["corrupted"], fwd_hooks=[(r, pt.replace_with(src, align="start")),
                                                 (r, lambda a, hp: got.__setitem__("x", a))])
     np.testing.assert_array_equal(np.array(got["x"][:, :5]), np.array(src))

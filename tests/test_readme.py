@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from docs_fixtures import docs_workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +18,7 @@ def python_blocks(text: str) -> list[str]:
 def test_readme_python_blocks_run(monkeypatch, tmp_path, stories_path):
     blocks = python_blocks((ROOT / "README.md").read_text())
     assert blocks, "the README has no python example"
-    monkeypatch.chdir(ROOT)  # the README uses paths relative to the project root
+    monkeypatch.chdir(docs_workdir(tmp_path))  # the README's paths are relative to the project root
     monkeypatch.setenv("MPLBACKEND", "Agg")
     ns: dict = {}
     for i, code in enumerate(blocks):

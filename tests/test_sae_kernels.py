@@ -11,12 +11,11 @@ from __future__ import annotations
 import warnings
 
 import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels import reference as R
 import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
-
-from hooked_mlx.sae.kernels import fused as FU
-from hooked_mlx.sae.kernels import reference as R
 
 B, D, F, K, K_AUX = 16, 32, 256, 8, 24
 
@@ -254,12 +253,11 @@ def test_backend_on_cpu_is_reference():
 def test_topk_train_forward_equals_trainer_reference_branch():
     """fused.topk_train_forward == the trainer's TopK branch of train_forward (reference kernels):
     loss, x_hat, latents and every SAE-parameter gradient, AuxK on (some latents dead) and off."""
-    import mlx.nn as nn
-
     from hooked_mlx.sae.config import SAEConfig
     from hooked_mlx.sae.metrics import mse
     from hooked_mlx.sae.sae import SAE
     from hooked_mlx.sae.training import train_forward
+    import mlx.nn as nn
 
     cfg = SAEConfig(d_in=D, d_sae=F, architecture="topk", k=K, aux_k=K_AUX, aux_k_coefficient=0.5)
     sae = SAE(cfg)
@@ -267,13 +265,13 @@ def test_topk_train_forward_equals_trainer_reference_branch():
     sae.update({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
     ops = FU.ReferenceOps()
     for use_dead in (True, False):
-        def mine(x):
+        def mine(x, use_dead=use_dead):
             x_hat, vals, idx, aux = FU.topk_train_forward(sae, x, dead, use_dead, ops=ops)
             fired = mx.zeros((F,)).at[idx.reshape(-1).astype(mx.int32)].add(
                 (mx.stop_gradient(vals) > 0).astype(mx.float32).reshape(-1)) > 0
             return mse(x, x_hat) + aux, (aux, fired)
 
-        def ref(x):
+        def ref(x, use_dead=use_dead):
             loss, (mets, fired, _) = train_forward(sae, x, dead, mx.array(1.0), R, use_dead=use_dead)
             return loss, (mets["aux_loss"] if "aux_loss" in mets else None, fired)
 

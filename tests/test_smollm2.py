@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import pytest
-
 from hooked_mlx import HookedTransformer
 from hooked_mlx.loading.gguf import find_default_gguf
+import mlx.core as mx
+import pytest
 
 
 @pytest.fixture(scope="module")

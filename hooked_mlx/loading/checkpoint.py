@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import mlx.core as mx
 
 from ..config import FORMAT_VERSION, HookedConfig
 from ..models import get_family
+from ..outputs import staged_dir
+from ..readers import CorruptFileError, load_safetensors, read_json
 
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
@@ -86,7 +87,7 @@ def _load_safetensors(path: Path) -> dict[str, mx.array]:
         raise FileNotFoundError(f"No *.safetensors weights in {path}. Expected model.safetensors or shards.")
     weights: dict[str, mx.array] = {}
     for f in files:
-        weights.update(mx.load(f))
+        weights.update(load_safetensors(f))
     return weights
 
 
@@ -99,9 +100,13 @@ def read_checkpoint(path_or_repo, revision: str | None = None) -> Checkpoint:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json; it is not an mlx-lm or hooked_mlx checkpoint.")
-    raw = json.loads(cfg_file.read_text())
-    weights = _load_safetensors(path)
+    raw = read_json(cfg_file, "config file")
+    if not isinstance(raw, dict):
+        raise CorruptFileError(f"config file {cfg_file} holds a JSON {type(raw).__name__}, expected an object "
+                               f"with the model's settings. Restore or re-create it.")
     if "hooked_mlx_format" in raw:
+        # a canonical folder holds exactly one weights file (other .safetensors beside it are not ours)
+        weights = load_safetensors(path / "model.safetensors")
         if raw["hooked_mlx_format"] > FORMAT_VERSION:
             raise ValueError(
                 f"{path} is hooked_mlx format {raw['hooked_mlx_format']}; this version reads up to "
@@ -109,7 +114,7 @@ def read_checkpoint(path_or_repo, revision: str | None = None) -> Checkpoint:
             )
         cfg = HookedConfig.from_dict(raw["config"])
         return Checkpoint(cfg, weights, path, tokenizer_dir=path, hf_config=raw.get("hf_config"))
-    return from_hf(raw, weights, path)
+    return from_hf(raw, _load_safetensors(path), path)
 
 
 def from_hf(raw: dict, weights: dict, source: Path, tokenizer_dir: Path | None = None) -> Checkpoint:
@@ -181,14 +186,17 @@ def dequantize_weights(weights: dict[str, mx.array], in_features: dict[str, int]
 
 
 def save_canonical(model, out_dir: str | os.PathLike, tokenizer_dir: Path | None = None, tokenizer=None,
-                   hf_config: dict | None = None) -> Path:
-    """Write ``model`` as a canonical checkpoint, atomically: a temporary folder renamed at the end."""
+                   hf_config: dict | None = None, *, overwrite: bool = False,
+                   sources: tuple = ()) -> Path:
+    """Write ``model`` as a canonical checkpoint, atomically (staged beside ``out_dir``, then renamed).
+
+    Follows ``hooked_mlx.outputs``: an existing non-empty ``out_dir`` is refused unless ``overwrite``, which
+    replaces only the files written here (config.json, model.safetensors, tokenizer files); ``out_dir`` may
+    not be or lie inside any of ``sources`` (nor inside ``tokenizer_dir``)."""
     from mlx.utils import tree_flatten
 
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    srcs = (*sources, tokenizer_dir)
+    with staged_dir(out_dir, sources=srcs, overwrite=overwrite, what="convert") as tmp:
         weights = dict(tree_flatten(model.parameters()))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         meta = {"hooked_mlx_format": FORMAT_VERSION, "config": model.cfg.to_dict()}
@@ -201,15 +209,4 @@ def save_canonical(model, out_dir: str | os.PathLike, tokenizer_dir: Path | None
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         elif tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().resolve()

@@ -51,10 +51,11 @@ from typing import Any
 import numpy as np
 
 from .. import _blas
+from ..readers import CorruptFileError
 
 _blas.load_blas()  # an optimised BLAS must be loaded before mlx.core on Linux
 
-import mlx.core as mx
+import mlx.core as mx  # noqa: E402  (after the BLAS)
 
 __all__ = [
     "DEFAULT_GGUF_INSTALL",
@@ -180,11 +181,37 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensorI
     Returns ``(metadata, tensors)``: metadata values as Python ``str`` / ``int`` / ``float`` / ``bool`` or
     lists of them; ``tensors`` in file order.
     """
+    metadata, tensors, _ = _read_header(path)
+    return metadata, tensors
+
+
+#: bytes per block and values per block of the tensor types whose data size is checked
+_TYPE_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q8_0": (34, 32), "Q4_0": (18, 32), "Q4_1": (20, 32)}
+
+
+def check_gguf_complete(path: str | Path, metadata: dict, tensors: list[GGUFTensorInfo], header_end: int) -> None:
+    """Raise ``CorruptFileError`` when the file is shorter than its tensor table says (a cut download)."""
+    align = int(metadata.get("general.alignment", 32) or 32)
+    data_start = (header_end + align - 1) // align * align
+    end = data_start
+    for t in tensors:
+        if t.type_name not in _TYPE_BLOCK:
+            continue
+        nbytes, per = _TYPE_BLOCK[t.type_name]
+        end = max(end, data_start + t.offset + int(np.prod(t.shape, dtype=np.int64)) // per * nbytes)
+    size = Path(path).stat().st_size
+    if size < end:
+        raise CorruptFileError(f"{path} is truncated: its tensor table needs {end:,} bytes, the file has {size:,}. "
+                               f"Re-download or re-create the GGUF file.")
+
+
+def _read_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensorInfo], int]:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(24)
         if len(head) < 24 or head[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (magic {head[:4]!r}, expected b'GGUF').")
+            raise CorruptFileError(f"{path} is not a GGUF file (magic {head[:4]!r}, expected b'GGUF'): the file is "
+                                   f"corrupt, truncated or of another format.")
         version = struct.unpack_from("<I", head, 4)[0]
         if version not in (2, 3):
             hint = " (a big-endian file?)" if version > 0xFFFF else ""
@@ -198,7 +225,12 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensorI
                 return _parse_header(buf)
             except _ShortBuffer:
                 if len(buf) < size:  # the whole file was read
-                    raise ValueError(f"{path}: truncated GGUF header.") from None
+                    raise CorruptFileError(f"{path} is truncated: the GGUF header ends early. Re-download or "
+                                           f"re-create the file.") from None
+                size *= 4
+            except (UnicodeDecodeError, ValueError, struct.error, OverflowError, MemoryError) as e:
+                raise CorruptFileError(f"{path}: the GGUF header is corrupt ({type(e).__name__}: {e}). Re-download "
+                                       f"or re-create the file.") from None
                 size *= 4
 
 
@@ -219,7 +251,7 @@ def _parse_header(buf: bytes):
         type_id = r.scalar("<I")
         offset = r.scalar("<Q")
         tensors.append(GGUFTensorInfo(name, tuple(int(d) for d in reversed(dims)), type_id, offset))
-    return metadata, tensors
+    return metadata, tensors, r.pos
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +304,8 @@ def load_gguf(path: str | Path, dequantize: bool = False, dtype: mx.Dtype | None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    metadata, infos = read_gguf_header(path)
+    metadata, infos, header_end = _read_header(path)
+    check_gguf_complete(path, metadata, infos, header_end)
 
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -615,7 +648,7 @@ def build_tokenizer(md: dict):
         )
 
     added = []
-    for i, (t, ty) in enumerate(zip(tokens, types)):
+    for t, ty in zip(tokens, types):
         if ty in (_CONTROL, _USER_DEFINED) or (ty == _UNKNOWN and kind == "gpt2"):
             added.append(AddedToken(t, special=ty != _USER_DEFINED, normalized=False))
     if added:

@@ -28,8 +28,6 @@ from .activation import (  # noqa: F401
     get_act_patch_resid_pre,
 )
 from .align import align_positions, position_map  # noqa: F401
-from .engine import MEMORY_BUDGET_MB, Cell  # noqa: F401
-from .metrics import KLDivergence, LogitDiff, LogProb, Metric, NormalizedMetric, Prob, logit_diff, normalize  # noqa: F401
 from .attribution import (  # noqa: F401
     attribution_patch,
     attribution_patch_attn_out,
@@ -41,6 +39,7 @@ from .attribution import (  # noqa: F401
     attribution_patch_resid_pre,
     correlation,
 )
+from .engine import MEMORY_BUDGET_MB, Cell  # noqa: F401
 from .interventions import (  # noqa: F401
     activation_norm,
     add_vector,
@@ -53,6 +52,7 @@ from .interventions import (  # noqa: F401
     scale,
     zero_ablate,
 )
+from .metrics import KLDivergence, LogitDiff, LogProb, Metric, NormalizedMetric, Prob, logit_diff, normalize  # noqa: F401
 from .path import (  # noqa: F401
     get_path_patch_head_to_final_resid_post,
     get_path_patch_head_to_heads,

@@ -24,13 +24,14 @@ Under GQA, k/v patches range over the key/value heads (Hkv); ``*_every`` functio
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from .align import align_positions, check_align, require_lengths
-from .engine import Cell, CorruptedRun, PatchEngine, hook_info, run_cells_loop
+from .engine import Cell, CorruptedRun, PatchEngine, _scalar, hook_info, run_cells_loop
 
 _AXIS_NAMES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos", "neuron")
 
@@ -356,7 +357,7 @@ def _run_setter(setup: _Setup, cells, rows, setter) -> mx.array:
             return setter(act, idx, clean).astype(act.dtype)
 
         logits = setup.model.run_with_hooks(setup.tokens, fwd_hooks=[(c.name, hook)])
-        v = setup.metric(logits)
+        v = _scalar(setup.metric(logits), setup.metric)
         mx.eval(v)
-        out.append(v.reshape(()))
+        out.append(v)
     return mx.stack(out).astype(mx.float32)

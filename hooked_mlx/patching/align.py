@@ -9,7 +9,8 @@ sequence axis (``_all_pos`` patches, attention source positions) of mismatched l
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,7 +13,7 @@ activation patching; unpaired positions are NaN) and ``clean_tokens=`` (shown in
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -275,7 +275,7 @@ class PatchEngine:
 
     def base_value(self) -> mx.array:
         """The metric of the corrupted run itself."""
-        return _scalar(self.metric(self.corr.logits)).astype(mx.float32)
+        return _scalar(self.metric(self.corr.logits), self.metric).astype(mx.float32)
 
     def run(self, cells: Sequence[Cell], skip_identical: bool = True) -> mx.array:
         """Metric value of each cell: float32 [len(cells)]."""
@@ -435,14 +435,25 @@ class PatchEngine:
         if p0 > 0:
             pre = mx.broadcast_to(corr_logits[None, :, :p0], (n, B, p0, corr_logits.shape[-1]))
             logits = mx.concatenate([pre.astype(logits.dtype), logits], axis=2)
-        return mx.stack([_scalar(self.metric(logits[k])) for k in range(n)]).astype(mx.float32)
+        return mx.stack([_scalar(self.metric(logits[k]), self.metric) for k in range(n)]).astype(mx.float32)
 
 
-def _scalar(v) -> mx.array:
-    if not isinstance(v, mx.array):
+def metric_name(metric) -> str:
+    """How an error names a patching metric: its function or class name."""
+    return getattr(metric, "__qualname__", None) or type(metric).__name__
+
+
+def _scalar(v, metric=None) -> mx.array:
+    """A metric's value as a 0-d array; anything else raises an error that names the metric."""
+    name = metric_name(metric) if metric is not None else "the patching metric"
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
         v = mx.array(v)
+    if not isinstance(v, mx.array):
+        raise TypeError(f"The patching metric {name} returned {type(v).__name__} {v!r:.60}; expected an mx.array "
+                        f"scalar computed from the logits it is given (e.g. logits[:, -1, tok].mean()).")
     if v.size != 1:
-        raise ValueError(f"The patching metric must return a scalar; got shape {tuple(v.shape)}.")
+        raise ValueError(f"The patching metric {name} must return a scalar; got shape {tuple(v.shape)}. Reduce "
+                         f"over the batch (e.g. .mean()).")
     return v.reshape(())
 
 
@@ -460,6 +471,6 @@ def run_cells_loop(model, tokens: mx.array, clean: dict[str, mx.array], cells: S
             return patched
 
         logits = model.run_with_hooks(tokens, fwd_hooks=[(c.name, setter)])
-        out.append(_scalar(metric(logits)))
+        out.append(_scalar(metric(logits), metric))
         mx.eval(out[-1])
     return mx.stack(out).astype(mx.float32) if out else mx.zeros((0,))

@@ -15,7 +15,7 @@ Norm diagnostics (``record_norms``, ``activation_norm``) compute in float32 (no 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -35,19 +35,33 @@ def _axes(name: str | None) -> tuple[int, int | None]:
     return 1, None
 
 
-def _as_sel(v, n: int):
+def _as_sel(v, n: int, what: str, where: str):
+    """Indices into an axis of length n; out-of-range ints raise (they never wrap)."""
     if v is None:
         return None
     if isinstance(v, slice):
         return np.arange(n)[v]
-    return np.atleast_1d(np.array(v, dtype=np.int64)) % n
+    a = np.atleast_1d(np.array(v))
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{where}: {what}= must be an int, a list of ints or a slice; got {v!r}.")
+    bad = a[(a < -n) | (a >= n)]
+    if bad.size:
+        raise ValueError(f"{where}: {what} {bad.tolist()[0]} is out of range: the activation has {n} {what}s "
+                         f"(allowed {-n}..{n - 1}). Pass a {what} index within that range.")
+    return a % n
 
 
-def selection_mask(act: mx.array, hook_name: str | None, pos=None, head=None, index=None) -> mx.array | None:
+def selection_mask(act: mx.array, hook_name: str | None, pos=None, head=None, index=None,
+                   who: str = "intervention") -> mx.array | None:
     """Bool mask broadcastable to ``act``: True where the intervention applies (None = everywhere)."""
+    where = f"{who} at {hook_name or 'the hook'} (activation {tuple(act.shape)})"
     if index is not None:
         m = np.zeros(act.shape[1:], dtype=bool)
-        m[tuple(index)] = True
+        try:
+            m[tuple(index)] = True
+        except (IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: index={index!r} does not index the axes after the batch "
+                             f"{tuple(act.shape[1:])}: {e}.") from None
         return mx.array(m)[None]
     if pos is None and head is None:
         return None
@@ -57,21 +71,34 @@ def selection_mask(act: mx.array, hook_name: str | None, pos=None, head=None, in
         shape = [1] * act.ndim
         shape[pa] = act.shape[pa]
         ind = np.zeros(act.shape[pa], dtype=bool)
-        ind[_as_sel(pos, act.shape[pa])] = True
+        ind[_as_sel(pos, act.shape[pa], "position", where)] = True
         m = m & ind.reshape(shape)
     if head is not None:
         if ha is None:
-            raise ValueError(f"head= selects attention heads, but {hook_name!r} has no head axis.")
+            raise ValueError(f"{where}: head= selects attention heads, but {hook_name!r} has no head axis. Use a "
+                             f"per-head hook such as blocks.L.attn.hook_z, or drop head=.")
         shape = [1] * act.ndim
         shape[ha] = act.shape[ha]
         ind = np.zeros(act.shape[ha], dtype=bool)
-        ind[_as_sel(head, act.shape[ha])] = True
+        ind[_as_sel(head, act.shape[ha], "head", where)] = True
         m = m & ind.reshape(shape)
     return mx.array(m)
 
 
-def _apply(act, new, hook, pos, head, index):
-    m = selection_mask(act, getattr(hook, "name", None), pos, head, index)
+def _fits(value: mx.array, act: mx.array, hp, who: str, what: str) -> None:
+    """``value`` must broadcast to the activation's shape."""
+    try:
+        ok = np.broadcast_shapes(tuple(value.shape), tuple(act.shape)) == tuple(act.shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{who} at {getattr(hp, 'name', None) or 'the hook'}: the {what} has shape "
+                         f"{tuple(value.shape)}, which does not broadcast to the activation {tuple(act.shape)}. "
+                         f"Expected e.g. [{act.shape[-1]}] (the last axis) or a shape broadcastable to it.")
+
+
+def _apply(act, new, hook, pos, head, index, who: str = "intervention"):
+    m = selection_mask(act, getattr(hook, "name", None), pos, head, index, who)
     new = new.astype(act.dtype)
     return mx.broadcast_to(new, act.shape) if m is None else mx.where(m, new, act)
 
@@ -79,7 +106,7 @@ def _apply(act, new, hook, pos, head, index):
 def zero_ablate(pos=None, head=None, index=None) -> Hook:
     """Set the selected entries to 0."""
     def hook(act, hp):
-        return _apply(act, mx.zeros_like(act), hp, pos, head, index)
+        return _apply(act, mx.zeros_like(act), hp, pos, head, index, "zero_ablate")
 
     return hook
 
@@ -88,8 +115,12 @@ def mean_ablate(mean: mx.array | None = None, pos=None, head=None, index=None, o
     """Replace the selected entries by ``mean`` (broadcastable to the activation; e.g. the mean over a
     reference dataset), or by the activation's own mean over the axes ``over`` (default: the batch)."""
     def hook(act, hp):
-        m = mean if mean is not None else act.astype(mx.float32).mean(axis=tuple(over), keepdims=True)
-        return _apply(act, mx.broadcast_to(m.astype(act.dtype), act.shape), hp, pos, head, index)
+        if mean is not None:
+            m = mx.array(mean)
+            _fits(m, act, hp, "mean_ablate", "mean")
+        else:
+            m = act.astype(mx.float32).mean(axis=tuple(over), keepdims=True)
+        return _apply(act, mx.broadcast_to(m.astype(act.dtype), act.shape), hp, pos, head, index, "mean_ablate")
 
     return hook
 
@@ -97,7 +128,7 @@ def mean_ablate(mean: mx.array | None = None, pos=None, head=None, index=None, o
 def scale(factor: float, pos=None, head=None, index=None) -> Hook:
     """Multiply the selected entries by ``factor``."""
     def hook(act, hp):
-        return _apply(act, act * factor, hp, pos, head, index)
+        return _apply(act, act * factor, hp, pos, head, index, "scale")
 
     return hook
 
@@ -107,7 +138,8 @@ def add_vector(vector: mx.array, coeff: float = 1.0, pos=None, head=None, index=
     vector = mx.array(vector)
 
     def hook(act, hp):
-        return _apply(act, act + coeff * vector.astype(act.dtype), hp, pos, head, index)
+        _fits(vector, act, hp, "add_vector", "vector")
+        return _apply(act, act + coeff * vector.astype(act.dtype), hp, pos, head, index, "add_vector")
 
     return hook
 
@@ -118,7 +150,7 @@ def clamp(min: float | None = None, max: float | None = None, pos=None, head=Non
         raise ValueError("clamp needs min=, max= or both.")
 
     def hook(act, hp):
-        return _apply(act, mx.clip(act, min, max), hp, pos, head, index)
+        return _apply(act, mx.clip(act, min, max), hp, pos, head, index, "clamp")
 
     return hook
 
@@ -128,7 +160,7 @@ def noise(std: float, seed: int = 0, pos=None, head=None, index=None) -> Hook:
     (each call of the hook draws from ``mx.random.key(seed)``, so repeated runs are reproducible)."""
     def hook(act, hp):
         eps = mx.random.normal(act.shape, dtype=mx.float32, key=mx.random.key(seed)) * std
-        return _apply(act, act + eps.astype(act.dtype), hp, pos, head, index)
+        return _apply(act, act + eps.astype(act.dtype), hp, pos, head, index, "noise")
 
     return hook
 
@@ -160,7 +192,8 @@ def replace_with(values: mx.array, align: str | None = None, pos=None, head=None
             v = align_positions(v, Pa, pa, position_map(Pv, Pa, align), fill=act)
             if pos is None and head is None and index is None:
                 return v.astype(act.dtype)
-        return _apply(act, mx.broadcast_to(v.astype(act.dtype), act.shape), hp, pos, head, index)
+        _fits(v, act, hp, "replace_with", "values")
+        return _apply(act, mx.broadcast_to(v.astype(act.dtype), act.shape), hp, pos, head, index, "replace_with")
 
     return hook
 

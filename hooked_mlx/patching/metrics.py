@@ -12,17 +12,44 @@ per prompt. Values are averaged over the prompts (the batch).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
 def _as_index(v, name: str) -> mx.array:
-    a = mx.array(v) if not isinstance(v, mx.array) else v
-    if not mx.issubdtype(a.dtype, mx.integer) or a.ndim > 1:
-        raise ValueError(f"{name} must be a token id (int) or one id per prompt (list of ints); got {v!r}.")
+    try:
+        a = mx.array(v) if not isinstance(v, mx.array) else v
+    except (TypeError, ValueError):
+        a = None
+    if a is None or not mx.issubdtype(a.dtype, mx.integer) or a.ndim > 1 or a.size == 0:
+        raise ValueError(f"{name} must be a token id (int) or one id per prompt (a non-empty list of ints); "
+                         f"got {v!r}.")
+    if int(a.min()) < 0:
+        raise ValueError(f"{name}: token ids are >= 0; got {a.tolist()}. Use model.to_single_token(' word') to "
+                         f"look an id up.")
     return a.astype(mx.int32)
+
+
+class _TokenIds:
+    """Token ids of a metric ([] or one per prompt) with their largest id read once, at construction, so
+    that the checks below never evaluate an array (safe inside compile and grad)."""
+
+    def __init__(self, v, what: str):
+        self.ids, self.what = _as_index(v, what), what
+        self.max_id = int(self.ids.max())
+
+    def check(self, V: int, B: int) -> mx.array:
+        """The ids, after checking them against a vocabulary of V and a batch of B prompts."""
+        if self.max_id >= V:
+            raise ValueError(f"{self.what}: token id {self.max_id} is out of range for a vocabulary of {V} (ids "
+                             f"0..{V - 1}). Check the id (model.to_single_token) and that the metric belongs to "
+                             f"this model.")
+        if self.ids.ndim == 1 and self.ids.shape[0] != B:
+            raise ValueError(f"{self.what}: {self.ids.shape[0]} token ids (one per prompt) but the batch has {B} "
+                             f"prompts. Pass one id for every prompt, or a single int for all.")
+        return self.ids
 
 
 class Metric:
@@ -53,8 +80,7 @@ class Metric:
 
     def select(self, logits: mx.array) -> mx.array:
         """Full logits [..., B, P, V] -> the metric's positions [..., B, n, V]."""
-        P = logits.shape[-2]
-        idx = [p + P if p < 0 else p for p in self.positions]
+        idx = self.absolute_positions(logits.shape[-2])
         return mx.take(logits, mx.array(idx), axis=-2)
 
     def absolute_positions(self, P: int) -> list[int]:
@@ -62,7 +88,8 @@ class Metric:
         for p in self.positions:
             q = p + P if p < 0 else p
             if not 0 <= q < P:
-                raise ValueError(f"Metric position {p} is out of range for sequences of {P} tokens.")
+                raise ValueError(f"{type(self).__name__}: metric position {p} is out of range for sequences of {P} "
+                                 f"tokens. Expected a position in -{P}..{P - 1} (negative counts from the end).")
             out.append(q)
         return out
 
@@ -74,7 +101,7 @@ class Metric:
             raise ValueError(f"A metric takes logits [..., batch, pos, vocab]; got shape {tuple(logits.shape)}.")
         return self.on_selected(self.select(logits).astype(mx.float32))
 
-    def normalized(self, clean_logits: mx.array, corrupted_logits: mx.array) -> "NormalizedMetric":
+    def normalized(self, clean_logits: mx.array, corrupted_logits: mx.array) -> NormalizedMetric:
         """This metric rescaled so that the corrupted run scores 0 and the clean run scores 1."""
         return NormalizedMetric(self, float(self(clean_logits)), float(self(corrupted_logits)))
 
@@ -95,11 +122,15 @@ class LogitDiff(Metric):
 
     def __init__(self, correct, incorrect, pos: int | Sequence[int] = -1):
         super().__init__(pos)
-        self.correct, self.incorrect = _as_index(correct, "correct"), _as_index(incorrect, "incorrect")
+        self._correct = _TokenIds(correct, "LogitDiff correct")
+        self._incorrect = _TokenIds(incorrect, "LogitDiff incorrect")
+        self.correct, self.incorrect = self._correct.ids, self._incorrect.ids
 
     def on_selected(self, sel):
+        V, B = sel.shape[-1], sel.shape[-3]
+        correct, incorrect = self._correct.check(V, B), self._incorrect.check(V, B)
         x = self._last(sel.astype(mx.float32))
-        return (_gather(x, self.correct) - _gather(x, self.incorrect)).mean(axis=-1)
+        return (_gather(x, correct) - _gather(x, incorrect)).mean(axis=-1)
 
 
 class LogProb(Metric):
@@ -107,17 +138,20 @@ class LogProb(Metric):
 
     def __init__(self, token, pos: int | Sequence[int] = -1):
         super().__init__(pos)
-        self.token = _as_index(token, "token")
+        self._token = _TokenIds(token, f"{type(self).__name__} token")
+        self.token = self._token.ids
 
     def on_selected(self, sel):
-        return _gather(_logprobs(self._last(sel)), self.token).mean(axis=-1)
+        tok = self._token.check(sel.shape[-1], sel.shape[-3])
+        return _gather(_logprobs(self._last(sel)), tok).mean(axis=-1)
 
 
 class Prob(LogProb):
     """p(token) at ``pos`` (exp of the float32 log-probability), averaged over prompts."""
 
     def on_selected(self, sel):
-        return mx.exp(_gather(_logprobs(self._last(sel)), self.token)).mean(axis=-1)
+        tok = self._token.check(sel.shape[-1], sel.shape[-3])
+        return mx.exp(_gather(_logprobs(self._last(sel)), tok)).mean(axis=-1)
 
 
 class KLDivergence(Metric):
@@ -133,6 +167,10 @@ class KLDivergence(Metric):
         mx.eval(self.ref_logp)
 
     def on_selected(self, sel):
+        if sel.shape[-1] != self.ref_logp.shape[-1] or sel.shape[-3] != self.ref_logp.shape[0]:
+            raise ValueError(f"KLDivergence: the reference logits are [batch {self.ref_logp.shape[0]}, vocab "
+                             f"{self.ref_logp.shape[-1]}], the patched run's [batch {sel.shape[-3]}, vocab "
+                             f"{sel.shape[-1]}]. Pass reference logits of the same prompts and model.")
         logp = _logprobs(self._last(sel))
         p_ref = mx.exp(self.ref_logp)
         terms = mx.where(p_ref > 0, p_ref * (self.ref_logp - logp), 0.0)

@@ -14,7 +14,7 @@ outputs are patched at every position). Receivers ``(layer, head)`` index key/va
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 
@@ -34,7 +34,7 @@ def _values(metric, logits: mx.array, n: int, B: int) -> mx.array:
     logits = logits.reshape((n, B) + logits.shape[1:])
     if isinstance(metric, Metric):
         return metric(logits).astype(mx.float32)
-    return mx.stack([_scalar(metric(logits[k])) for k in range(n)]).astype(mx.float32)
+    return mx.stack([_scalar(metric(logits[k]), metric) for k in range(n)]).astype(mx.float32)
 
 
 def path_patch_sets(model, corrupted_tokens, clean_cache, metric, sender_sets: Sequence[Sequence[tuple[int, int]]],

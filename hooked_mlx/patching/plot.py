@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
+from ..outputs import check_output_file, write_file_atomic
 
 
 def _require_matplotlib():
@@ -26,13 +27,16 @@ def _require_matplotlib():
 
 def plot_patching(result, path: str | os.PathLike = "patching.png", labels: Sequence[str] | None = None,
                   ylabels: Sequence[str] | None = None, title: str | None = None, xlabel: str = "position",
-                  ylabel: str = "layer", center: float | None = 0.0, cmap: str = "RdBu_r", dpi: int = 120) -> Path:
+                  ylabel: str = "layer", center: float | None = 0.0, cmap: str = "RdBu_r", dpi: int = 120,
+                  overwrite: bool = False) -> Path:
     """Write a heatmap of a 2-D result (e.g. [layers, pos] or [layers, heads]) to ``path`` (PNG).
 
     labels: x tick labels (e.g. ``model.to_str_tokens(tokens)``; defaults to indices); ylabels: y tick
     labels (default "0".."L-1"). ``center``: the colour scale is symmetric around it (None: min..max).
     NaN cells (unpaired positions) are drawn grey. A 3-D result [L, P, H] must be reduced first (e.g.
-    ``result[:, :, h]`` or ``result.sum(-1)``). Returns the path. The file is written atomically."""
+    ``result[:, :, h]`` or ``result.sum(-1)``). Returns the path. The file is written atomically; an existing
+    file is refused unless ``overwrite=True``."""
+    check_output_file(path, overwrite=overwrite, what="plot_patching")
     a = np.array(result, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"plot_patching draws a 2-D grid; got shape {a.shape}. Select or reduce an axis first "
@@ -62,18 +66,9 @@ def plot_patching(result, path: str | os.PathLike = "patching.png", labels: Sequ
         ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        path = write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), overwrite=overwrite,
+                                 what="plot_patching", suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -97,6 +97,31 @@ def _resolve_model_arg(args) -> None:
     args.model = args.model or pos
 
 
+def _existing_path(p: str | None) -> str | None:
+    return p if p and os.path.exists(p) else None
+
+
+def _check_train_outputs(args, checkpoint_dir: str) -> None:
+    """train-sae's output rules, checked up front: OUT is new or empty, or holds only what train-sae writes
+    there and --resume continues, or --overwrite is given; OUT is not the model or the data; the checkpoint
+    folder is continued (--resume) or replaced (--overwrite), never silently."""
+    from ..outputs import check_output_dir
+    from .files import NATIVE_CONFIG, NATIVE_WEIGHTS
+    from .training import check_checkpoint_path
+
+    own = {NATIVE_CONFIG, NATIVE_WEIGHTS, "saelens", "sparsify"}
+    hooks = set(_expand_hooks(args.hook)) if args.hook else set()
+    if os.path.normpath(checkpoint_dir) == os.path.normpath(os.path.join(args.out, "checkpoint")):
+        own.add("checkpoint")
+
+    def ours(name: str) -> bool:
+        return args.resume and (name in own or name in hooks)
+
+    check_output_dir(args.out, sources=[_existing_path(args.model), _existing_path(args.data)],
+                     overwrite=args.overwrite, what="train-sae --out", allowed=ours)
+    check_checkpoint_path(checkpoint_dir, args.resume, args.overwrite)
+
+
 def cmd_train_sae(args) -> int:
     import numpy as np
 
@@ -108,6 +133,7 @@ def cmd_train_sae(args) -> int:
 
     _resolve_model_arg(args)
     checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoint")
+    _check_train_outputs(args, checkpoint_dir)  # before any model loading or training
     harvested = is_harvest_dir(args.data)
     model = None
     if harvested:
@@ -132,17 +158,18 @@ def cmd_train_sae(args) -> int:
         cfgs = [c.replace(model_name=c.model_name or args.model) for c in cfgs]
         source = ActivationStore(model, hooks, args.data, cfgs[0], text_field=args.text_field)
     result = train_saes(cfgs, source, checkpoint_path=checkpoint_dir, resume=args.resume,
-                        progress=not args.quiet, kernels=args.kernels)
+                        progress=not args.quiet, kernels=args.kernels, overwrite=args.overwrite)
     if not world().is_main:
         return 0  # rank 0 saves, evaluates and reports (the parameters are identical on every rank)
     report = {}
     for hook, sae in result.items():
         folder = args.out if len(result) == 1 else os.path.join(args.out, hook)
-        save_sae(sae, folder)
+        # OUT was checked before training: it held nothing but this command's own files (or --overwrite)
+        save_sae(sae, folder, overwrite=True)
         if "saelens" in args.export:
-            export_saelens(sae, os.path.join(folder, "saelens"))
+            export_saelens(sae, os.path.join(folder, "saelens"), overwrite=True)
         if "sparsify" in args.export:
-            export_sparsify(sae, os.path.join(folder, "sparsify"), hookpoint=None)
+            export_sparsify(sae, os.path.join(folder, "sparsify"), hookpoint=None, overwrite=True)
         entry = {"path": folder}
         if args.eval_data:
             # held-out documents: reconstruction on their activations, and the SAE spliced into the model
@@ -164,15 +191,18 @@ def cmd_train_sae(args) -> int:
 
 
 def cmd_harvest(args) -> int:
+    from ..outputs import check_output_dir
     from .distributed import world
     from .store import harvest
 
+    check_output_dir(args.out, sources=[_existing_path(args.model), _existing_path(args.data)],
+                     overwrite=args.overwrite, what="harvest --out")  # before the model loads
     model = _load_model(args.model)
     hooks = _expand_hooks(args.hook)
     cfg = SAEConfig(context_size=args.context_size, store_batch_size_prompts=args.batch_prompts,
                     prepend_bos=args.prepend_bos, packing=args.packing, model_name=args.model)
     man = harvest(model, hooks, args.data, args.out, args.tokens, cfg=cfg, shard_tokens=args.shard_tokens,
-                  text_field=args.text_field, progress=not args.quiet, dtype=args.dtype)
+                  text_field=args.text_field, progress=not args.quiet, dtype=args.dtype, overwrite=args.overwrite)
     if not world().is_main:
         return 0
     print(f"wrote {man['n_tokens']:,} tokens of {', '.join(hooks)} in {len(man['shards'])} shard(s) to {args.out}")
@@ -198,6 +228,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--checkpoint-dir", default=None,
                    help="folder for atomic training checkpoints (default: OUT/checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out (and replace a checkpoint there), replacing only the "
+                        "files train-sae writes")
     p.add_argument("--eval-batches", type=int, default=4,
                    help="without --eval-data: batches of further training-source activations to evaluate on (0: none)")
     p.add_argument("--eval-data", default=None,
@@ -225,6 +258,8 @@ def add_subcommands(subparsers) -> None:
     h.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=d["prepend_bos"])
     h.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d["packing"])
     h.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    h.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out, replacing only same-named shards and the manifest")
     h.add_argument("--quiet", action="store_true")
     h.set_defaults(func=cmd_harvest)
 

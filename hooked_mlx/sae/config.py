@@ -189,7 +189,7 @@ class SAEConfig:
         return None
 
     # -- validation ------------------------------------------------------------------------------------
-    def validate(self) -> "SAEConfig":
+    def validate(self) -> SAEConfig:
         def bad(name: str, allowed: str):
             value = getattr(self, name)
             raise ValueError(f"SAEConfig.{name} = {value!r} is invalid: allowed {allowed}.")
@@ -278,7 +278,7 @@ class SAEConfig:
         return self
 
     # -- (de)serialisation -----------------------------------------------------------------------------
-    def replace(self, **changes) -> "SAEConfig":
+    def replace(self, **changes) -> SAEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,7 +300,7 @@ class SAEConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         names = set(cls.field_names())
         unknown = sorted(set(d) - names)
         if unknown:

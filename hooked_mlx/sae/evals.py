@@ -13,7 +13,7 @@ log-softmax runs in float32. Keys are the constants of ``hooked_mlx.sae.metrics`
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -110,7 +110,7 @@ def evaluate_model(model, sae: SAE, texts, *, batch_size: int = 8, hook_name: st
     if not hook:
         raise ValueError("The SAE has no hook_name; pass hook_name= (e.g. 'blocks.2.hook_resid_post').")
     if hook not in model.hook_dict:
-        from ..names import unknown_name_error  # noqa: PLC0415
+        from ..names import unknown_name_error
 
         raise unknown_name_error(hook, list(model.hook_dict))
     exclude = sae.cfg.exclude_special_tokens if exclude_special is None else exclude_special

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import mlx.core as mx
 
+from ..outputs import staged_dir
+from ..readers import load_safetensors, read_json
 from .config import FORMAT_VERSION, SAEConfig
 from .sae import SAE
 
@@ -44,25 +45,17 @@ SPARSIFY_HOOKPOINTS = {
 }
 
 
-def _atomic_write_dir(path: str, files: dict[str, object]) -> None:
-    """Write {name: dict of arrays (safetensors) | dict (json)} into folder ``path``, each file atomically."""
-    os.makedirs(path, exist_ok=True)
-    for name, content in files.items():
-        dest = os.path.join(path, name)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.safetensors" if name.endswith(".safetensors") else ".tmp", dir=path)
-        os.close(fd)
-        try:
+def _atomic_write_dir(path: str, files: dict[str, object], *, overwrite: bool, what: str) -> None:
+    """Write {name: (arrays, metadata) (safetensors) | dict (json)} as folder ``path``, staged and renamed
+    (``hooked_mlx.outputs``: a non-empty folder is refused unless ``overwrite``, which replaces only these
+    files)."""
+    with staged_dir(path, overwrite=overwrite, what=what) as tmp:
+        for name, content in files.items():
             if name.endswith(".safetensors"):
                 arrays, meta = content
-                mx.save_safetensors(tmp, arrays, metadata=meta)
+                mx.save_safetensors(str(tmp / name), arrays, metadata=meta)
             else:
-                with open(tmp, "w") as fh:
-                    json.dump(content, fh, indent=2)
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+                (tmp / name).write_text(json.dumps(content, indent=2))
 
 
 def _weights(sae: SAE) -> dict[str, mx.array]:
@@ -73,9 +66,7 @@ def _weights(sae: SAE) -> dict[str, mx.array]:
 
 
 def _load_tensors(path: str) -> dict[str, mx.array]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist.")
-    return mx.load(path)
+    return load_safetensors(path)
 
 
 def _build(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
@@ -101,12 +92,16 @@ def _build(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_sae(sae: SAE, path: str) -> str:
-    """Save to folder ``path`` (cfg.json + sae.safetensors); returns the folder."""
+def save_sae(sae: SAE, path: str, *, overwrite: bool = False) -> str:
+    """Save to folder ``path`` (cfg.json + sae.safetensors); returns the folder.
+
+    ``path`` must be new or empty; ``overwrite=True`` replaces cfg.json and sae.safetensors in an existing
+    folder and leaves everything else there."""
     cfg = sae.cfg.to_dict()
     cfg["format"] = NATIVE_FORMAT
     cfg["format_version"] = FORMAT_VERSION
-    _atomic_write_dir(path, {NATIVE_WEIGHTS: (_weights(sae), {"format": NATIVE_FORMAT}), NATIVE_CONFIG: cfg})
+    _atomic_write_dir(path, {NATIVE_WEIGHTS: (_weights(sae), {"format": NATIVE_FORMAT}), NATIVE_CONFIG: cfg},
+                      overwrite=overwrite, what="save_sae")
     return path
 
 
@@ -117,8 +112,7 @@ def load_sae(path: str) -> SAE:
         return load_saelens(path)
     if kind == "sparsify":
         return load_sparsify(path)
-    with open(os.path.join(path, NATIVE_CONFIG)) as fh:
-        d = json.load(fh)
+    d = read_json(os.path.join(path, NATIVE_CONFIG), "SAE config")
     d.pop("format", None)
     version = d.pop("format_version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
@@ -134,8 +128,7 @@ def detect_format(path: str) -> str:
     if SAELENS_WEIGHTS in files:
         return "saelens"
     if NATIVE_WEIGHTS in files and NATIVE_CONFIG in files:
-        with open(os.path.join(path, NATIVE_CONFIG)) as fh:
-            d = json.load(fh)
+        d = read_json(os.path.join(path, NATIVE_CONFIG), "SAE config")
         return "native" if d.get("format") == NATIVE_FORMAT else "sparsify"
     subs = [f for f in files if os.path.isfile(os.path.join(path, f, SPARSIFY_WEIGHTS))]
     if subs:
@@ -152,8 +145,8 @@ def detect_format(path: str) -> str:
 
 
 def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, context_size: int | None = None,
-                   dataset_path: str = "", prepend_bos: bool | None = None) -> str:
-    """Write a SAELens v6 folder loadable by ``SAE.load_from_disk(path)``."""
+                   dataset_path: str = "", prepend_bos: bool | None = None, overwrite: bool = False) -> str:
+    """Write a SAELens v6 folder loadable by ``SAE.load_from_disk(path)`` (new or empty unless ``overwrite``)."""
     cfg = sae.cfg
     arch = cfg.architecture
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
@@ -197,14 +190,13 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
         },
     }
     _atomic_write_dir(path, {SAELENS_WEIGHTS: ({k: v.astype(mx.float32) for k, v in tensors.items()}, None),
-                             SAELENS_CONFIG: out_cfg})
+                             SAELENS_CONFIG: out_cfg}, overwrite=overwrite, what="export_saelens")
     return path
 
 
 def load_saelens(path: str) -> SAE:
     """Load a SAELens folder (v6 or legacy cfg) of architecture standard / topk / jumprelu."""
-    with open(os.path.join(path, SAELENS_CONFIG)) as fh:
-        d = json.load(fh)
+    d = read_json(os.path.join(path, SAELENS_CONFIG), "SAE config")
     t = _load_tensors(os.path.join(path, SAELENS_WEIGHTS))
     meta = d.get("metadata") or {}
     arch = d.get("architecture", "standard")
@@ -270,8 +262,9 @@ def sparsify_hook_name(hookpoint: str) -> str:
     return hookpoint
 
 
-def export_sparsify(sae: SAE, path: str, hookpoint: str | None = None) -> str:
-    """Write a sparsify folder (TopK SAEs only). ``hookpoint``: a subfolder name (e.g. ``layers.3``)."""
+def export_sparsify(sae: SAE, path: str, hookpoint: str | None = None, *, overwrite: bool = False) -> str:
+    """Write a sparsify folder (TopK SAEs only). ``hookpoint``: a subfolder name (e.g. ``layers.3``). The
+    folder written must be new or empty unless ``overwrite``."""
     if sae.cfg.architecture != "topk":
         raise ValueError(f"sparsify stores TopK SAEs only; this SAE is {sae.cfg.architecture!r} (use export_saelens).")
     if not sae.cfg.apply_b_dec_to_input:
@@ -291,7 +284,7 @@ def export_sparsify(sae: SAE, path: str, hookpoint: str | None = None) -> str:
     tensors = {"encoder.weight": mx.array(sae.W_enc.T), "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
                "b_dec": sae.b_dec}
     _atomic_write_dir(folder, {SPARSIFY_WEIGHTS: ({k: v.astype(mx.float32) for k, v in tensors.items()}, None),
-                               SPARSIFY_CONFIG: cfg})
+                               SPARSIFY_CONFIG: cfg}, overwrite=overwrite, what="export_sparsify")
     return folder
 
 
@@ -309,8 +302,7 @@ def load_sparsify(path: str, hookpoint: str | None = None) -> SAE:
         folder = os.path.join(path, hookpoint)
     elif hookpoint is None:
         hookpoint = os.path.basename(os.path.normpath(path))
-    with open(os.path.join(folder, SPARSIFY_CONFIG)) as fh:
-        d = json.load(fh)
+    d = read_json(os.path.join(folder, SPARSIFY_CONFIG), "SAE config")
     act = d.get("activation", "topk")
     if act != "topk":
         raise ValueError(f"{folder}: sparsify activation {act!r} is not supported (only 'topk').")

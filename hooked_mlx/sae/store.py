@@ -20,11 +20,13 @@ import os
 import sys
 import warnings
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
 
+from ..outputs import check_output_dir
+from ..readers import check_safetensors, read_json
 from .config import SAEConfig
 
 MANIFEST = "manifest.json"
@@ -69,7 +71,7 @@ def open_corpus(corpus, text_field: str = "text"):
     """
     if isinstance(corpus, str) and corpus.startswith("hf:"):
         try:
-            import datasets  # noqa: PLC0415
+            import datasets
         except ImportError as e:
             raise ImportError(f"Corpus {corpus!r} needs the `datasets` package: pip install datasets") from e
         parts = corpus[3:].split(":")
@@ -126,7 +128,7 @@ def validate_hooks(model, hook_names: list[str]) -> None:
     valid = model.hook_dict
     for h in hook_names:
         if h not in valid:
-            from ..names import unknown_name_error  # noqa: PLC0415
+            from ..names import unknown_name_error
 
             raise unknown_name_error(h, list(valid))
 
@@ -200,7 +202,7 @@ class ContextBuilder:
                     self.exhausted = True
                     return None
                 if self.docs_consumed == 0:
-                    raise ValueError("The corpus is empty: no documents to tokenize.")
+                    raise ValueError("The corpus is empty: no documents to tokenize.") from None
                 self.epoch += 1
                 self.docs_consumed = 0
                 self._it = self.corpus_fn()
@@ -290,6 +292,7 @@ class ActivationStore:
         if not self.hook_names:
             raise ValueError("ActivationStore needs at least one hook name.")
         validate_hooks(model, self.hook_names)
+        model.check_context(cfg.context_size, what="The ActivationStore context (cfg.context_size)")
         self.cfg = cfg
         self.batch_size = batch_size or cfg.train_batch_size_tokens
         self.buffer_size = max(cfg.shuffle_buffer_tokens, self.batch_size)
@@ -554,6 +557,7 @@ class ArraySource:
 def _safetensors_memmap(path: str) -> dict[str, np.ndarray]:
     """Memory-map every tensor of a safetensors file as a read-only numpy array (nothing is read yet)."""
     dtypes = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I32": np.int32}
+    check_safetensors(path)  # a corrupt or truncated shard is named, before any memory map
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
@@ -578,8 +582,7 @@ class ShardSource(ArraySource):
         if not os.path.exists(man_path):
             raise FileNotFoundError(f"{path} has no {MANIFEST}; create the folder with `hooked-mlx harvest` or "
                                     f"hooked_mlx.sae.harvest().")
-        with open(man_path) as fh:
-            self.manifest = json.load(fh)
+        self.manifest = read_json(man_path, "harvest manifest")
         hooks = hook_names or self.manifest["hook_names"]
         missing = [h for h in hooks if h not in self.manifest["hook_names"]]
         if missing:
@@ -594,7 +597,7 @@ class ShardSource(ArraySource):
 
 def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: int | None = None, *,
             cfg: SAEConfig | None = None, shard_tokens: int = 262144, text_field: str = "text",
-            progress: bool = True, dtype: str = "float32", world=None) -> dict:
+            progress: bool = True, dtype: str = "float32", world=None, overwrite: bool = False) -> dict:
     """Run the model over the corpus once and write activations of each hook to safetensors shards.
 
     Writes ``shard_00000.safetensors`` ... (tensor per hook name, [n, d]) and ``manifest.json``
@@ -602,12 +605,16 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
     renamed, the manifest last: a folder with a manifest is complete. ``n_tokens`` None: the whole corpus
     once. Returns the manifest.
 
+    ``out_dir`` must be new or empty (``hooked_mlx.outputs``); ``overwrite=True`` writes into an existing
+    folder, replacing only same-named shards and the manifest (stale shards it does not list are ignored
+    by readers, which go by the manifest). ``out_dir`` may not be the corpus file or folder, or inside it.
+
     Under ``mlx.launch`` (``world`` of size N > 1, default ``distributed.world()``): rank r runs the model on
     documents i with i % N == r, writes its own ``shard_r{r:03d}_{j:05d}.safetensors`` files (disjoint:
     about n_tokens / N rows each) into the shared ``out_dir``, and rank 0 writes the one manifest listing
     every rank's shards once all have finished.
     """
-    from . import distributed as D  # noqa: PLC0415
+    from . import distributed as D
 
     w = world if world is not None else D.world()
     n_tokens_total = n_tokens
@@ -617,6 +624,9 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
     hooks = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"harvest dtype {dtype!r} is invalid: allowed 'float32' or 'float16'.")
+    corpus_path = corpus if isinstance(corpus, (str, os.PathLike)) and os.path.exists(corpus) else None
+    check_output_dir(out_dir, sources=[corpus_path], overwrite=overwrite, what="harvest")
+    w.barrier()  # every rank checked the folder before any rank writes into it
     store = ActivationStore(model, hooks, corpus, cfg, text_field=text_field)
     prefix = "shard_"
     if w.distributed:

@@ -17,14 +17,16 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..outputs import OutputExistsError
+from ..readers import CorruptFileError, check_safetensors
 from . import distributed as D
 from . import metrics as M
 from .config import FORMAT_VERSION, TOPK_FAMILY, SAEConfig
@@ -385,6 +387,10 @@ class SAETrainer:
     def step_count(self) -> int:
         return int(self.aux["step"].item())
 
+    def has_non_finite_step(self) -> bool:
+        """Whether a step since the last metrics read was non-finite (and skipped); one host read."""
+        return int(self.aux["bad_step"].item()) >= 0
+
     def read_metrics(self) -> dict[str, float]:
         """Averages of the metrics since the last read (one host sync); raises on a non-finite loss."""
         packed = mx.concatenate([mx.stack([self.aux["sums"][k] for k in M.TRAIN_KEYS]),
@@ -496,8 +502,32 @@ def load_checkpoint(path: str) -> tuple[dict[str, mx.array], dict]:
     f = os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
     if not os.path.exists(f):
         raise FileNotFoundError(f"No checkpoint at {f}; train with checkpoint_path set to create one.")
+    check_safetensors(f)
     tensors, metadata = mx.load(f, return_metadata=True)
+    if "hooked_mlx" not in metadata:
+        raise CorruptFileError(f"{f} is a safetensors file but not a hooked_mlx training checkpoint (no "
+                               f"'hooked_mlx' metadata). Point checkpoint_path at a folder written by train_saes.")
     return tensors, json.loads(metadata["hooked_mlx"])
+
+
+def check_checkpoint_path(path: str | None, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint file in folder ``path`` (None without one), checked before any work: ``path`` may not
+    be a file, and a checkpoint already there is continued (``resume``) or replaced (``overwrite``), never
+    silently overwritten."""
+    if not path:
+        return None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputExistsError(f"checkpoint_path {path} is a file; expected a folder for {CHECKPOINT_FILE}. "
+                                f"Choose a folder path.")
+    f = os.path.join(path, CHECKPOINT_FILE)
+    if os.path.exists(f) and not resume and not overwrite:
+        step = load_checkpoint(f)[1].get("step", "?")
+        raise OutputExistsError(
+            f"{f} already holds a training checkpoint (step {step}) from an earlier run. Pass resume=True "
+            f"(--resume) to continue it, overwrite=True (--overwrite) to start again and replace it, or choose "
+            f"another checkpoint folder."
+        )
+    return f
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -524,7 +554,7 @@ def _wandb_run(cfg: SAEConfig, cfgs):
     if not cfg.wandb_project:
         return None
     try:
-        import wandb  # noqa: PLC0415
+        import wandb
     except ImportError as e:
         raise ImportError(
             f"SAEConfig.wandb_project = {cfg.wandb_project!r} needs the `wandb` package: `pip install wandb` "
@@ -550,6 +580,7 @@ def train_saes(
     callback: Callable[[int, dict], None] | None = None,
     kernels: str = "reference",
     world: D.World | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train one SAE per config from one activation source and return {hook_name: SAE}.
 
@@ -559,7 +590,9 @@ def train_saes(
 
     ``checkpoint_path``: a folder; a checkpoint is written there every ``checkpoint_every_steps`` steps and
     at the end. ``resume=True`` continues from it (if present) and ends with the same parameters as an
-    uninterrupted run. ``callback(step, {hook: metrics})`` runs after every metrics read (on every rank).
+    uninterrupted run. A checkpoint already there is refused unless ``resume`` or ``overwrite``. Only
+    finite states are checkpointed: a non-finite step raises ``NonFiniteLossError`` naming the last good
+    checkpoint (left untouched) to resume from. ``callback(step, {hook: metrics})`` runs after every metrics read (on every rank).
 
     ``world``: the process group (default: ``distributed.world()``, of size 1 unless launched with
     ``mlx.launch``). With several ranks the source is sharded (each rank takes its slice of every global
@@ -569,6 +602,7 @@ def train_saes(
     cfgs = [cfgs] if isinstance(cfgs, SAEConfig) else list(cfgs)
     if not cfgs:
         raise ValueError("train_saes needs at least one SAEConfig.")
+    ckpt_file = check_checkpoint_path(checkpoint_path, resume, overwrite)
     resolved = []
     for c in cfgs:
         hook = c.hook_name
@@ -592,14 +626,13 @@ def train_saes(
     B = c0.train_batch_size_tokens
     total = c0.total_steps
     w = world if world is not None else D.world()
-    out = sys.stderr if w.is_main else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    out = sys.stderr if w.is_main else open(os.devnull, "w")  # closed below
     if w.distributed:
         w.local_rows(B)
         D.shard_source(source, w)
         progress = progress and w.is_main
     trainers = [SAETrainer(c, kernels=kernels, world=w) for c in cfgs]
     start = 0
-    ckpt_file = os.path.join(checkpoint_path, CHECKPOINT_FILE) if checkpoint_path else None
     if resume and ckpt_file and os.path.exists(ckpt_file):
         tensors, meta = load_checkpoint(ckpt_file)
         saved = [SAEConfig.from_dict(d) for d in meta["configs"]]
@@ -617,8 +650,8 @@ def train_saes(
     elif resume and ckpt_file:
         print(f"No checkpoint in {checkpoint_path} yet: starting a new run.", file=out)
     elif ckpt_file and os.path.exists(ckpt_file):
-        print(f"Note: starting a new run; the checkpoint in {checkpoint_path} will be overwritten (pass resume=True "
-              f"/ --resume to continue it instead).", file=out)
+        print(f"Note: starting a new run (overwrite=True); the checkpoint in {checkpoint_path} will be replaced.",
+              file=out)
     desc = ", ".join(f"{c.hook_name}: {c.architecture} d_in={c.d_in} d_sae={c.resolved_d_sae}" for c in cfgs)
     print(
         f"Training {len(cfgs)} SAE(s) [{desc}] on {c0.training_tokens:,} tokens ({total} steps of {B}); "
@@ -636,14 +669,21 @@ def train_saes(
             del est
     run = _wandb_run(c0, cfgs) if w.is_main else None
 
+    last_good = [start if start > 0 else None]  # the step of the checkpoint on disk written or resumed by this run
+
     def checkpoint(done):
         mx.eval([t.state_arrays() for t in trainers])
+        for t in trainers:  # only a finite state is written: a bad step raises here and keeps the last good file
+            if t.has_non_finite_step():
+                t.read_metrics()
         if not w.distributed:
             save_checkpoint(checkpoint_path, trainers, source, done)
+            last_good[0] = done
             return
         src = D.gathered_source_state(source, w)  # collective: every rank takes part
         if w.is_main:
             save_checkpoint(checkpoint_path, trainers, src, done, extra={"world_size": w.size})
+        last_good[0] = done
 
     history = []
     bar = None
@@ -688,10 +728,20 @@ def train_saes(
         mx.eval([t.state_arrays() for t in trainers])
         if ckpt_file and total > start:
             checkpoint(total)
+    except NonFiniteLossError as e:
+        if not ckpt_file:
+            where = "No checkpoint_path was set, so there is no checkpoint to resume from."
+        elif last_good[0] is None:
+            where = f"No checkpoint had been written to {ckpt_file} yet; start again with the fix."
+        else:
+            where = (f"The last good checkpoint, {ckpt_file} (step {last_good[0]}), is untouched: resume from it "
+                     f"with resume=True (--resume) once the cause is fixed.")
+        raise NonFiniteLossError(f"{e} {where}") from None
     except KeyboardInterrupt:
         # Ctrl-C between two steps leaves a consistent state: keep it, so that resume=True goes on from here.
         # (not with several ranks: writing it needs every rank, and they may not all have been interrupted)
-        if ckpt_file and not in_step and completed > start and not w.distributed:
+        if (ckpt_file and not in_step and completed > start and not w.distributed
+                and not any(t.has_non_finite_step() for t in trainers)):
             mx.eval([t.state_arrays() for t in trainers])
             save_checkpoint(checkpoint_path, trainers, source, completed)
             print(f"\nInterrupted: checkpoint at step {completed} written to {ckpt_file}; resume=True "

@@ -21,12 +21,12 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import hooked_mlx  # noqa: E402,F401
-import mlx.core as mx  # noqa: E402
+import hooked_mlx  # noqa: F401
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels import reference as R
+import mlx.core as mx
 
-from benchmarks.sae_kernels import FusedStep, ReferenceStep, init_params  # noqa: E402
-from hooked_mlx.sae.kernels import fused as FU  # noqa: E402
-from hooked_mlx.sae.kernels import reference as R  # noqa: E402
+from benchmarks.sae_kernels import FusedStep, ReferenceStep, init_params
 
 RESULTS: dict = {"checks": {}, "failures": []}
 
@@ -147,7 +147,7 @@ def forward_grad_checks(ops):
     dead = mx.random.uniform(shape=(F,), key=ks[4]) < 0.3
     args = (x, W_enc, b_enc, W_dec, b_dec)
     for aux in (False, True):
-        def fused_loss(x, W_enc, b_enc, W_dec, b_dec):
+        def fused_loss(x, W_enc, b_enc, W_dec, b_dec, aux=aux):
             l, (_, _, out) = FU.topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k, dead if aux else None,
                                               ka if aux else None, ops=ops)
             return l, out
@@ -156,7 +156,7 @@ def forward_grad_checks(ops):
         idx = out.idx.astype(mx.int32)
         aidx = out.aux_idx.astype(mx.int32) if aux else None
 
-        def dense_fixed(lowp):
+        def dense_fixed(lowp, idx=idx, aidx=aidx, aux=aux):
             def f(x, W_enc, b_enc, W_dec, b_dec):
                 xc = x - b_dec
                 if lowp:
@@ -229,11 +229,10 @@ def trainer_checks(steps=20, time_steps=10):
     """The SAE trainer's own compiled step with kernels="fused" (per-op drop-in: radix top-k select, fused
     decode with sparse VJP) vs kernels="reference": loss curves on the same data, and ms/step at S1.
     Plus fused.topk_train_forward (the fully fused TopK branch) vs the trainer's train_forward."""
-    import mlx.nn as nn  # noqa: PLC0415
-
-    from hooked_mlx.sae.config import SAEConfig  # noqa: PLC0415
-    from hooked_mlx.sae.metrics import mse  # noqa: PLC0415
-    from hooked_mlx.sae.training import SAETrainer, train_forward  # noqa: PLC0415
+    from hooked_mlx.sae.config import SAEConfig
+    from hooked_mlx.sae.metrics import mse
+    from hooked_mlx.sae.training import SAETrainer, train_forward
+    import mlx.nn as nn
 
     def cfg_for(D, F, B, K, aux=0.0):
         return SAEConfig(d_in=D, d_sae=F, architecture="topk", k=K, aux_k_coefficient=aux, lr=1e-3,
@@ -262,7 +261,7 @@ def trainer_checks(steps=20, time_steps=10):
     RESULTS["trainer_curves"] = curves
     # the fully fused TopK branch vs the trainer's reference branch (same selection is not guaranteed in
     # bf16, so compare losses and gradient norms loosely here; exactness is tested on the CPU)
-    from hooked_mlx.sae.sae import SAE  # noqa: PLC0415
+    from hooked_mlx.sae.sae import SAE
 
     cfg = cfg_for(D, F, B, K, aux=0.5)
     sae = SAE(cfg)
@@ -312,13 +311,13 @@ def main():
     ap.add_argument("--watchdog", type=float, default=0, help="dump the Python stacks every N seconds")
     a = ap.parse_args()
     if a.watchdog:
-        import faulthandler  # noqa: PLC0415
+        import faulthandler
 
         faulthandler.dump_traceback_later(a.watchdog, repeat=True)
     sections = set(a.sections.split(","))
     RESULTS["mlx"] = mx.__version__
     RESULTS["device"] = str(mx.default_device())
-    from hooked_mlx.sae.kernels.cuda import CudaOps  # noqa: PLC0415
+    from hooked_mlx.sae.kernels.cuda import CudaOps
 
     ops = CudaOps()
     fails = FU.self_check(ops)
@@ -332,8 +331,8 @@ def main():
         print(f"-- {name} ({time.strftime('%H:%M:%S')})", flush=True)
         try:
             fn()
-        except Exception as e:  # noqa: BLE001
-            import traceback  # noqa: PLC0415
+        except Exception as e:
+            import traceback
 
             traceback.print_exc()
             record(f"exception_{len(RESULTS['checks'])}", False, error=f"{type(e).__name__}: {e}")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from hooked_mlx.sae import ArraySource, SAEConfig, distributed  # (hooked_mlx first: see hooked_mlx/_blas.py)
 from hooked_mlx.sae.distributed import world
 from hooked_mlx.sae.training import train_saes
+import numpy as np
 
 # W_enc / W_dec (16 x 128) take the per-tensor all_sum, the biases the packed one: both paths run
 distributed.PACK_LIMIT = 1024

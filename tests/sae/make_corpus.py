@@ -12,9 +12,8 @@ import sys
 import hooked_mlx  # noqa: F401  (loads the CPU BLAS before mlx.core)
 
 # isort: split
-import mlx.core as mx
-
 from hooked_mlx import HookedTransformer
+import mlx.core as mx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = os.path.join(HERE, "..", "..", "..", "shared", "models", "stories260K")

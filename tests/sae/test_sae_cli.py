@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
-import numpy as np
-
 from hooked_mlx.cli import main
 from hooked_mlx.sae import SAEConfig, load_sae, load_saelens
+import mlx.core as mx
+import numpy as np
+from tolerance import assert_close
 
 
 def test_harvest_then_train_from_shards(stories_path, corpus_path, tmp_path, capsys):
@@ -37,7 +37,7 @@ def test_harvest_then_train_from_shards(stories_path, corpus_path, tmp_path, cap
         sl = load_saelens(str(out / hook / "saelens"))
         assert sl.cfg.architecture == "jumprelu"
         x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
-        np.testing.assert_allclose(np.array(sl(mx.array(x))), np.array(sae(mx.array(x))), atol=1e-5)
+        assert_close(np.array(sl(mx.array(x))), np.array(sae(mx.array(x))), tol=1e-5)
         ev = report[hook]["eval"]
         assert 0 < ev["fvu"] < 1.5 and report[hook]["eval_tokens"] > 100
         assert ev["ce_loss_zero_ablation"] > ev["ce_loss_clean"] and "kl_score" in ev

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from hooked_mlx.sae import SAEConfig
 from hooked_mlx.sae import metrics as M
 from hooked_mlx.sae.config import ARCHITECTURES
+import pytest
 
 
 def test_defaults_are_the_dataclass_defaults():

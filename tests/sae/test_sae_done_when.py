@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
-from sae_fixtures import HOOK
-
 from hooked_mlx.sae import SAEConfig, ShardSource, evaluate_model, evaluate_reconstruction, train_sae
 from hooked_mlx.sae import metrics as M
+import pytest
+from sae_fixtures import HOOK
 
 STEPS, BATCH = 200, 1024
 

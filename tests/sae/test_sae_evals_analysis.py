@@ -3,11 +3,6 @@ feature analysis (top_features batch 1 and >1, top_contexts, logit effects)."""
 
 from __future__ import annotations
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from test_sae_model import _random_sae
-
 from hooked_mlx.sae import (
     SAE,
     SAEConfig,
@@ -19,6 +14,11 @@ from hooked_mlx.sae import (
     top_features,
 )
 from hooked_mlx.sae import metrics as M
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_sae_model import _random_sae
+from tolerance import assert_close
 
 HOOK = "blocks.1.hook_resid_post"
 TEXTS = ["Once upon a time, there was a little girl named Lily.", "Tom saw a big red ball in the park.",
@@ -95,15 +95,15 @@ def test_top_features_single_and_batch(stories):
     _, cache = stories.run_with_cache(toks, names_filter=[HOOK])
     f = np.array(sae.encode(cache[HOOK]))[0]
     ref_vals = -np.sort(-f, axis=-1)[:, :5]
-    np.testing.assert_allclose(np.array(one.values), ref_vals, atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(f, np.array(one.indices), -1), ref_vals, atol=1e-5)
+    assert_close(np.array(one.values), ref_vals, tol=1e-5)
+    assert_close(np.take_along_axis(f, np.array(one.indices), -1), ref_vals, tol=1e-5)
     batch = top_features(stories, sae, TEXTS, k=5)
     n = [stories.to_tokens(t).shape[1] for t in TEXTS]
     assert batch.indices.shape == (3, max(n), 5) and batch.values.shape == (3, max(n), 5)
     assert np.array(batch.mask).sum(1).tolist() == n
     for i, t in enumerate(TEXTS):
         single = top_features(stories, sae, t, k=5)
-        np.testing.assert_allclose(np.array(batch.values[i, : n[i]]), np.array(single.values), atol=1e-4)
+        assert_close(np.array(batch.values[i, : n[i]]), np.array(single.values), tol=1e-4)
         assert batch.str_tokens[i] == single.str_tokens
         assert (np.array(batch.indices[i, n[i]:]) == -1).all() and (np.array(batch.values[i, n[i]:]) == 0).all()
     assert one.as_dict(1) == {int(i): pytest.approx(float(v)) for i, v in zip(one.indices[1].tolist(),
@@ -127,7 +127,7 @@ def test_top_contexts_are_the_max_activating_positions(stories, corpus_docs):
         for p in range(1, toks.shape[1]):  # BOS excluded
             best.append((float(f[p]), d, p))
     best.sort(reverse=True)
-    np.testing.assert_allclose(vals, [b[0] for b in best[:5]], atol=1e-4)
+    assert_close(vals, [b[0] for b in best[:5]], tol=1e-4)
     e = ex[0]
     toks = stories.to_tokens(docs[e.doc_index])[0].tolist()
     assert e.tokens == toks[max(0, e.position - 3): e.position + 3]

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from safetensors.numpy import load_file, save_file
-from test_sae_model import _random_sae
-
 from hooked_mlx.sae import (
     SAE,
     SAEConfig,
@@ -23,6 +17,12 @@ from hooked_mlx.sae import (
     save_sae,
 )
 from hooked_mlx.sae.files import sparsify_hook_name
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from test_sae_model import _random_sae
+from tolerance import assert_close
 
 D, F = 16, 64
 X = np.random.default_rng(7).normal(size=(40, D)).astype(np.float32)
@@ -128,10 +128,10 @@ def test_saelens_export_matches_documented_semantics(arch, tmp_path):
         assert cfg["k"] == sae.cfg.k and cfg["rescale_acts_by_decoder_norm"] is False
     f_ref, xh_ref = saelens_forward(folder, X)
     f, xh = _out(sae)
-    np.testing.assert_allclose(f, f_ref, atol=1e-4)
-    np.testing.assert_allclose(xh, xh_ref, atol=1e-4)
+    assert_close(f, f_ref, tol=1e-4)
+    assert_close(xh, xh_ref, tol=1e-4)
     back = load_saelens(str(folder))
-    np.testing.assert_allclose(_out(back)[1], xh, atol=1e-5)
+    assert_close(_out(back)[1], xh, tol=1e-5)
 
 
 @pytest.mark.parametrize("arch, rescale", [("standard", False), ("topk", False), ("topk", True), ("jumprelu", False)])
@@ -143,12 +143,12 @@ def test_saelens_files_load_with_identical_outputs(arch, rescale, tmp_path):
     assert sae.cfg.hook_name == "blocks.1.hook_resid_post"
     f_ref, xh_ref = saelens_forward(folder, X)
     f, xh = _out(sae)
-    np.testing.assert_allclose(xh, xh_ref, atol=1e-4)
+    assert_close(xh, xh_ref, tol=1e-4)
     if not rescale:
-        np.testing.assert_allclose(f, f_ref, atol=1e-4)
+        assert_close(f, f_ref, tol=1e-4)
     else:  # folded decoder norms: same reconstruction, latents scaled by ||W_dec,i||
         n = np.linalg.norm(load_file(str(folder / "sae_weights.safetensors"))["W_dec"], axis=1)
-        np.testing.assert_allclose(f, f_ref * n, atol=1e-4)
+        assert_close(f, f_ref * n, tol=1e-4)
 
 
 def test_saelens_rejects_what_it_cannot_load_exactly(tmp_path):
@@ -175,7 +175,7 @@ def test_sparsify_files_load_with_identical_outputs(tmp_path):
         load_sparsify(str(root))
     sae = load_sparsify(str(root), hookpoint="layers.1")
     assert sae.cfg.hook_name == "blocks.1.hook_resid_post" and sae.cfg.k == 6
-    np.testing.assert_allclose(_out(sae)[1], sparsify_forward(root / "layers.1", X.astype(np.float64)), atol=1e-4)
+    assert_close(_out(sae)[1], sparsify_forward(root / "layers.1", X.astype(np.float64)), tol=1e-4)
     assert load_sae(str(root / "layers.2.mlp")).cfg.hook_name == "blocks.2.hook_mlp_out"
     assert sparsify_hook_name("model.layers.7.self_attn") == "blocks.7.hook_attn_out"
 
@@ -185,8 +185,8 @@ def test_sparsify_export_round_trip(tmp_path):
     folder = export_sparsify(sae, str(tmp_path), hookpoint="layers.1")
     t = load_file(str(tmp_path / "layers.1" / "sae.safetensors"))
     assert t["encoder.weight"].shape == (F, D) and t["W_dec"].shape == (F, D)
-    np.testing.assert_allclose(_out(sae)[1], sparsify_forward(tmp_path / "layers.1", X.astype(np.float64)), atol=1e-4)
-    np.testing.assert_allclose(_out(load_sparsify(folder))[1], _out(sae)[1], atol=1e-6)
+    assert_close(_out(sae)[1], sparsify_forward(tmp_path / "layers.1", X.astype(np.float64)), tol=1e-4)
+    assert_close(_out(load_sparsify(folder))[1], _out(sae)[1], tol=1e-6)
     with pytest.raises(ValueError, match="sparsify stores TopK SAEs only"):
         export_sparsify(_random_sae("relu", d_in=D, d_sae=F), str(tmp_path / "x"))
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from hooked_mlx.sae import SAE, SAEConfig
+from hooked_mlx.sae.kernels import reference as K
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from hooked_mlx.sae import SAE, SAEConfig
-from hooked_mlx.sae.kernels import reference as K
+from tolerance import assert_close
 
 
 def _np(a):
@@ -50,9 +50,9 @@ def test_encode_decode_match_numpy(arch):
     x = np.random.default_rng(1).normal(size=(32, 16)).astype(np.float32)
     f_ref, xh_ref = _np_forward(sae, x.astype(np.float64))
     f = sae.encode(mx.array(x))
-    np.testing.assert_allclose(_np(f), f_ref, atol=2e-5)
-    np.testing.assert_allclose(_np(sae(mx.array(x))), xh_ref, atol=2e-5)
-    np.testing.assert_allclose(_np(sae.decode(f)), xh_ref, atol=2e-5)
+    assert_close(_np(f), f_ref, tol=2e-5)
+    assert_close(_np(sae(mx.array(x))), xh_ref, tol=2e-5)
+    assert_close(_np(sae.decode(f)), xh_ref, tol=2e-5)
     # leading dims are kept
     assert sae(mx.array(x).reshape(4, 8, 16)).shape == (4, 8, 16)
     if arch == "topk":
@@ -64,10 +64,10 @@ def test_topk_select_and_sparse_decode():
     pre = rng.normal(size=(8, 50)).astype(np.float32)
     vals, idx = K.topk_select(mx.array(pre), 5)
     ref = np.sort(pre, axis=-1)[:, ::-1][:, :5]
-    np.testing.assert_allclose(np.sort(_np(vals), -1)[:, ::-1], np.maximum(ref, 0), atol=0)
+    assert_close(np.sort(_np(vals), -1)[:, ::-1], np.maximum(ref, 0), tol=0)
     W = rng.normal(size=(50, 6)).astype(np.float32)
     dense = K.scatter_dense(vals, idx, 50)
-    np.testing.assert_allclose(_np(K.sparse_decode(vals, idx, mx.array(W))), _np(dense) @ W, atol=1e-5)
+    assert_close(_np(K.sparse_decode(vals, idx, mx.array(W))), _np(dense) @ W, tol=1e-5)
 
 
 def test_batchtopk_keeps_k_times_batch():
@@ -88,10 +88,10 @@ def test_jumprelu_straight_through_gradients():
     zn, tn = _np(z), _np(theta)
     rect = (np.abs((zn - tn) / eps) < 0.5).astype(float)
     np.testing.assert_allclose(_np(gz), ((zn > tn) & (zn > 0)).astype(float))
-    np.testing.assert_allclose(_np(gt), (-(tn / eps) * rect).sum(0), atol=1e-6)
+    assert_close(_np(gt), (-(tn / eps) * rect).sum(0), tol=1e-6)
     hz, ht = mx.grad(lambda z, t: K.heaviside(z, t, eps).sum(), argnums=(0, 1))(z, theta)
     np.testing.assert_allclose(_np(hz), 0)
-    np.testing.assert_allclose(_np(ht), (-(1 / eps) * rect).sum(0), atol=1e-6)
+    assert_close(_np(ht), (-(1 / eps) * rect).sum(0), tol=1e-6)
     np.testing.assert_allclose(_np(K.jumprelu(z, theta, eps)), np.where(zn > tn, zn, 0))
 
 
@@ -113,17 +113,17 @@ def test_fold_decoder_norms_keeps_outputs(arch):
     x = mx.array(np.random.default_rng(3).normal(size=(20, 16)).astype(np.float32))
     before = sae(x)
     sae.fold_decoder_norms()
-    np.testing.assert_allclose(_np(sae.decoder_norms()), 1.0, atol=1e-5)
-    np.testing.assert_allclose(_np(sae(x)), _np(before), atol=1e-4)
+    assert_close(_np(sae.decoder_norms()), 1.0, tol=1e-5)
+    assert_close(_np(sae(x)), _np(before), tol=1e-4)
 
 
 def test_init_and_errors():
     cfg = SAEConfig(architecture="topk", d_in=8, d_sae=32, k=2)
     sae = SAE(cfg)
-    np.testing.assert_allclose(_np(sae.decoder_norms()), 1.0, atol=1e-5)  # unit-norm rows
+    assert_close(_np(sae.decoder_norms()), 1.0, tol=1e-5)  # unit-norm rows
     np.testing.assert_allclose(_np(sae.W_enc), _np(sae.W_dec).T)  # tied init
     relu = SAE(SAEConfig(architecture="relu", d_in=8, d_sae=32))
-    np.testing.assert_allclose(_np(relu.decoder_norms()), SAEConfig.defaults()["decoder_init_norm"], atol=1e-5)
+    assert_close(_np(relu.decoder_norms()), SAEConfig.defaults()["decoder_init_norm"], tol=1e-5)
     assert "threshold" in SAE(SAEConfig(architecture="jumprelu", d_in=8, d_sae=32))
     assert "threshold" not in SAE(SAEConfig(architecture="batchtopk", d_in=8, d_sae=32)).trainable_parameters()
     with pytest.raises(ValueError, match="last dimension 5, expected d_in = 8"):

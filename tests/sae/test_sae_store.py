@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+from hooked_mlx.sae import ActivationStore, SAEConfig, ShardSource, harvest, open_corpus
+from hooked_mlx.sae.store import ContextBuilder, stop_layer_for
 import mlx.core as mx
 import numpy as np
 import pytest
 from sae_fixtures import HOOK
-
-from hooked_mlx.sae import ActivationStore, SAEConfig, ShardSource, harvest, open_corpus
-from hooked_mlx.sae.store import ContextBuilder, stop_layer_for
+from tolerance import assert_close
 
 DOCS = ["Once upon a time, there was a little girl.", "Tom had a red ball. He liked it.", "The sun was hot."]
 
@@ -47,7 +47,7 @@ def test_store_rows_are_the_hook_activations_at_real_tokens(stories):
     for h in hooks:
         got = np.concatenate([r[h] for r in rows])
         ref = np.array(cache[h]).reshape(-1, 64)[mask.reshape(-1)]
-        np.testing.assert_allclose(got, ref, atol=1e-5)
+        assert_close(got, ref, tol=1e-5)
     assert store.tokens_processed == int(mask.sum())
 
 
@@ -134,9 +134,8 @@ def test_datasets_objects_and_missing_package(monkeypatch):
 
 
 def test_streaming_training_resumes_exactly(stories, corpus_docs, tmp_path):
-    from mlx.utils import tree_flatten
-
     from hooked_mlx.sae import train_saes
+    from mlx.utils import tree_flatten
 
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     cfgs = [SAEConfig(architecture=a, hook_name=h, d_sae=128, k=8, train_batch_size_tokens=128,

@@ -12,12 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-from sae_fixtures import make_sparse_data
-
 from hooked_mlx.sae import SAEConfig, SAETrainer
 from hooked_mlx.sae import metrics as M
 from hooked_mlx.sae.store import ArraySource
@@ -29,6 +23,12 @@ from hooked_mlx.sae.training import (
     lr_schedule,
     train_saes,
 )
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from sae_fixtures import make_sparse_data
+from tolerance import assert_close
 
 B = 512
 
@@ -101,7 +101,7 @@ def test_optimizer_schedule_and_unit_norm_decoder(sparse_data):
     lrs = [m[M.LR] for _, _, m in res.history]
     assert lrs[0] == pytest.approx(0.0, abs=1e-12) and lrs[9] == pytest.approx(cfg.lr * 0.9, rel=1e-4)
     # unit-norm decoder rows during training (in the trainer's normalised units)
-    np.testing.assert_allclose(np.array(mx.linalg.norm(t.sae.W_dec, axis=-1)), 1.0, atol=1e-5)
+    assert_close(np.array(mx.linalg.norm(t.sae.W_dec, axis=-1)), 1.0, tol=1e-5)
 
 
 def test_b_dec_init_is_geometric_median_of_first_batch(sparse_data):
@@ -119,10 +119,10 @@ def test_b_dec_init_is_geometric_median_of_first_batch(sparse_data):
     cfg = _cfg("topk", d_in=32, normalize_activations="none")
     t = SAETrainer(cfg)
     t.initialize(x, 1.0)
-    np.testing.assert_allclose(np.array(t.sae.b_dec), gm, atol=1e-5)
+    assert_close(np.array(t.sae.b_dec), gm, tol=1e-5)
     t2 = SAETrainer(cfg.replace(b_dec_init="mean"))
     t2.initialize(x, 2.0)
-    np.testing.assert_allclose(np.array(t2.sae.b_dec), 2.0 * sparse_data[:B].mean(0), atol=1e-5)
+    assert_close(np.array(t2.sae.b_dec), 2.0 * sparse_data[:B].mean(0), tol=1e-5)
 
 
 def test_input_normalisation_is_folded(sparse_data):
@@ -258,7 +258,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     ck = tmp_path / "ck"
     proc = subprocess.Popen([sys.executable, str(script), "slow", str(ck), str(tmp_path / "killed")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 1800  # only stops a hang: a loaded machine may take minutes to reach step 8
     step = 0
     while time.time() < deadline and proc.poll() is None:
         f = ck / CHECKPOINT_FILE
@@ -275,13 +275,12 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     proc.wait()
     killed_at = load_checkpoint(str(ck))[1]["step"]
     assert 8 <= killed_at < 40
-    assert not list(ck.glob(".checkpoint-*")) or True  # a temp file may be left; the checkpoint is intact
     r = subprocess.run([sys.executable, str(script), "fast", str(ck), str(tmp_path / "resumed")], env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=1800)  # only stops a hang
     assert r.returncode == 0, r.stderr
     assert f"Resuming from {ck / CHECKPOINT_FILE} at step {killed_at}" in r.stderr
     r = subprocess.run([sys.executable, str(script), "fast", str(tmp_path / "ck2"), str(tmp_path / "full")], env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=1800)  # only stops a hang
     assert r.returncode == 0, r.stderr
     from safetensors.numpy import load_file
 

@@ -20,7 +20,7 @@ BACKENDS["fused"] = fused
 
 def get_backend(name: str = "reference"):
     if name == "fused" and "fused" not in BACKENDS:
-        from . import fused  # noqa: PLC0415  (imported on demand: GPU back ends compile on first use)
+        from . import fused  # imported on demand: GPU back ends compile on first use
 
         BACKENDS["fused"] = fused
     if name not in BACKENDS:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -176,7 +176,7 @@ def _adam_math(p, g, m, v, hp):
 _adam_elementwise = mx.compile(_adam_math)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _adam_lowp_fn(dtype):
     def fn(p, g, m, v, hp):
         p, m, v = _adam_math(p, g, m, v, hp)
@@ -255,7 +255,7 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
                 err = mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item() if a.shape == b.shape \
                     else f"shape {a.shape} vs {b.shape}"
                 fails.append(f"{name}: differs from the reference (max abs error {err})")
-        except Exception as e:  # noqa: BLE001 - any failure means: do not use this back end
+        except Exception as e:
             fails.append(f"{name}: raised {type(e).__name__}: {e}")
 
     def run(name, fn):
@@ -263,7 +263,7 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
             out = fn()
             mx.eval(out)
             return out
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             fails.append(f"{name}: raised {type(e).__name__}: {e}")
             return None
 
@@ -286,7 +286,7 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     top = (mx.max(keys) >> 24).astype(mx.uint32) << 24  # the highest occupied first digit
     for shift in (24, 16):
         prefix = top.reshape(1) if shift == 16 else mx.array([0], mx.uint32)
-        got = run(f"radix_histogram({shift})", lambda: ops.radix_histogram(ops.acts_keys(pre), prefix, shift))
+        got = run(f"radix_histogram({shift})", lambda prefix=prefix, shift=shift: ops.radix_histogram(ops.acts_keys(pre), prefix, shift))
         if got is not None:
             close(f"radix_histogram({shift})", got, ref.radix_histogram(keys, prefix, shift), 0, 0)
     got = run("batchtopk_threshold", lambda: batchtopk_threshold(pre, 3, ops))
@@ -340,7 +340,7 @@ def get_ops(name: str | None = None) -> ReferenceOps:
         try:
             ops = _gpu_ops(name)
             fails = self_check(ops)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # any failure means: do not use this back end
             fails = [f"could not build the {name} kernels: {type(e).__name__}: {e}"]
         if fails:
             warnings.warn(
@@ -387,7 +387,7 @@ def _dense_cols(idx: mx.array) -> mx.array:
     return idx.reshape(-1).astype(mx.uint32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, deterministic: bool, aux_relu: bool):
     aux = k_aux > 0
 
@@ -501,7 +501,7 @@ def topk_train_forward(sae, x, dead, use_dead: bool = True, ops=None):
     variance, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False).
     Call ``backend()`` once before compiling a step that uses it (the self-check runs at first use).
     """
-    from .. import metrics as M  # noqa: PLC0415
+    from .. import metrics as M
 
     cfg = sae.cfg
     aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
@@ -599,7 +599,7 @@ def encode_pre(x, W_enc, b_enc, b_dec=None):
     return ops.pre(x, W_enc, b_enc)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _select_fn(ops: ReferenceOps, k: int):
     @mx.custom_function
     def select(pre):
@@ -632,7 +632,7 @@ def sparse_decode(values, indices, W_dec, b_dec=None):
     return out if b_dec is None else out + b_dec
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sparse_decode_fn(ops: ReferenceOps):
     @mx.custom_function
     def dec(vals, idx, W):

@@ -9,7 +9,7 @@ integer and carry no gradient; the JumpReLU pseudo-gradients are ``mx.custom_fun
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 
@@ -79,7 +79,7 @@ def _rect(u: mx.array) -> mx.array:
     return (mx.abs(u) < 0.5).astype(u.dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def jumprelu_fn(bandwidth: float):
     """JumpReLU f = relu(z) * H(z - theta), with straight-through pseudo-gradients (rectangle kernel, eps).
 
@@ -103,7 +103,7 @@ def jumprelu_fn(bandwidth: float):
     return jumprelu
 
 
-@lru_cache(maxsize=None)
+@cache
 def step_fn(bandwidth: float):
     """Heaviside step H(z - theta) with pseudo-gradient d/dtheta = -(1/eps) K((z - theta)/eps); d/dz = 0."""
 
