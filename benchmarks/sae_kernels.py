@@ -334,7 +334,7 @@ def profile(shape, reps=10):
     ce = vals.reshape(-1) * 0.5
     g = mx.random.normal(p["W_dec"].shape)
     m, v = g * 0.1, mx.abs(g) * 0.01
-    hp = FU._hparams(1e-4, 0.9, 0.999, 1e-8, 3)
+    hp = FU.adam_hparams(1e-4, 0.9, 0.999, 1e-8, 3)
     db = mx.random.normal((F,))
     gE, mE, vE = (mx.contiguous(a.T) for a in (g, m, v))  # W_enc-shaped [D,F], contiguous as in the step
     mx.eval(p, x, W16, pre, vals, idx, dY, g, m, v, hp, db, gE, mE, vE)

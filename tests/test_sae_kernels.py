@@ -246,8 +246,9 @@ def test_self_check_falls_back_with_a_warning(monkeypatch, broken):
         _rel_close(out.x_hat, R.sparse_decode(v, i, W_dec, b_dec))
 
 
-def test_backend_on_cpu_is_reference():
-    assert FU.backend() == "reference"
+def test_backend_on_cpu_is_the_cpu_ops():
+    """On the CPU the fused module's ops are the sparse CPU ops (self-checked against the reference)."""
+    assert FU.backend() == "cpu"
 
 
 def test_topk_train_forward_equals_trainer_reference_branch():

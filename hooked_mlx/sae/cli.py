@@ -29,7 +29,16 @@ import os
 import sys
 import typing
 
-from .config import ARCHITECTURES, B_DEC_INITS, DTYPES, FIELD_HELP, LR_SCHEDULES, NORMALIZATIONS, SAEConfig
+from .config import (
+    ARCHITECTURES,
+    B_DEC_INITS,
+    DTYPES,
+    FIELD_HELP,
+    KERNELS,
+    LR_SCHEDULES,
+    NORMALIZATIONS,
+    SAEConfig,
+)
 
 _SKIP = {"d_in", "hook_name", "extra"}
 #: short aliases of SAEConfig flags (the form of the train-sae examples)
@@ -40,7 +49,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     defaults = SAEConfig.defaults()
     hints = typing.get_type_hints(SAEConfig)
     choices = {"architecture": list(ARCHITECTURES), "lr_schedule": list(LR_SCHEDULES),
-               "b_dec_init": list(B_DEC_INITS), "normalize_activations": list(NORMALIZATIONS), "dtype": list(DTYPES)}
+               "b_dec_init": list(B_DEC_INITS), "normalize_activations": list(NORMALIZATIONS), "dtype": list(DTYPES),
+               "kernels": list(KERNELS)}
     g = p.add_argument_group("SAEConfig fields (defaults from hooked_mlx.sae.SAEConfig)")
     for f in dataclasses.fields(SAEConfig):
         if f.name in _SKIP:
@@ -158,7 +168,7 @@ def cmd_train_sae(args) -> int:
         cfgs = [c.replace(model_name=c.model_name or args.model) for c in cfgs]
         source = ActivationStore(model, hooks, args.data, cfgs[0], text_field=args.text_field)
     result = train_saes(cfgs, source, checkpoint_path=checkpoint_dir, resume=args.resume,
-                        progress=not args.quiet, kernels=args.kernels, overwrite=args.overwrite)
+                        progress=not args.quiet, overwrite=args.overwrite)
     if not world().is_main:
         return 0  # rank 0 saves, evaluates and reports (the parameters are identical on every rank)
     report = {}
@@ -238,9 +248,6 @@ def add_subcommands(subparsers) -> None:
                         "/ KL with the SAE spliced into the model")
     p.add_argument("--eval-docs", type=int, default=32, help="documents of --eval-data to use")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--kernels", default="reference", choices=["reference", "fused"],
-                   help="SAE kernel back end: the pure-MLX reference, or the fused kernels (CUDA / Metal when "
-                        "available and self-checked, else the reference)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train_sae)
 

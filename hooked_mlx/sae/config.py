@@ -43,6 +43,9 @@ NORMALIZATIONS: dict[str, str] = {
     "into the weights at the end, so the saved SAE takes raw activations",
 }
 DTYPES = ("float32",)
+#: SAE kernel back ends: "auto" = the fused ops of this device (CUDA, Metal or the sparse CPU ops, each
+#: self-checked against the reference at first use), "fused" the same, "reference" the pure-MLX definition
+KERNELS = ("auto", "fused", "reference")
 
 FORMAT_VERSION = 1
 
@@ -72,6 +75,8 @@ FIELD_HELP: dict[str, str] = {
     "lr_end_factor": "final learning rate as a fraction of lr",
     "sparsity_warmup_steps": "steps over which the sparsity coefficient ramps linearly from 0",
     "grad_clip_norm": "global gradient-norm clip (0: off)",
+    "kernels": "SAE kernel back end: auto (the fused ops of this device: CUDA, Metal or the sparse CPU ops, "
+               "self-checked), fused (the same) or reference (pure MLX)",
     "decoder_unit_norm": "keep decoder rows at unit norm, removing the parallel gradient (default: TopK family)",
     "decoder_init_norm": "decoder row norm at init when rows are not kept at unit norm",
     "b_dec_init": "decoder-bias init from the first batch: " + ", ".join(B_DEC_INITS),
@@ -133,6 +138,7 @@ class SAEConfig:
     decoder_unit_norm: bool | None = None  # None: True for topk/batchtopk, False for relu/jumprelu
     decoder_init_norm: float = 0.1  # row norm at init when the decoder is not kept at unit norm
     b_dec_init: str = "geometric_median"
+    kernels: str = "auto"  # how the step runs, not what it computes: excluded from resume's config check
 
     # --- data --------------------------------------------------------------------------------------
     hook_name: str = ""  # canonical hook name, e.g. "blocks.2.hook_resid_post"
@@ -214,6 +220,7 @@ class SAEConfig:
         one_of("dtype", DTYPES)
         one_of("lr_schedule", LR_SCHEDULES)
         one_of("b_dec_init", B_DEC_INITS)
+        one_of("kernels", KERNELS)
         one_of("normalize_activations", tuple(NORMALIZATIONS))
         int_at_least("d_in", 0)
         int_at_least("d_sae", 0)

@@ -30,7 +30,8 @@ from ..readers import CorruptFileError, check_safetensors
 from . import distributed as D
 from . import metrics as M
 from .config import FORMAT_VERSION, TOPK_FAMILY, SAEConfig
-from .kernels import get_backend
+from .fused_update import fused_adam_update
+from .kernels import get_backend, resolve_kernels
 from .sae import SAE
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -231,17 +232,21 @@ class SAETrainer:
     the step reduces gradients, metrics and dead-latent counters over the ranks (see ``distributed``).
     """
 
-    def __init__(self, cfg: SAEConfig, sae: SAE | None = None, kernels: str = "reference",
+    def __init__(self, cfg: SAEConfig, sae: SAE | None = None, kernels: str | None = None,
                  world: D.World | None = None):
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
         self.cfg = cfg
-        self.kernels = get_backend(kernels)
-        if hasattr(self.kernels, "backend"):
-            self.kernels.backend()  # fused kernels check themselves against the reference before any compile
+        name = resolve_kernels(kernels if kernels is not None else cfg.kernels)
+        self.kernels = get_backend(name)
+        #: the fused ops object whose passes run the update (None: the per-op reference update)
+        self.fused_ops = self.kernels.get_ops() if name == "fused" else None
         self.world = world if world is not None and world.distributed else None
         if self.world is not None:
             self.kernels = D.DistributedKernels(self.kernels, self.world)
+            self.fused_ops = None  # data-parallel steps reduce the gradients first (see distributed.py)
+        #: what runs the step: "reference", or the fused back end ("cuda", "metal", "cpu")
+        self.kernels_name = self.fused_ops.name if self.fused_ops is not None else "reference"
         self.sae = sae if sae is not None else SAE(cfg)
         self._fresh = sae is None  # b_dec is initialised from data only for a new SAE
         self.optimizer = optim.Adam(
@@ -296,6 +301,8 @@ class SAETrainer:
     def _make_step(self, use_dead: bool, unit_norm: bool, window: int, warm: int, scale: float):
         cfg = self.cfg
         sae, opt, aux, kernels, world = self.sae, self.optimizer, self.aux, self.kernels, self.world
+        fused_ops = self.fused_ops
+        lr_fn = lr_schedule(cfg)
         loss_and_grad = nn.value_and_grad(
             sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead))
 
@@ -312,25 +319,33 @@ class SAETrainer:
                 B = B * world.size
                 if "min_kept" in extras:
                     extras["min_kept"] = world.global_min(extras["min_kept"])
-            if unit_norm:
-                W = sae.W_dec
-                g = grads["W_dec"]
-                grads["W_dec"] = g - mx.sum(g * W, axis=-1, keepdims=True) * W
-            if cfg.grad_clip_norm > 0:
-                grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
-            else:
-                gnorm = mx.sqrt(sum(mx.sum(mx.square(v)) for _, v in tree_flatten(grads)))
-            # A non-finite loss or gradient skips the update (and every later one until the host reads the
-            # flag): the state stays exactly as before the bad step, with no copy of it kept anywhere.
-            ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
             old_sae = tree_map(lambda a: a, sae.parameters())
             old_opt = tree_map(lambda a: a, opt.state)
             old_aux = (aux["tokens_since_fired"], aux["theta"], aux["step"])
-            opt.update(sae, grads)
-            lr = opt.learning_rate.astype(mx.float32)  # the rate this update used
-            if unit_norm:
-                W = sae.W_dec
-                sae.W_dec = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + 1e-8)
+            if fused_ops is not None:
+                # the fused passes: clip folded into Adam's hyper-parameters, projection and renorm per row
+                new_params, gnorm, lr = fused_adam_update(
+                    dict(sae.trainable_parameters()), grads, opt.state, lr_fn, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                    eps=cfg.adam_eps, clip=cfg.grad_clip_norm, unit_norm=unit_norm, ops=fused_ops)
+                sae.update(new_params)
+            else:
+                if unit_norm:
+                    W = sae.W_dec
+                    g = grads["W_dec"]
+                    grads["W_dec"] = g - mx.sum(g * W, axis=-1, keepdims=True) * W
+                if cfg.grad_clip_norm > 0:
+                    grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
+                else:
+                    gnorm = mx.sqrt(sum(mx.sum(mx.square(v)) for _, v in tree_flatten(grads)))
+                opt.update(sae, grads)
+                lr = opt.learning_rate.astype(mx.float32)  # the rate this update used
+                if unit_norm:
+                    W = sae.W_dec
+                    sae.W_dec = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + 1e-8)
+            # A non-finite loss or gradient skips the update (and every later one until the host reads the
+            # flag): the state stays exactly as before the bad step (the where()s below fuse into the
+            # update's own passes under compile).
+            ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
             if cfg.architecture == "jumprelu":
                 sae.threshold = mx.maximum(sae.threshold, 0.0)
             tsf = mx.where(fired, 0, aux["tokens_since_fired"] + B)
@@ -578,7 +593,7 @@ def train_saes(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
-    kernels: str = "reference",
+    kernels: str | None = None,
     world: D.World | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
@@ -636,6 +651,8 @@ def train_saes(
     if resume and ckpt_file and os.path.exists(ckpt_file):
         tensors, meta = load_checkpoint(ckpt_file)
         saved = [SAEConfig.from_dict(d) for d in meta["configs"]]
+        # the kernels run the same maths: a run may resume on another back end (another device)
+        saved = [s.replace(kernels=c.kernels) for s, c in zip(saved, cfgs)]
         if [s.to_dict() for s in saved] != [c.to_dict() for c in cfgs]:
             diffs = [(k, a.to_dict()[k], b.to_dict()[k]) for a, b in zip(saved, cfgs) for k in a.to_dict()
                      if a.to_dict()[k] != b.to_dict()[k]]

@@ -122,7 +122,7 @@ def kernel_checks(ops, ref):
     got1 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)
     got2 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)
     record("latent_grads_deterministic_bitwise", all(mx.array_equal(a, b).item() for a, b in zip(got1, got2)))
-    hp = FU._hparams(1e-3, 0.9, 0.999, 1e-8, mx.array(7))
+    hp = FU.adam_hparams(1e-3, 0.9, 0.999, 1e-8, mx.array(7))
     g = mx.random.normal(W_dec.shape, key=ks[7])
     m = 0.01 * g
     v = 1e-4 * mx.abs(g)

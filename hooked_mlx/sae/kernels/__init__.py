@@ -18,6 +18,16 @@ from . import fused  # noqa: E402
 BACKENDS["fused"] = fused
 
 
+def resolve_kernels(name: str) -> str:
+    """The back-end module name for a ``kernels`` setting: "auto" and "fused" -> "fused" (whose ops are the
+    best self-checked ones of the device: CUDA, Metal, or the sparse CPU ops), "reference" -> "reference"."""
+    if name in ("auto", "fused"):
+        return "fused"
+    if name == "reference":
+        return "reference"
+    raise ValueError(f"kernels = {name!r} is not a back end; expected 'auto' (the default), 'fused' or 'reference'.")
+
+
 def get_backend(name: str = "reference"):
     if name == "fused" and "fused" not in BACKENDS:
         from . import fused  # imported on demand: GPU back ends compile on first use

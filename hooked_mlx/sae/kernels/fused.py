@@ -56,7 +56,7 @@ from . import reference as R
 
 __all__ = [
     "TopKOut", "topk_sae_forward", "batchtopk_threshold", "batchtopk_mask", "fused_adam_renorm", "adam",
-    "backend", "get_ops", "self_check", "ReferenceOps",
+    "backend", "get_ops", "self_check", "ReferenceOps", "adam_hparams",
     "encode_pre", "topk_select", "topk_encode", "sparse_decode", "topk_decode", "scatter_dense",
     "dense_decode", "jumprelu", "heaviside", "topk_sae_loss", "topk_train_forward",
 ]
@@ -199,6 +199,10 @@ _CHOSEN: dict[str, ReferenceOps] = {}
 
 
 def _gpu_ops(name: str) -> ReferenceOps:
+    if name == "cpu":
+        from .cpu import CpuOps
+
+        return CpuOps()
     if name == "cuda":
         from .cuda import CudaOps
 
@@ -213,13 +217,13 @@ def _gpu_ops(name: str) -> ReferenceOps:
 def _available() -> str:
     forced = os.environ.get("HOOKED_MLX_SAE_KERNELS", "").strip().lower()
     if forced:
-        if forced not in ("cuda", "metal", "reference"):
+        if forced not in ("cuda", "metal", "cpu", "reference"):
             raise ValueError(
                 f"HOOKED_MLX_SAE_KERNELS={forced!r} is not a back end; use 'cuda', 'metal' or 'reference'."
             )
         return forced
     if mx.default_device() == mx.cpu:
-        return "reference"
+        return "cpu"
     try:
         if mx.cuda.is_available():
             return "cuda"
@@ -316,7 +320,7 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     got = run("enc_rows_sum", lambda: ops.enc_rows_sum(vals, idx, W_enc))
     if got is not None:
         close("enc_rows_sum", got, ref.enc_rows_sum(vals, idx, W_enc), 1e-4, 1e-4)
-    hp = _hparams(1e-3, 0.9, 0.999, 1e-8, mx.array(3))
+    hp = adam_hparams(1e-3, 0.9, 0.999, 1e-8, mx.array(3))
     g = mx.random.normal(W_dec.shape, key=k2)
     m = 0.1 * mx.random.normal(W_dec.shape, key=k3)
     v = mx.abs(mx.random.normal(W_dec.shape, key=k4)) * 1e-2
@@ -553,16 +557,23 @@ def batchtopk_mask(acts: mx.array, k: int, ops=None) -> tuple[mx.array, mx.array
 # ---------------------------------------------------------------------------------------------------
 
 
-def _hparams(lr, b1, b2, eps, step) -> mx.array:
+def adam_hparams(lr, b1, b2, eps, step, grad_scale=None) -> mx.array:
     """[lr, b1, 1-b1, b2, 1-b2, eps, c1, c2] float32 for step ``step`` (1-based, an int or array).
 
-    1-b is rounded from double, as MLX's Adam does with its Python-float betas."""
+    1-b is rounded from double, as MLX's Adam does with its Python-float betas. ``grad_scale`` s (e.g. a
+    gradient-clipping factor) folds into the vector: (1-b1)*s and (1-b2)*s^2 update m and v exactly as the
+    gradient s*g would, with no pass over the gradient."""
     lr = mx.array(lr, dtype=mx.float32) if not isinstance(lr, mx.array) else lr.astype(mx.float32)
     t = mx.array(step, dtype=mx.float32) if not isinstance(step, mx.array) else step.astype(mx.float32)
     c1 = lr / (1 - mx.power(mx.array(b1, mx.float32), t))
     c2 = mx.rsqrt(1 - mx.power(mx.array(b2, mx.float32), t))
     f = lambda a: mx.array(a, mx.float32)  # noqa: E731
-    return mx.stack([lr, f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(eps), c1, c2])
+    ob1, ob2 = f(1.0 - b1), f(1.0 - b2)
+    if grad_scale is not None:
+        s = mx.array(grad_scale, mx.float32) if not isinstance(grad_scale, mx.array) else grad_scale.astype(mx.float32)
+        ob1, ob2 = ob1 * s, ob2 * mx.square(s)
+    return mx.stack([lr, f(b1), ob1, f(b2), ob2, f(eps), c1, c2])
+
 
 
 def fused_adam_renorm(W_dec, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8, remove_parallel=True,
@@ -570,7 +581,7 @@ def fused_adam_renorm(W_dec, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8,
     """One pass over the decoder rows: g -= (g.w)w; Adam (MLX formula, bias correction, 1-based
     ``step``); w /= |w| + renorm_eps. Returns (W_dec, m, v). Matches the trainer's three separate steps."""
     ops = _resolve(ops)
-    hp = _hparams(lr, betas[0], betas[1], eps, step)
+    hp = adam_hparams(lr, betas[0], betas[1], eps, step)
     return ops.adam_rows(W_dec, g, m, v, hp, bool(remove_parallel), bool(renorm), float(renorm_eps))
 
 
@@ -578,7 +589,7 @@ def adam(p, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8, lowp_copy=False,
     """Plain fused Adam (MLX formula, bias correction): returns (p, m, v), plus the back end's
     low-precision copy of the new p (for ``topk_sae_forward(W_enc_lowp=...)``) when ``lowp_copy``."""
     ops = _resolve(ops)
-    hp = _hparams(lr, betas[0], betas[1], eps, step)
+    hp = adam_hparams(lr, betas[0], betas[1], eps, step)
     if lowp_copy:
         return ops.adam(p, g, m, v, hp, ops.matmul_dtype or p.dtype)
     return ops.adam(p, g, m, v, hp)

@@ -1,0 +1,189 @@
+"""The SAE trainer a user runs (``SAETrainer`` with default settings) against the anchor trainer of its device.
+
+CPU (this file's default there): hooked_mlx's default trainer against SAELens 6.54.12's TopK trainer step body
+(``TopKTrainingSAE.training_forward_pass``, the firing bookkeeping of ``SAETrainer._train_step``, backward,
+``clip_grad_norm_(1.0)``, Adam), both float32 on synthetic activations of the same shape, in interleaved
+processes (hooked_mlx, SAELens, hooked_mlx, ...; the median round counts). Shapes:
+
+    C1: d_in 576, d_sae 2304, batch 256, k 16        C2: d_in 576, d_sae 9216, batch 1024, k 32
+
+SAELens is a benchmark-only dependency in its own venv, created by this script on first use (torch 2.13.0
+CPU is on disk in the wheel cache; ``sae-lens==6.54.12`` installs beside it)::
+
+    python benchmarks/sae_trainer.py                       # creates /work/slvenv if missing
+    python benchmarks/sae_trainer.py --sl-python /path/to/venv/bin/python --rounds 5
+
+Writes ``benchmarks/results/sae_trainer_cpu.json``: ``rows`` of {shape, impl, tokens_per_s, peak_gb, anchor,
+ratio_vs_anchor} with ``impl`` = ``trainer`` for the default trainer and ``saelens`` for the anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SHAPES = {"C1": dict(D=576, F=2304, B=256, K=16), "C2": dict(D=576, F=9216, B=1024, K=32)}
+SL_VERSION = "6.54.12"
+TORCH_VERSION = "2.13.0"
+DEFAULT_SL_VENV = "/work/slvenv"
+
+# ---------------------------------------------------------------------------------------------------
+# SAELens worker (runs under the SAELens venv's python; must not import hooked_mlx)
+# ---------------------------------------------------------------------------------------------------
+SL_WORKER = r"""
+import json, resource, sys, time
+import torch
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+import sae_lens
+
+D, F, B, K, steps, warmup, threads = (int(a) for a in sys.argv[1:8])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+cfg = TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, dtype="float32", device="cpu")
+sae = TopKTrainingSAE(cfg)
+opt = torch.optim.Adam(sae.parameters(), lr=2e-4, betas=(0.9, 0.999))
+coefficients = {n: (c.value if hasattr(c, "value") else float(c)) for n, c in sae.get_coefficients().items()}
+since_fired = torch.zeros(F)
+act_freq = torch.zeros(F)
+xs = [torch.randn(B, D) for _ in range(4)]
+
+def step(i):
+    # SAELens 6 SAETrainer._train_step, without the lr / coefficient schedulers and logging
+    out = sae.training_forward_pass(step_input=TrainStepInput(
+        sae_in=xs[i % 4], coefficients=coefficients, dead_neuron_mask=since_fired > 1000,
+        n_training_steps=i, is_logging_step=False))
+    with torch.no_grad():
+        firing = out.feature_acts.bool().float()
+        did_fire = firing.sum(-2).bool()
+        if did_fire.is_sparse:
+            did_fire = did_fire.to_dense()
+        since_fired.add_(1)
+        since_fired[did_fire] = 0
+        act_freq.add_(firing.sum(0) if not firing.is_sparse else firing.sum(0).to_dense())
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    return out.loss
+
+for i in range(warmup):
+    step(i)
+t0 = time.perf_counter()
+for i in range(steps):
+    loss = step(warmup + i)
+float(loss)
+dt = (time.perf_counter() - t0) / steps
+print(json.dumps(dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                      loss=float(loss), torch=torch.__version__, threads=torch.get_num_threads(),
+                      sae_lens=sae_lens.__version__)))
+"""
+
+# ---------------------------------------------------------------------------------------------------
+# hooked_mlx worker: the default trainer, as a user constructs it
+# ---------------------------------------------------------------------------------------------------
+MLX_WORKER = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[8])
+import hooked_mlx  # BLAS before mlx.core
+from hooked_mlx.sae import SAEConfig, SAETrainer
+import mlx.core as mx
+
+D, F, B, K, steps, warmup = (int(a) for a in sys.argv[1:7])
+kernels = sys.argv[7]
+cfg = SAEConfig(architecture="topk", d_in=D, d_sae=F, k=K, lr=2e-4, train_batch_size_tokens=B,
+                normalize_activations="none", hook_name="h")
+kw = {} if kernels == "default" else {"kernels": kernels}
+t = SAETrainer(cfg, **kw)
+xs = [mx.random.normal((B, D), key=mx.random.key(i)) for i in range(4)]
+mx.eval(xs)
+t.initialize(xs[0])
+for i in range(warmup):
+    t.step(xs[i % 4])
+    mx.eval(t.state_arrays())
+t0 = time.perf_counter()
+for i in range(steps):
+    t.step(xs[(warmup + i) % 4])
+    mx.eval(t.state_arrays())
+dt = (time.perf_counter() - t0) / steps
+m = t.read_metrics()
+print(json.dumps(dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                      loss=m["loss"], kernels=t.kernels_name, mlx=mx.__version__)))
+"""
+
+
+def ensure_sl_venv(python: str) -> str:
+    if os.path.exists(python):
+        return python
+    venv = os.path.dirname(os.path.dirname(python))
+    print(f"creating the SAELens venv at {venv} (torch=={TORCH_VERSION} CPU, sae-lens=={SL_VERSION}) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", f"torch=={TORCH_VERSION}", f"sae-lens=={SL_VERSION}"],
+                   check=True)
+    return python
+
+
+def run_worker(cmd: list[str]) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median counts)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for SAELens")
+    ap.add_argument("--sl-python", default=os.environ.get("SL_PYTHON", f"{DEFAULT_SL_VENV}/bin/python"))
+    ap.add_argument("--also", nargs="*", default=[], help="extra hooked_mlx kernels to time (e.g. reference)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "sae_trainer_cpu.json"))
+    a = ap.parse_args(argv)
+    sl = ensure_sl_venv(a.sl_python)
+    rows, detail = [], {}
+    for name in a.shapes:
+        s = SHAPES[name]
+        dims = [str(s["D"]), str(s["F"]), str(s["B"]), str(s["K"]), str(a.steps), str(a.warmup)]
+        impls = {"trainer": [sys.executable, "-c", MLX_WORKER, *dims, "default", ROOT],
+                 "saelens": [sl, "-c", SL_WORKER, *dims, str(a.threads)]}
+        for k in a.also:
+            impls[f"trainer[{k}]"] = [sys.executable, "-c", MLX_WORKER, *dims, k, ROOT]
+        runs: dict[str, list[dict]] = {k: [] for k in impls}
+        for r in range(a.rounds):
+            for impl, cmd in impls.items():
+                res = run_worker(cmd)
+                runs[impl].append(res)
+                print(f"{name} round {r} {impl:18s} {res['ms']:8.2f} ms/step {res['tokens_per_s']:>10,.0f} tok/s",
+                      flush=True)
+        med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in runs.items()}
+        shape = f"{name} (d_in {s['D']}, d_sae {s['F']}, batch {s['B']}, k {s['K']})"
+        for impl in impls:
+            rows.append(dict(shape=shape, impl=impl, tokens_per_s=round(med[impl], 1),
+                             peak_gb=round(max(x["peak_gb"] for x in runs[impl]), 3), anchor="saelens",
+                             ratio_vs_anchor=round(med[impl] / med["saelens"], 3)))
+            print(f"{shape} {impl:18s} {med[impl]:>10,.0f} tok/s  {med[impl] / med['saelens']:.2f}x SAELens")
+        detail[name] = runs
+    meta = dict(device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                python=platform.python_version(), command=" ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
+                date=time.strftime("%Y-%m-%d"), rounds=a.rounds, steps=a.steps, warmup=a.warmup,
+                sae_lens=SL_VERSION, torch=TORCH_VERSION, torch_threads=a.threads)
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    tmp = a.json + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(dict(meta=meta, rows=rows, runs=detail), fh, indent=2)
+    os.replace(tmp, a.json)
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

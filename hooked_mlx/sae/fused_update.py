@@ -1,0 +1,60 @@
+"""The trainer's parameter update in the fused ops' passes: decoder parallel-gradient removal, global
+gradient-norm clipping, Adam (MLX's formula with bias correction) and decoder renormalisation.
+
+The clip needs no pass of its own: scaling the gradient by s before Adam is the same as scaling Adam's
+(1 - b1) by s and (1 - b2) by s^2, so the clip scale folds into the hyper-parameter vector of the fused
+Adam passes (``kernels.fused.adam_hparams``). The norm of the projected decoder gradient comes from row
+sums, without materialising the projection: |g - (g.w)w|^2 = |g|^2 - (g.w)^2 (2 - |w|^2).
+
+It updates the same optimizer state as ``mlx.optimizers.Adam`` (``state[name]["m" | "v"]``, ``step``,
+``learning_rate``), so checkpoints and ``reference`` runs are interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+from .kernels import fused as FU
+
+
+def grad_norm(grads: dict[str, mx.array], W_dec: mx.array, project_decoder: bool) -> mx.array:
+    """The global L2 norm of ``grads`` with the decoder gradient projected off the decoder rows."""
+    total = mx.array(0.0, dtype=mx.float32)
+    for name, g in grads.items():
+        if name == "W_dec" and project_decoder:
+            dots = mx.sum(g * W_dec, axis=-1)
+            w2 = mx.sum(mx.square(W_dec), axis=-1)
+            total = total + mx.maximum(mx.sum(mx.square(g)) - mx.sum(mx.square(dots) * (2.0 - w2)), 0.0)
+        else:
+            total = total + mx.sum(mx.square(g))
+    return mx.sqrt(total)
+
+
+def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict,
+                      lr_fn: Callable, *, betas: tuple[float, float], eps: float, clip: float, unit_norm: bool,
+                      ops) -> tuple[dict[str, mx.array], mx.array, mx.array]:
+    """One update. Returns (new params, gradient norm before clipping, lr used) and updates ``opt_state``
+    in place (its containers stay the same objects: a compiled step captures them).
+
+    ``opt_state`` is ``mlx.optimizers.Adam``'s state dict; ``lr_fn(step)`` its learning-rate schedule.
+    ``unit_norm``: remove the decoder gradient's component along each decoder row and renormalise the rows
+    after the update (``W / (|W| + 1e-8)``). ``clip`` > 0: global gradient-norm clipping at ``clip``."""
+    gnorm = grad_norm(grads, params["W_dec"], unit_norm)
+    scale = mx.minimum(clip / (gnorm + 1e-6), 1.0) if clip > 0 else mx.array(1.0, dtype=mx.float32)
+    step = opt_state["step"]
+    lr = lr_fn(step).astype(mx.float32)
+    t = step + 1
+    hp = FU.adam_hparams(lr, betas[0], betas[1], eps, t, grad_scale=scale)
+    new_params = {}
+    for name, g in grads.items():
+        st = opt_state[name]
+        if name == "W_dec":
+            p, st["m"], st["v"] = ops.adam_rows(params[name], g, st["m"], st["v"], hp, unit_norm, unit_norm, 1e-8)
+        else:
+            p, st["m"], st["v"] = ops.adam(params[name], g, st["m"], st["v"], hp)
+        new_params[name] = p
+    opt_state["step"] = t
+    opt_state["learning_rate"] = lr
+    return new_params, gnorm, lr

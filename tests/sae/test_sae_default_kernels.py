@@ -1,0 +1,92 @@
+"""The default trainer path (kernels="auto": the device's fused ops and the fused update) computes what the
+reference path computes: every architecture tracks the reference over many steps, the CPU ops equal the
+reference ops, and the clip folded into Adam's hyper-parameters equals clipping the gradient."""
+
+from __future__ import annotations
+
+import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+import pytest
+from sae_fixtures import make_sparse_data
+from tolerance import assert_close, rel_maxdiff
+
+from hooked_mlx.sae import SAEConfig, SAETrainer
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels.cpu import CpuOps
+
+B = 256
+
+
+def _cfg(arch, **kw):
+    base = dict(architecture=arch, hook_name="h", d_in=32, d_sae=256, k=8, lr=3e-3, lr_warmup_steps=5,
+                train_batch_size_tokens=B, training_tokens=40 * B, dead_tokens_window=4 * B,
+                normalize_activations="none", grad_clip_norm=0.05)  # a clip that is active on most steps
+    base.update(kw)
+    return SAEConfig(**base)
+
+
+def _run(cfg, kernels, data, steps=40):
+    t = SAETrainer(cfg, kernels=kernels)
+    batches = [mx.array(data[i * B:(i + 1) * B]) for i in range(steps)]
+    t.initialize(batches[0])
+    for x in batches:
+        t.step(x)
+    mx.eval(t.state_arrays())
+    return t, t.read_metrics()
+
+
+def test_auto_is_the_default_and_picks_the_cpu_ops():
+    t = SAETrainer(_cfg("topk"))
+    assert SAEConfig().kernels == "auto"
+    assert t.kernels_name == ("cpu" if mx.default_device() == mx.cpu else t.kernels_name)
+    assert t.fused_ops is not None
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_default_path_tracks_the_reference(arch):
+    data = make_sparse_data()
+    kw = {"l1_coefficient": 0.3} if arch == "relu" else {"l0_coefficient": 0.05} if arch == "jumprelu" else {}
+    cfg = _cfg(arch, **kw)
+    fast, m_fast = _run(cfg, "auto", data)
+    ref, m_ref = _run(cfg, "reference", data)
+    # 40 Adam steps from the same start: float32 rounding of different summation orders only
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert rel_maxdiff(getattr(fast.sae, name), getattr(ref.sae, name)) < 2e-4, name
+    for k in ("loss", "fvu", "l0", "grad_norm", "lr"):
+        assert m_fast[k] == pytest.approx(m_ref[k], rel=2e-3, abs=1e-6), k
+    assert int(fast.aux["step"].item()) == int(ref.aux["step"].item()) == 40
+
+
+def test_cpu_ops_equal_reference_ops():
+    rng = np.random.default_rng(0)
+    Bn, D, F, k = 64, 48, 512, 8
+    pre = mx.array(rng.normal(size=(Bn, F)).astype(np.float32))
+    cpu, ref = CpuOps(), FU.ReferenceOps()
+    (v1, i1), (v2, i2) = cpu.row_topk(pre, k), ref.row_topk(pre, k)
+    assert np.array_equal(np.sort(np.array(v1), -1), np.sort(np.array(v2), -1))
+    assert np.array_equal(np.sort(np.array(i1), -1), np.sort(np.array(i2), -1))
+    W = mx.array(rng.normal(size=(F, D)).astype(np.float32))
+    Y = mx.array(rng.normal(size=(Bn, D)).astype(np.float32))
+    assert_close(cpu.decode(v1, i1, W), ref.decode(v1, i1, W))
+    assert_close(cpu.gather_dot(Y, i1, W), ref.gather_dot(Y, i1, W))
+    rows = mx.repeat(mx.arange(Bn, dtype=mx.uint32), k)
+    cols = i1.reshape(-1)
+    coef = v1.reshape(-1)
+    got, want = cpu.latent_grads(cols, rows, rows, coef, coef * 2, Y, Y, F), \
+        ref.latent_grads(cols, rows, rows, coef, coef * 2, Y, Y, F)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert FU.self_check(cpu) == []
+
+
+def test_clip_folded_into_adam_equals_clipping_the_gradient():
+    rng = np.random.default_rng(1)
+    p, g, m, v = (mx.array(rng.normal(size=(16, 8)).astype(np.float32)) for _ in range(4))
+    v = mx.abs(v)
+    s = 0.37
+    hp_folded = FU.adam_hparams(1e-3, 0.9, 0.999, 1e-8, 5, grad_scale=s)
+    hp_plain = FU.adam_hparams(1e-3, 0.9, 0.999, 1e-8, 5)
+    ops = FU.ReferenceOps()
+    for a, b in zip(ops.adam(p, g, m, v, hp_folded), ops.adam(p, g * s, m, v, hp_plain)):
+        assert_close(a, b, 1e-6)
