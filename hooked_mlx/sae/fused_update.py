@@ -12,7 +12,7 @@ It updates the same optimizer state as ``mlx.optimizers.Adam`` (``state[name]["m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 

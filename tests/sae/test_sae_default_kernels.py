@@ -5,15 +5,14 @@ reference ops, and the clip folded into Adam's hyper-parameters equals clipping 
 from __future__ import annotations
 
 import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+from hooked_mlx.sae import SAEConfig, SAETrainer
+from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels.cpu import CpuOps
 import mlx.core as mx
 import numpy as np
 import pytest
 from sae_fixtures import make_sparse_data
 from tolerance import assert_close, rel_maxdiff
-
-from hooked_mlx.sae import SAEConfig, SAETrainer
-from hooked_mlx.sae.kernels import fused as FU
-from hooked_mlx.sae.kernels.cpu import CpuOps
 
 B = 256
 
