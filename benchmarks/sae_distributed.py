@@ -68,11 +68,14 @@ def worker(a) -> None:
 
 def _launch(n: int, a, shape: str) -> dict:
     launcher = shutil.which("mlx.launch") or os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    # MLX installed without its console scripts (pip --target): the launcher's module does the same
+    launch = [launcher] if os.path.exists(launcher) else [
+        sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     backend = a.backend or ("nccl" if a.gpu else "ring")
-    cmd = [launcher, "--backend", backend, "-n", str(n), "--starting-port", str(port), "--nccl-port", str(port),
+    cmd = [*launch, "--backend", backend, "-n", str(n), "--starting-port", str(port), "--nccl-port", str(port),
            "--", sys.executable, os.path.abspath(__file__), "--worker", "--shape", shape, "--scale", str(a.scale),
            "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--strong"] if a.strong else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)

@@ -33,6 +33,7 @@ from functools import partial
 import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
 from hooked_mlx.sae.kernels import fused as FU
 from hooked_mlx.sae.kernels import reference as R
+from hooked_mlx.sae.kernels.step import FusedTopKStep
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -67,57 +68,7 @@ def make_data(B, D, n=2, seed=1):
 # ---------------------------------------------------------------------------------------------------
 
 
-class FusedStep:
-    """Fused TopK step: compiled custom-VJP forward/backward, then the fused optimizer passes."""
-
-    def __init__(self, params, k, lr, betas=(0.9, 0.999), eps=1e-8, ops=None, low_memory=None):
-        ops = FU._resolve(ops)  # choose (and self-check) the back end before tracing the compiled step
-        nbytes = sum(p.nbytes for p in params.values())
-        # low_memory: evaluate the gradients first, then each parameter's update on its own, so the old and
-        # new (p, m, v) of only one parameter coexist (a custom kernel cannot update in place). Costs two
-        # extra synchronisations per step; on by default above 4 GB of parameters.
-        self.low_memory = nbytes > 4e9 if low_memory is None else bool(low_memory)
-        self.params = dict(params)
-        self.state = {n: (mx.zeros_like(p), mx.zeros_like(p)) for n, p in params.items()}
-        self.k, self.lr, self.betas, self.eps, self.ops = k, lr, betas, eps, ops
-        self.t = 0
-
-        self.lowp = ops.matmul_dtype is not None  # keep W_enc's bf16 copy from the Adam pass
-        self.W_lowp = params["W_enc"].astype(ops.matmul_dtype) if self.lowp else mx.zeros((0,), mx.bfloat16)
-
-        def loss(params, x, W_lowp):
-            l, (fvu, aux, out) = FU.topk_sae_loss(x, params["W_enc"], params["b_enc"], params["W_dec"],
-                                                  params["b_dec"], k, W_enc_lowp=W_lowp, ops=ops)
-            return l
-
-        self.grad_fn = mx.compile(mx.value_and_grad(loss))
-        mx.eval(self.params, self.state, self.W_lowp)
-
-    def __call__(self, x):
-        self.t += 1
-        loss, g = self.grad_fn(self.params, x, self.W_lowp)
-        if self.low_memory:
-            mx.eval(loss, g)
-        p, s = self.params, self.state
-        new_p, new_s = {}, {}
-        W, m, v = FU.fused_adam_renorm(p["W_dec"], g["W_dec"], *s["W_dec"], lr=self.lr, step=self.t,
-                                       betas=self.betas, eps=self.eps, ops=self.ops)
-        new_p["W_dec"], new_s["W_dec"] = W, (m, v)
-        if self.low_memory:
-            del p["W_dec"], s["W_dec"], g["W_dec"]
-            mx.eval(W, m, v)
-        for n in ("W_enc", "b_enc", "b_dec"):
-            if n == "W_enc" and self.lowp:
-                q, m, v, self.W_lowp = FU.adam(p[n], g[n], *s[n], lr=self.lr, step=self.t, betas=self.betas,
-                                               eps=self.eps, lowp_copy=True, ops=self.ops)
-            else:
-                q, m, v = FU.adam(p[n], g[n], *s[n], lr=self.lr, step=self.t, betas=self.betas, eps=self.eps,
-                                  ops=self.ops)
-            new_p[n], new_s[n] = q, (m, v)
-        del p, s, g
-        self.params, self.state = new_p, new_s
-        mx.eval(loss, self.params, self.state, self.W_lowp)
-        return loss
+FusedStep = FusedTopKStep  # the library's bare fused TopK step (hooked_mlx.sae.kernels.step)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,15 @@ CPU is on disk in the wheel cache; ``sae-lens==6.54.12`` installs beside it)::
 
 Writes ``benchmarks/results/sae_trainer_cpu.json``: ``rows`` of {shape, impl, tokens_per_s, peak_gb, anchor,
 ratio_vs_anchor} with ``impl`` = ``trainer`` for the default trainer and ``saelens`` for the anchor.
+
+GPU (``--device gpu``, the default where MLX has CUDA or Metal): in one process, at S1 (d_in 2048, d_sae
+32768, batch 4096, k 64) and S2 (d_in 4096, d_sae 131072, batch 4096, k 128): ``SAETrainer`` with default
+settings (``trainer``; TopK, and BatchTopK at S1 as ``trainer_batchtopk``), the library's bare fused step
+(``fused_step``: ``hooked_mlx.sae.kernels.step.FusedTopKStep``, no clipping, metrics or guard) and
+sparsify 1.3.3's TopK step (the anchor; benchmarks/sae_kernels.py's ``bench_sparsify``). Writes
+``benchmarks/results/sae_trainer_<gpu>.json`` (e.g. ``sae_trainer_h200.json``)::
+
+    python benchmarks/sae_trainer.py --device gpu --json benchmarks/results/sae_trainer_h200.json
 """
 
 from __future__ import annotations
@@ -137,8 +146,119 @@ def run_worker(cmd: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _gpu_time_trainer(arch, D, F, B, K, lr, steps, warmup):
+    import gc
+
+    import hooked_mlx  # noqa: F401
+    from hooked_mlx.sae import SAEConfig, SAETrainer
+    import mlx.core as mx
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    cfg = SAEConfig(architecture=arch, d_in=D, d_sae=F, k=K, lr=lr, train_batch_size_tokens=B,
+                    normalize_activations="none", hook_name="h", b_dec_init="mean")
+    t = SAETrainer(cfg)
+    xs = [mx.random.normal((B, D), key=mx.random.key(i)) for i in range(2)]
+    mx.eval(xs)
+    t.initialize(xs[0])
+    for i in range(warmup):
+        t.step(xs[i % 2])
+        mx.eval(t.state_arrays())
+    t0 = time.perf_counter()
+    for i in range(steps):
+        t.step(xs[i % 2])
+        mx.eval(t.state_arrays())
+    dt = (time.perf_counter() - t0) / steps
+    m = t.read_metrics()
+    out = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=mx.get_peak_memory() / 1e9, loss=m["loss"],
+               kernels=t.kernels_name)
+    del t, xs
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def _gpu_time_fused_step(D, F, B, K, lr, steps, warmup):
+    import gc
+
+    import hooked_mlx  # noqa: F401
+    from hooked_mlx.sae.kernels.step import FusedTopKStep
+    import mlx.core as mx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sae_kernels import init_params, make_data
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    step = FusedTopKStep(init_params(D, F), K, lr)
+    xs = make_data(B, D)
+    for i in range(warmup):
+        step(xs[i % 2])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(xs[i % 2])
+    dt = (time.perf_counter() - t0) / steps
+    out = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=mx.get_peak_memory() / 1e9, loss=float(loss))
+    del step, xs
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def gpu_main(a) -> int:
+    import hooked_mlx  # noqa: F401
+    import mlx.core as mx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sae_kernels import SHAPES as KSHAPES
+    from sae_kernels import bench_sparsify, lr_for
+
+    rows, detail = [], {}
+    for name in a.gpu_shapes:
+        s = KSHAPES[name]
+        D, F, B, K = s["D"], s["F"], s["B"], s["K"]
+        res = {}
+        for impl in ("sparsify", "trainer", "fused_step", "trainer_batchtopk"):
+            if impl == "trainer_batchtopk" and name != "S1":
+                continue
+            try:
+                if impl == "sparsify":
+                    res[impl] = bench_sparsify(s, a.steps, a.warmup)
+                elif impl == "fused_step":
+                    res[impl] = _gpu_time_fused_step(D, F, B, K, lr_for(F), a.steps, a.warmup)
+                else:
+                    arch = "batchtopk" if impl == "trainer_batchtopk" else "topk"
+                    res[impl] = _gpu_time_trainer(arch, D, F, B, K, lr_for(F), a.steps, a.warmup)
+            except Exception as e:  # record it and go on to the next implementation
+                res[impl] = {"error": f"{type(e).__name__}: {e}"}
+            r = res[impl]
+            print(f"{name} {impl:18s} " + (f"{r['ms']:8.2f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
+                                           f"peak {r['peak_gb']:.2f} GB" if "ms" in r else r["error"]), flush=True)
+        anchor = res["sparsify"].get("tokens_per_s")
+        shape = f"{name} (d_in {D}, d_sae {F}, batch {B}, k {K})"
+        for impl, r in res.items():
+            if "tokens_per_s" not in r:
+                continue
+            rows.append(dict(shape=shape, impl=impl, tokens_per_s=round(r["tokens_per_s"], 1),
+                             peak_gb=round(r["peak_gb"], 3), anchor="sparsify 1.3.3 TopK step",
+                             ratio_vs_anchor=round(r["tokens_per_s"] / anchor, 3) if anchor else None))
+        detail[name] = res
+    meta = dict(device=a.device_name or "gpu", mlx=mx.__version__, python=platform.python_version(),
+                command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), date=time.strftime("%Y-%m-%d"),
+                steps=a.steps, warmup=a.warmup, tf32=os.environ.get("MLX_ENABLE_TF32", "1 (default)"))
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json + ".tmp", "w") as fh:
+        json.dump(dict(meta=meta, rows=rows, runs=detail), fh, indent=2)
+    os.replace(a.json + ".tmp", a.json)
+    print(f"wrote {a.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: gpu where MLX has one")
+    ap.add_argument("--gpu-shapes", nargs="*", default=["S1", "S2"])
+    ap.add_argument("--device-name", default=os.environ.get("GPU_NAME", ""), help="recorded in the JSON")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median counts)")
     ap.add_argument("--steps", type=int, default=20)
@@ -148,6 +268,15 @@ def main(argv=None) -> int:
     ap.add_argument("--also", nargs="*", default=[], help="extra hooked_mlx kernels to time (e.g. reference)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "sae_trainer_cpu.json"))
     a = ap.parse_args(argv)
+    if a.device is None:
+        import hooked_mlx  # noqa: F401
+        import mlx.core as mx
+
+        a.device = "gpu" if (mx.cuda.is_available() or mx.metal.is_available()) else "cpu"
+    if a.device == "gpu":
+        if a.json.endswith("sae_trainer_cpu.json"):
+            a.json = a.json.replace("sae_trainer_cpu.json", "sae_trainer_gpu.json")
+        return gpu_main(a)
     sl = ensure_sl_venv(a.sl_python)
     rows, detail = [], {}
     for name in a.shapes:

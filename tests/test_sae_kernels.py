@@ -246,6 +246,7 @@ def test_self_check_falls_back_with_a_warning(monkeypatch, broken):
         _rel_close(out.x_hat, R.sparse_decode(v, i, W_dec, b_dec))
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU back end is chosen on the CPU only")
 def test_backend_on_cpu_is_the_cpu_ops():
     """On the CPU the fused module's ops are the sparse CPU ops (self-checked against the reference)."""
     assert FU.backend() == "cpu"

@@ -34,19 +34,26 @@ def grad_norm(grads: dict[str, mx.array], W_dec: mx.array, project_decoder: bool
 
 def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict,
                       lr_fn: Callable, *, betas: tuple[float, float], eps: float, clip: float, unit_norm: bool,
-                      ops) -> tuple[dict[str, mx.array], mx.array, mx.array]:
-    """One update. Returns (new params, gradient norm before clipping, lr used) and updates ``opt_state``
-    in place (its containers stay the same objects: a compiled step captures them).
+                      ops, ok: mx.array | None = None) -> tuple[dict[str, mx.array], mx.array, mx.array, mx.array]:
+    """One update. Returns (new params, gradient norm before clipping, lr used, applied) and updates
+    ``opt_state`` in place (its containers stay the same objects: a compiled step captures them).
+
+    ``ok`` (bool array): False skips the update. It is also skipped when the gradient norm is not finite;
+    ``applied`` says whether it ran. A skipped update is a no-op inside the Adam passes themselves
+    (``adam_hparams(apply=...)``): parameters, m, v and the step count stay exactly as they were, with no
+    copy of the old state and no extra pass over it.
 
     ``opt_state`` is ``mlx.optimizers.Adam``'s state dict; ``lr_fn(step)`` its learning-rate schedule.
     ``unit_norm``: remove the decoder gradient's component along each decoder row and renormalise the rows
     after the update (``W / (|W| + 1e-8)``). ``clip`` > 0: global gradient-norm clipping at ``clip``."""
     gnorm = grad_norm(grads, params["W_dec"], unit_norm)
+    applied = mx.isfinite(gnorm) if ok is None else ok & mx.isfinite(gnorm)
     scale = mx.minimum(clip / (gnorm + 1e-6), 1.0) if clip > 0 else mx.array(1.0, dtype=mx.float32)
+    scale = mx.where(applied, scale, 0.0)
     step = opt_state["step"]
     lr = lr_fn(step).astype(mx.float32)
     t = step + 1
-    hp = FU.adam_hparams(lr, betas[0], betas[1], eps, t, grad_scale=scale)
+    hp = FU.adam_hparams(lr, betas[0], betas[1], eps, t, grad_scale=scale, apply=applied)
     new_params = {}
     for name, g in grads.items():
         st = opt_state[name]
@@ -55,6 +62,6 @@ def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], o
         else:
             p, st["m"], st["v"] = ops.adam(params[name], g, st["m"], st["v"], hp)
         new_params[name] = p
-    opt_state["step"] = t
-    opt_state["learning_rate"] = lr
-    return new_params, gnorm, lr
+    opt_state["step"] = mx.where(applied, t, step)
+    opt_state["learning_rate"] = mx.where(applied, lr, opt_state["learning_rate"])
+    return new_params, gnorm, lr, applied

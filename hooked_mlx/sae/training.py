@@ -148,13 +148,13 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
-    fused_topk = (arch == "topk" and hasattr(kernels, "topk_train_forward")
-                  and not hasattr(kernels, "batch_total_variance"))
+    fused_topk = arch == "topk" and hasattr(kernels, "topk_train_forward")
     if fused_topk:
-        # the fully fused path (CUDA / Metal; its pure-MLX fallback on CPU): sparse encoder backward, AuxK
-        # included, never a dense [B,F] gradient. Data-parallel back ends keep the per-op path below, whose
-        # AuxK normaliser is global.
-        x_hat, vals, idx, aux = kernels.topk_train_forward(sae, x, dead, use_dead)
+        # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
+        # never a dense [B,F] gradient. Data-parallel back ends pass the global batch's total variance for the
+        # AuxK normaliser.
+        x_hat, vals, idx, aux = kernels.topk_train_forward(
+            sae, x, dead, use_dead, total_variance=getattr(kernels, "batch_total_variance", None))
     else:
         vals = idx = None
     if arch == "topk":
@@ -243,8 +243,8 @@ class SAETrainer:
         self.fused_ops = self.kernels.get_ops() if name == "fused" else None
         self.world = world if world is not None and world.distributed else None
         if self.world is not None:
+            # the step all_sums the gradients before the update, so the fused update runs unchanged
             self.kernels = D.DistributedKernels(self.kernels, self.world)
-            self.fused_ops = None  # data-parallel steps reduce the gradients first (see distributed.py)
         #: what runs the step: "reference", or the fused back end ("cuda", "metal", "cpu")
         self.kernels_name = self.fused_ops.name if self.fused_ops is not None else "reference"
         self.sae = sae if sae is not None else SAE(cfg)
@@ -319,16 +319,19 @@ class SAETrainer:
                 B = B * world.size
                 if "min_kept" in extras:
                     extras["min_kept"] = world.global_min(extras["min_kept"])
-            old_sae = tree_map(lambda a: a, sae.parameters())
-            old_opt = tree_map(lambda a: a, opt.state)
             old_aux = (aux["tokens_since_fired"], aux["theta"], aux["step"])
+            old_sae = old_opt = None
             if fused_ops is not None:
-                # the fused passes: clip folded into Adam's hyper-parameters, projection and renorm per row
-                new_params, gnorm, lr = fused_adam_update(
+                # the fused passes: clip and the non-finite guard folded into Adam's hyper-parameters,
+                # projection and renorm in the decoder's own pass; a skipped step changes nothing
+                new_params, gnorm, lr, ok = fused_adam_update(
                     dict(sae.trainable_parameters()), grads, opt.state, lr_fn, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                    eps=cfg.adam_eps, clip=cfg.grad_clip_norm, unit_norm=unit_norm, ops=fused_ops)
+                    eps=cfg.adam_eps, clip=cfg.grad_clip_norm, unit_norm=unit_norm, ops=fused_ops,
+                    ok=mx.isfinite(loss) & (aux["bad_step"] < 0))
                 sae.update(new_params)
             else:
+                old_sae = tree_map(lambda a: a, sae.parameters())
+                old_opt = tree_map(lambda a: a, opt.state)
                 if unit_norm:
                     W = sae.W_dec
                     g = grads["W_dec"]
@@ -342,10 +345,9 @@ class SAETrainer:
                 if unit_norm:
                     W = sae.W_dec
                     sae.W_dec = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + 1e-8)
-            # A non-finite loss or gradient skips the update (and every later one until the host reads the
-            # flag): the state stays exactly as before the bad step (the where()s below fuse into the
-            # update's own passes under compile).
-            ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
+                # A non-finite loss or gradient skips the update (and every later one until the host reads
+                # the flag): the state stays exactly as before the bad step.
+                ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
             if cfg.architecture == "jumprelu":
                 sae.threshold = mx.maximum(sae.threshold, 0.0)
             tsf = mx.where(fired, 0, aux["tokens_since_fired"] + B)
@@ -374,8 +376,9 @@ class SAETrainer:
             aux["count"] = aux["count"] + 1
             aux["bad_step"] = mx.where((aux["bad_step"] < 0) & ~ok, step_i, aux["bad_step"])
             aux["step"] = step_i + 1
-            sae.update(tree_map(lambda new, old: mx.where(ok, new, old), sae.parameters(), old_sae))
-            _where_into(opt.state, old_opt, ok)
+            if old_sae is not None:
+                sae.update(tree_map(lambda new, old: mx.where(ok, new, old), sae.parameters(), old_sae))
+                _where_into(opt.state, old_opt, ok)
             aux["tokens_since_fired"] = mx.where(ok, aux["tokens_since_fired"], old_aux[0])
             aux["theta"] = mx.where(ok, aux["theta"], old_aux[1])
             aux["step"] = mx.where(ok, aux["step"], old_aux[2])

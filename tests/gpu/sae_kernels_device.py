@@ -24,9 +24,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import hooked_mlx  # noqa: F401
 from hooked_mlx.sae.kernels import fused as FU
 from hooked_mlx.sae.kernels import reference as R
+from hooked_mlx.sae.kernels.step import FusedTopKStep
 import mlx.core as mx
 
-from benchmarks.sae_kernels import FusedStep, ReferenceStep, init_params
+from benchmarks.sae_kernels import ReferenceStep, init_params
 
 RESULTS: dict = {"checks": {}, "failures": []}
 
@@ -207,7 +208,7 @@ def training_run(steps=300):
 
     params = init_params(D, F, seed=5)
     lr = 2e-3  # (the reference step is the fp32 trainer math; the fused one uses a bf16 encoder)
-    fused = FusedStep(params, k, lr)
+    fused = FusedTopKStep(params, k, lr)
     ref = ReferenceStep(params, k, lr)
     cf, cr = [], []
     t0 = time.perf_counter()

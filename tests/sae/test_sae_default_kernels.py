@@ -38,7 +38,11 @@ def _run(cfg, kernels, data, steps=40):
 def test_auto_is_the_default_and_picks_the_cpu_ops():
     t = SAETrainer(_cfg("topk"))
     assert SAEConfig().kernels == "auto"
-    assert t.kernels_name == ("cpu" if mx.default_device() == mx.cpu else t.kernels_name)
+    if mx.default_device() == mx.cpu:
+        expected = "cpu"
+    else:
+        expected = "cuda" if mx.cuda.is_available() else "metal"
+    assert t.kernels_name == expected  # a back end that failed its self-check would show "reference"
     assert t.fused_ops is not None
 
 
@@ -49,11 +53,16 @@ def test_default_path_tracks_the_reference(arch):
     cfg = _cfg(arch, **kw)
     fast, m_fast = _run(cfg, "auto", data)
     ref, m_ref = _run(cfg, "reference", data)
-    # 40 Adam steps from the same start: float32 rounding of different summation orders only
+    # 40 Adam steps from the same start. fp32 back ends (CPU): rounding of different summation orders only.
+    # GPU back ends run the encoder matmul in bf16 (fp32 accumulation), as sparsify's autocast does.
+    lowp = fast.fused_ops.matmul_dtype is not None
+    p_tol, m_tol = (3e-2, 3e-2) if lowp else (2e-4, 2e-3)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert rel_maxdiff(getattr(fast.sae, name), getattr(ref.sae, name)) < 2e-4, name
+        d = rel_maxdiff(getattr(fast.sae, name), getattr(ref.sae, name))
+        print(f"{arch} {name}: max relative difference to the reference after 40 steps {d:.2e}")
+        assert d < p_tol, name
     for k in ("loss", "fvu", "l0", "grad_norm", "lr"):
-        assert m_fast[k] == pytest.approx(m_ref[k], rel=2e-3, abs=1e-6), k
+        assert m_fast[k] == pytest.approx(m_ref[k], rel=m_tol, abs=1e-6), k
     assert int(fast.aux["step"].item()) == int(ref.aux["step"].item()) == 40
 
 

@@ -311,18 +311,19 @@ LATENT_GRADS_ATOMIC = r"""
 """
 
 ADAM_ROWS = r"""
-  // template: D, REMOVE_PAR, RENORM; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, renorm_eps]
+  // template: D, REMOVE_PAR, RENORM; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply, renorm_eps]
   constexpr int PER = (D + 255) / 256;
   __shared__ float red[33];
   const size_t base = (size_t)blockIdx.x * D;
-  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[8];
+  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[9];
+  const bool apply = hp[8] > 0.5f;
   float w[PER], g[PER];
   float dot = 0.f;
   #pragma unroll
   for (int i = 0; i < PER; ++i) {
     const int d = threadIdx.x + i * 256;
     w[i] = 0.f; g[i] = 0.f;
-    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; dot += w[i] * g[i]; }
+    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; if (!isfinite(g[i])) g[i] = 0.f; dot += w[i] * g[i]; }
   }
   if (REMOVE_PAR) {
     dot = hk_block_sum(dot, red);
@@ -344,7 +345,7 @@ ADAM_ROWS = r"""
     }
   }
   float den = 1.f;
-  if (RENORM) { nrm = hk_block_sum(nrm, red); den = sqrtf(nrm) + reps; }
+  if (RENORM) { nrm = hk_block_sum(nrm, red); den = apply ? sqrtf(nrm) + reps : 1.f; }
   #pragma unroll
   for (int i = 0; i < PER; ++i) {
     const int d = threadIdx.x + i * 256;

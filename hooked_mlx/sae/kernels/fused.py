@@ -151,13 +151,15 @@ class ReferenceOps:
 
     # optimizer -------------------------------------------------------------------------------------
     def adam_rows(self, W, g, m, v, hp, remove_parallel: bool, renorm: bool, renorm_eps: float):
-        """Decoder pass: g -= (g.w) w; Adam; w /= (|w| + eps). ``hp`` = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2] float32
-        with c1 = lr / (1 - b1^t), c2 = rsqrt(1 - b2^t) (MLX Adam, bias_correction=True)."""
+        """Decoder pass: g -= (g.w) w; Adam; w /= (|w| + eps). ``hp`` = ``adam_hparams(...)``: [lr, b1, 1-b1, b2,
+        1-b2, eps, c1, c2, apply] float32 with c1 = lr / (1 - b1^t), c2 = rsqrt(1 - b2^t) (MLX Adam,
+        bias_correction=True); apply = 0: no update and no renorm."""
+        g = mx.where(mx.isfinite(g), g, 0.0)
         if remove_parallel:
             g = g - mx.sum(g * W, axis=-1, keepdims=True) * W
         W, m, v = self.adam(W, g, m, v, hp)
         if renorm:
-            W = W / (mx.linalg.norm(W, axis=-1, keepdims=True) + renorm_eps)
+            W = mx.where(hp[8] > 0, W / (mx.linalg.norm(W, axis=-1, keepdims=True) + renorm_eps), W)
         return W, m, v
 
     def adam(self, p, g, m, v, hp, lowp_dtype=None):
@@ -168,6 +170,7 @@ class ReferenceOps:
 
 def _adam_math(p, g, m, v, hp):
     b1, ob1, b2, ob2, eps, c1, c2 = hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
+    g = mx.where(mx.isfinite(g), g, 0.0)  # only a skipped (non-finite) step has such entries
     m = b1 * m + ob1 * g
     v = b2 * v + ob2 * mx.square(g)
     return p - (c1 * m) / (mx.sqrt(v) * c2 + eps), m, v
@@ -497,13 +500,14 @@ def topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux=None, 
     return fvu + aux_coef * aux, (fvu, aux, out)
 
 
-def topk_train_forward(sae, x, dead, use_dead: bool = True, ops=None):
+def topk_train_forward(sae, x, dead, use_dead: bool = True, ops=None, total_variance=None):
     """The TopK branch of ``hooked_mlx.sae.training.train_forward`` on the fused path, same semantics:
 
     returns (x_hat [B,D], vals [B,k], idx [B,k] (the kept latents, for bookkeeping), aux) where aux is the
     trainer's AuxK term (raw dead pre-activations, no decoder bias, normalised by the residual's total
     variance, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False).
     Call ``backend()`` once before compiling a step that uses it (the self-check runs at first use).
+    ``total_variance(e)``: the AuxK normaliser (default: this batch's; data-parallel steps pass the global one).
     """
     from .. import metrics as M
 
@@ -515,7 +519,8 @@ def topk_train_forward(sae, x, dead, use_dead: bool = True, ops=None):
     aux = mx.array(0.0)
     if aux_on:
         e = mx.stop_gradient(x - out.x_hat)
-        loss = mx.sum(mx.square(out.e_hat - e)) / mx.maximum(M.total_variance(e), 1e-12)
+        tv = (total_variance or M.total_variance)(e)
+        loss = mx.sum(mx.square(out.e_hat - e)) / mx.maximum(tv, 1e-12)
         aux = cfg.aux_k_coefficient * mx.where(mx.sum(dead) > 0, loss, 0.0)
     return out.x_hat, out.vals, out.idx, aux
 
@@ -557,22 +562,34 @@ def batchtopk_mask(acts: mx.array, k: int, ops=None) -> tuple[mx.array, mx.array
 # ---------------------------------------------------------------------------------------------------
 
 
-def adam_hparams(lr, b1, b2, eps, step, grad_scale=None) -> mx.array:
-    """[lr, b1, 1-b1, b2, 1-b2, eps, c1, c2] float32 for step ``step`` (1-based, an int or array).
+def adam_hparams(lr, b1, b2, eps, step, grad_scale=None, apply=None) -> mx.array:
+    """[lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply] float32 for step ``step`` (1-based, an int or array).
 
     1-b is rounded from double, as MLX's Adam does with its Python-float betas. ``grad_scale`` s (e.g. a
     gradient-clipping factor) folds into the vector: (1-b1)*s and (1-b2)*s^2 update m and v exactly as the
-    gradient s*g would, with no pass over the gradient."""
+    gradient s*g would, with no pass over the gradient. ``apply`` (a bool array; default True) False makes
+    the update a no-op (b = 1, 1-b = 0, c1 = 0, no renorm): a non-finite step skipped inside the update's
+    own pass. Every Adam pass reads non-finite gradient entries as 0, so a skipped step leaves p, m and v
+    exactly as they were."""
     lr = mx.array(lr, dtype=mx.float32) if not isinstance(lr, mx.array) else lr.astype(mx.float32)
     t = mx.array(step, dtype=mx.float32) if not isinstance(step, mx.array) else step.astype(mx.float32)
     c1 = lr / (1 - mx.power(mx.array(b1, mx.float32), t))
     c2 = mx.rsqrt(1 - mx.power(mx.array(b2, mx.float32), t))
     f = lambda a: mx.array(a, mx.float32)  # noqa: E731
     ob1, ob2 = f(1.0 - b1), f(1.0 - b2)
+    b1_, b2_ = f(b1), f(b2)
     if grad_scale is not None:
         s = mx.array(grad_scale, mx.float32) if not isinstance(grad_scale, mx.array) else grad_scale.astype(mx.float32)
         ob1, ob2 = ob1 * s, ob2 * mx.square(s)
-    return mx.stack([lr, f(b1), ob1, f(b2), ob2, f(eps), c1, c2])
+    on = f(1.0)
+    if apply is not None:
+        ok = mx.array(apply) if not isinstance(apply, mx.array) else apply
+        b1_, b2_ = mx.where(ok, b1_, 1.0), mx.where(ok, b2_, 1.0)
+        ob1, ob2 = mx.where(ok, ob1, 0.0), mx.where(ok, ob2, 0.0)
+        c1 = mx.where(ok, c1, 0.0)
+        c2 = mx.where(ok, c2, 1.0)
+        on = ok.astype(mx.float32)
+    return mx.stack([lr, b1_, ob1, b2_, ob2, f(eps), c1, c2, on]).astype(mx.float32)
 
 
 

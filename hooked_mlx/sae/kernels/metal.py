@@ -164,18 +164,19 @@ LATENT_GRADS = r"""
 """
 
 ADAM_ROWS = r"""
-  // template: D, REMOVE_PAR, RENORM; 256 threads; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, renorm_eps]
+  // template: D, REMOVE_PAR, RENORM; 256 threads; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply, renorm_eps]
   constexpr int PER = (D + 255) / 256;
   threadgroup float red[8];
   const uint t = thread_position_in_threadgroup.x;
   const size_t base = (size_t)threadgroup_position_in_grid.x * D;
-  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[8];
+  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[9];
+  const bool apply = hp[8] > 0.5f;
   float w[PER], g[PER];
   float dt = 0.0f;
   for (int i = 0; i < PER; ++i) {
     const uint d = t + i * 256;
     w[i] = 0.0f; g[i] = 0.0f;
-    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; dt += w[i] * g[i]; }
+    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; if (!metal::isfinite(g[i])) g[i] = 0.0f; dt += w[i] * g[i]; }
   }
   if (REMOVE_PAR) {
     dt = simd_sum(dt);
@@ -206,7 +207,7 @@ ADAM_ROWS = r"""
     threadgroup_barrier(mem_flags::mem_threadgroup);
     nrm = 0.0f;
     for (int i = 0; i < 8; ++i) nrm += red[i];
-    den = metal::precise::sqrt(nrm) + reps;
+    den = apply ? metal::precise::sqrt(nrm) + reps : 1.0f;
   }
   for (int i = 0; i < PER; ++i) {
     const uint d = t + i * 256;
