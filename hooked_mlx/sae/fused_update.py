@@ -3,8 +3,10 @@ gradient-norm clipping, Adam (MLX's formula with bias correction) and decoder re
 
 The clip needs no pass of its own: scaling the gradient by s before Adam is the same as scaling Adam's
 (1 - b1) by s and (1 - b2) by s^2, so the clip scale folds into the hyper-parameter vector of the fused
-Adam passes (``kernels.fused.adam_hparams``). The norm of the projected decoder gradient comes from row
-sums, without materialising the projection: |g - (g.w)w|^2 = |g|^2 - (g.w)^2 (2 - |w|^2).
+Adam passes (``kernels.fused.adam_hparams``). Where the back end projects the decoder gradient inside its
+decoder pass (``ops.fused_optimizer``: the GPU kernels, where the trainer uses this update), the norm of the projected gradient comes from
+row sums, without materialising it: |g - (g.w)w|^2 = |g|^2 - (g.w)^2 (2 - |w|^2). Elsewhere (the CPU,
+where every reduction is a separate pass) the projection is done once before the norm.
 
 It updates the same optimizer state as ``mlx.optimizers.Adam`` (``state[name]["m" | "v"]``, ``step``,
 ``learning_rate``), so checkpoints and ``reference`` runs are interchangeable.
@@ -46,7 +48,11 @@ def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], o
     ``opt_state`` is ``mlx.optimizers.Adam``'s state dict; ``lr_fn(step)`` its learning-rate schedule.
     ``unit_norm``: remove the decoder gradient's component along each decoder row and renormalise the rows
     after the update (``W / (|W| + 1e-8)``). ``clip`` > 0: global gradient-norm clipping at ``clip``."""
-    gnorm = grad_norm(grads, params["W_dec"], unit_norm)
+    in_pass = unit_norm and ops.fused_optimizer
+    if unit_norm and not in_pass:  # project once here; the norm below is then a plain sum of squares
+        W, g = params["W_dec"], grads["W_dec"]
+        grads = {**grads, "W_dec": g - mx.sum(g * W, axis=-1, keepdims=True) * W}
+    gnorm = grad_norm(grads, params["W_dec"], in_pass)
     applied = mx.isfinite(gnorm) if ok is None else ok & mx.isfinite(gnorm)
     scale = mx.minimum(clip / (gnorm + 1e-6), 1.0) if clip > 0 else mx.array(1.0, dtype=mx.float32)
     scale = mx.where(applied, scale, 0.0)
@@ -58,7 +64,7 @@ def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], o
     for name, g in grads.items():
         st = opt_state[name]
         if name == "W_dec":
-            p, st["m"], st["v"] = ops.adam_rows(params[name], g, st["m"], st["v"], hp, unit_norm, unit_norm, 1e-8)
+            p, st["m"], st["v"] = ops.adam_rows(params[name], g, st["m"], st["v"], hp, in_pass, unit_norm, 1e-8)
         else:
             p, st["m"], st["v"] = ops.adam(params[name], g, st["m"], st["v"], hp)
         new_params[name] = p

@@ -247,6 +247,8 @@ class SAETrainer:
             self.kernels = D.DistributedKernels(self.kernels, self.world)
         #: what runs the step: "reference", or the fused back end ("cuda", "metal", "cpu")
         self.kernels_name = self.fused_ops.name if self.fused_ops is not None else "reference"
+        #: the update in the back end's fused passes (GPU kernels; see ``fused_update``), else MLX's Adam
+        self.fused_update = self.fused_ops is not None and self.fused_ops.fused_optimizer
         self.sae = sae if sae is not None else SAE(cfg)
         self._fresh = sae is None  # b_dec is initialised from data only for a new SAE
         self.optimizer = optim.Adam(
@@ -301,7 +303,7 @@ class SAETrainer:
     def _make_step(self, use_dead: bool, unit_norm: bool, window: int, warm: int, scale: float):
         cfg = self.cfg
         sae, opt, aux, kernels, world = self.sae, self.optimizer, self.aux, self.kernels, self.world
-        fused_ops = self.fused_ops
+        fused_ops = self.fused_ops if self.fused_update else None
         lr_fn = lr_schedule(cfg)
         loss_and_grad = nn.value_and_grad(
             sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead))

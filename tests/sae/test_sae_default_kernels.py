@@ -98,3 +98,64 @@ def test_clip_folded_into_adam_equals_clipping_the_gradient():
     ops = FU.ReferenceOps()
     for a, b in zip(ops.adam(p, g, m, v, hp_folded), ops.adam(p, g * s, m, v, hp_plain)):
         assert_close(a, b, 1e-6)
+
+
+class _InPassOps(FU.ReferenceOps):
+    """The reference ops with the GPU back ends' update layout (projection inside the decoder pass)."""
+
+    fused_optimizer = True
+
+
+def _reference_update(params, grads, opt, clip):
+    """The trainer's reference update: projection, clip_grad_norm, MLX Adam, renorm."""
+    import mlx.optimizers as optim
+
+    g = dict(grads)
+    W = params["W_dec"]
+    g["W_dec"] = g["W_dec"] - mx.sum(g["W_dec"] * W, axis=-1, keepdims=True) * W
+    g, norm = optim.clip_grad_norm(g, clip)
+    new = opt.apply_gradients(g, params)
+    new["W_dec"] = new["W_dec"] / (mx.linalg.norm(new["W_dec"], axis=-1, keepdims=True) + 1e-8)
+    return new, norm
+
+
+@pytest.mark.parametrize("ops", [FU.ReferenceOps(), _InPassOps(), CpuOps()], ids=["pre-pass", "in-pass", "cpu"])
+@pytest.mark.parametrize("clip", [1e-3, 100.0], ids=["clipped", "unclipped"])
+def test_fused_update_equals_the_reference_update(ops, clip):
+    from hooked_mlx.sae.fused_update import fused_adam_update
+    import mlx.optimizers as optim
+
+    rng = np.random.default_rng(2)
+    D, F = 24, 96
+    W_dec = rng.normal(size=(F, D)).astype(np.float32)
+    params = {"W_enc": mx.array(rng.normal(size=(D, F)).astype(np.float32)), "b_enc": mx.zeros((F,)),
+              "W_dec": mx.array(W_dec / np.linalg.norm(W_dec, axis=-1, keepdims=True)), "b_dec": mx.ones((D,))}
+    grads = {k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.1) for k, v in params.items()}
+    lr_fn = optim.linear_schedule(1e-3, 2e-3, 10)
+    ref_opt = optim.Adam(learning_rate=lr_fn, bias_correction=True)
+    ref_opt.init(params)
+    fused_opt = optim.Adam(learning_rate=lr_fn, bias_correction=True)
+    fused_opt.init(params)
+    p_ref, p_fused = params, params
+    for _ in range(3):
+        p_ref, n_ref = _reference_update(p_ref, grads, ref_opt, clip)
+        p_fused, n_fused, _, applied = fused_adam_update(p_fused, grads, fused_opt.state, lr_fn, betas=(0.9, 0.999),
+                                                         eps=1e-8, clip=clip, unit_norm=True, ops=ops)
+        assert bool(applied.item())
+        assert float(n_fused) == pytest.approx(float(n_ref), rel=1e-5)
+    for k in params:
+        assert_close(p_fused[k], p_ref[k], 1e-6, err_msg=k)
+        assert_close(fused_opt.state[k]["m"], ref_opt.state[k]["m"], 1e-6, err_msg=k)
+        assert_close(fused_opt.state[k]["v"], ref_opt.state[k]["v"], 1e-6, err_msg=k)
+    assert int(fused_opt.state["step"].item()) == int(ref_opt.state["step"].item()) == 3
+    # a skipped step (non-finite gradient) changes nothing, exactly: no copy of the old state is kept
+    bad = {**grads, "W_enc": grads["W_enc"] * float("nan")}
+    before = {k: np.array(v) for k, v in p_fused.items()}
+    m_before = np.array(fused_opt.state["W_dec"]["m"])
+    p_skip, _, _, applied = fused_adam_update(p_fused, bad, fused_opt.state, lr_fn, betas=(0.9, 0.999), eps=1e-8,
+                                              clip=clip, unit_norm=True, ops=ops)
+    assert not bool(applied.item())
+    for k in params:
+        assert np.array_equal(np.array(p_skip[k]), before[k]), k
+    assert np.array_equal(np.array(fused_opt.state["W_dec"]["m"]), m_before)
+    assert int(fused_opt.state["step"].item()) == 3

@@ -39,6 +39,19 @@ class CpuOps(ReferenceOps):
         vals = mx.maximum(vals, 0) if relu else mx.where(mx.isfinite(vals), vals, 0)
         return vals.astype(mx.float32), idx
 
+    def batch_kth_largest(self, pre, n_keep):
+        """Two-stage: the n_keep best blocks of TOPK_BLOCK entries by their maximum hold the n_keep largest
+        entries (ties included), then a partition of those blocks' entries only."""
+        acts = mx.maximum(pre, 0).reshape(-1)
+        G = TOPK_BLOCK
+        n = acts.shape[0]
+        if n % G or n // G <= n_keep:
+            return mx.min(mx.topk(acts, n_keep)).astype(mx.float32)
+        blocks = acts.reshape(n // G, G)
+        best = mx.argpartition(mx.max(blocks, axis=-1), n // G - n_keep)[n // G - n_keep:]
+        cand = blocks[best].reshape(-1)
+        return mx.min(mx.topk(cand, n_keep)).astype(mx.float32)
+
     def decode(self, vals, idx, W):
         return (vals[:, None, :] @ W[idx])[:, 0]
 

@@ -362,6 +362,7 @@ class CudaOps(ReferenceOps):
     """The CUDA kernels; anything not overridden is the pure-MLX reference op."""
 
     name = "cuda"
+    fused_optimizer = True
     matmul_dtype = mx.bfloat16
 
     def __init__(self):

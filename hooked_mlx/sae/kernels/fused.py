@@ -85,6 +85,10 @@ class ReferenceOps:
 
     name = "reference"
     matmul_dtype = None  # None: the inputs' dtype (float32)
+    #: True (GPU kernels): adam_rows is one pass per decoder row (projection, Adam, renorm), so the trainer's
+    #: update runs as ``fused_update.fused_adam_update``. False (CPU): compiled MLX fuses the reference
+    #: update's elementwise work already, and each extra reduction is a separate pass, so the trainer keeps it.
+    fused_optimizer = False
     lowp_backward = False  # True: the per-latent gradient sums read bf16 copies of dY and xc (fp32 sums)
 
     # encoder ---------------------------------------------------------------------------------------
@@ -116,6 +120,10 @@ class ReferenceOps:
         match = (keys & hi_mask) == (prefix & hi_mask)
         digit = ((keys >> shift) & 255).astype(mx.int32)
         return mx.zeros((256,), dtype=mx.uint32).at[digit.reshape(-1)].add(match.reshape(-1).astype(mx.uint32))
+
+    def batch_kth_largest(self, pre: mx.array, n_keep: int) -> mx.array:
+        """The n_keep-th largest entry of relu(pre) over the whole batch (a float32 scalar), exact."""
+        return radix_kth_largest(self, pre, n_keep)
 
     def acts_keys(self, pre: mx.array) -> mx.array:
         """Keys of relu(pre), flattened (what BatchTopK ranks)."""
@@ -154,13 +162,7 @@ class ReferenceOps:
         """Decoder pass: g -= (g.w) w; Adam; w /= (|w| + eps). ``hp`` = ``adam_hparams(...)``: [lr, b1, 1-b1, b2,
         1-b2, eps, c1, c2, apply] float32 with c1 = lr / (1 - b1^t), c2 = rsqrt(1 - b2^t) (MLX Adam,
         bias_correction=True); apply = 0: no update and no renorm."""
-        g = mx.where(mx.isfinite(g), g, 0.0)
-        if remove_parallel:
-            g = g - mx.sum(g * W, axis=-1, keepdims=True) * W
-        W, m, v = self.adam(W, g, m, v, hp)
-        if renorm:
-            W = mx.where(hp[8] > 0, W / (mx.linalg.norm(W, axis=-1, keepdims=True) + renorm_eps), W)
-        return W, m, v
+        return _adam_rows_fn(bool(remove_parallel), bool(renorm), float(renorm_eps))(W, g, m, v, hp)
 
     def adam(self, p, g, m, v, hp, lowp_dtype=None):
         if lowp_dtype is None:
@@ -168,9 +170,29 @@ class ReferenceOps:
         return _adam_elementwise_lowp(p, g, m, v, hp, lowp_dtype)
 
 
+def _finite(g: mx.array) -> mx.array:
+    """g with non-finite entries read as 0 (only a skipped step has any). |g| < inf is False for NaN and
+    inf alike, and unlike mx.isfinite it fuses into a compiled CPU kernel."""
+    return mx.where(mx.abs(g) < mx.inf, g, 0.0)
+
+
+@cache
+def _adam_rows_fn(remove_parallel: bool, renorm: bool, renorm_eps: float):
+    def fn(W, g, m, v, hp):
+        g = _finite(g)
+        if remove_parallel:
+            g = g - mx.sum(g * W, axis=-1, keepdims=True) * W
+        W, m, v = _adam_math(W, g, m, v, hp)
+        if renorm:
+            W = mx.where(hp[8] > 0, W / (mx.linalg.norm(W, axis=-1, keepdims=True) + renorm_eps), W)
+        return W, m, v
+
+    return mx.compile(fn)
+
+
 def _adam_math(p, g, m, v, hp):
     b1, ob1, b2, ob2, eps, c1, c2 = hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
-    g = mx.where(mx.isfinite(g), g, 0.0)  # only a skipped (non-finite) step has such entries
+    g = _finite(g)
     m = b1 * m + ob1 * g
     v = b2 * v + ob2 * mx.square(g)
     return p - (c1 * m) / (mx.sqrt(v) * c2 + eps), m, v
@@ -531,12 +553,16 @@ def topk_train_forward(sae, x, dead, use_dead: bool = True, ops=None, total_vari
 
 
 def batchtopk_threshold(pre: mx.array, k: int, ops=None) -> mx.array:
-    """The (k*B)-th largest entry of relu(pre) over the whole batch [B,F] (a float32 scalar), found by a
-    4-pass 8-bit radix select over order-preserving keys: exact, no sort, all on device."""
+    """The (k*B)-th largest entry of relu(pre) over the whole batch [B,F] (a float32 scalar): exact, no
+    sort (``ops.batch_kth_largest``: a radix select on GPU back ends, a two-stage partition on the CPU)."""
     ops = _resolve(ops)
     B, F = pre.shape
-    n_keep = min(int(k * B), B * F)
-    keys = ops.acts_keys(mx.stop_gradient(pre))
+    return ops.batch_kth_largest(mx.stop_gradient(pre), min(int(k * B), B * F))
+
+
+def radix_kth_largest(ops, pre: mx.array, n_keep: int) -> mx.array:
+    """The n_keep-th largest entry of relu(pre) by a 4-pass 8-bit radix select over order-preserving keys."""
+    keys = ops.acts_keys(pre)
     prefix = mx.array([0], dtype=mx.uint32)
     remaining = mx.array(n_keep, dtype=mx.int32)
     rev = mx.arange(255, -1, -1)

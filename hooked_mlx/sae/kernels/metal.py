@@ -225,6 +225,7 @@ class MetalOps(ReferenceOps):
     """The Metal kernels; anything not overridden is the pure-MLX reference op."""
 
     name = "metal"
+    fused_optimizer = True
     matmul_dtype = mx.bfloat16
     lowp_backward = True  # bf16 dY / xc operands in the latent sums (the kernel reads float or bfloat)
 
