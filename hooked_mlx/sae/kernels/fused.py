@@ -22,18 +22,18 @@ The interface
 * Reference-compatible per-op functions (``encode_pre``, ``topk_select``, ``sparse_decode``,
   ``topk_decode``, ``batchtopk_mask`` ...) so ``get_backend("fused")`` is a drop-in ``kernels`` module
   for the trainer (top-k select and decode run fused; the encoder backward stays dense there).
-* ``backend()`` -> "cuda" | "metal" | "reference": the GPU back end if present and if it passed its
-  self-check (run once, at first use, on a small problem against the reference ops; on a mismatch or
-  an exception it warns and falls back to "reference"). ``HOOKED_MLX_SAE_KERNELS=reference`` forces it.
+* ``backend()`` -> "cuda" | "metal" | "cpu" | "reference": the device's back end if it passed its self-check
+  (run once, at first use, on a small problem against the reference ops; on a mismatch or an exception it
+  warns and falls back to "reference"). ``HOOKED_MLX_SAE_KERNELS=cpu|cuda|metal|reference`` forces one.
 
-Trainer integration:
+Trainer integration (``SAEConfig.kernels = "auto"``, the default, is this module):
 
-* ``SAETrainer(cfg, kernels="fused")`` / ``train_saes(..., kernels="fused")`` already use the per-op functions
-  inside the trainer's compiled step, unchanged (radix top-k select, fused decode with a sparse VJP; the
-  encoder backward stays MLX's dense one there).
-* The fully sparse path is ``topk_train_forward(sae, x, dead, use_dead)`` -> (x_hat, vals, idx, aux), the
-  trainer's TopK branch with its AuxK semantics (raw dead pre-activations); ``fused_adam_renorm`` + ``adam``
-  replace projection + ``optim.Adam`` + renorm (see ``benchmarks/sae_kernels.py:FusedStep``).
+* The TopK step takes ``topk_train_forward(sae, x, dead, use_dead)`` -> (x_hat, vals, idx, aux), the
+  trainer's TopK branch with its AuxK semantics (raw dead pre-activations): sparse encoder backward.
+  The other architectures use the per-op functions below (BatchTopK's cut without a sort).
+* On back ends with ``fused_optimizer`` (CUDA, Metal) the update is ``sae.fused_update.fused_adam_update``:
+  ``adam_rows`` + ``adam`` with the clip and the non-finite guard in the hyper-parameter vector.
+  ``step.FusedTopKStep`` is the bare fused step (no clip, guard or metrics) the trainer is measured against.
 
 Precision: GPU back ends run the encoder matmul in bf16 with fp32 accumulation (pre-activations stored
 in bf16, as under sparsify's autocast), and the per-latent gradient sums read bf16 copies of the
