@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_fixtures import build_mlx_lm_checkpoint
 from tolerance import assert_close, rel_maxdiff
 
@@ -418,7 +419,14 @@ def test_hugging_face_weight_layout_loads(ckpts, tmp_path, family):
     mx.save_safetensors(str(dst / "model.safetensors"), hf)
     shutil.copy2(src / "config.json", dst / "config.json")
     model = HookedTransformer.from_pretrained(dst)
-    assert maxdiff(model(TOKENS), ckpts.ours(family)(TOKENS)) == 0.0
+    ours = ckpts.ours(family)
+    # the same numbers in every parameter (a transposed layout may be a strided view: compare values)
+    mine, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(ours.parameters()))
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert mx.array_equal(mine[k], theirs[k]).item(), k
+    # logits: a strided weight may take another GEMM path in the BLAS, so equal up to float32 rounding
+    assert maxdiff(model(TOKENS), ours(TOKENS)) <= 1e-6
 
 
 # -- MoE -------------------------------------------------------------------------------------------
