@@ -33,8 +33,11 @@ HANG_TIMEOUT_S = 1800  # only stops a hang; a loaded machine may take minutes
 
 
 def _run(code, *args, env=None):
+    """A fresh interpreter; these tests set the BLAS switch themselves (a suite run with HOOKED_MLX_NO_BLAS=1
+    must not turn the fix off in the run that checks it is on)."""
+    base = {k: v for k, v in os.environ.items() if k != "HOOKED_MLX_NO_BLAS"}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=ROOT, timeout=HANG_TIMEOUT_S)
+                          env={**base, **(env or {})}, cwd=ROOT, timeout=HANG_TIMEOUT_S)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS fix applies to Linux only")
