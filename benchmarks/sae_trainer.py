@@ -38,6 +38,7 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)  # the checkout's hooked_mlx, installed or not
 SHAPES = {"C1": dict(D=576, F=2304, B=256, K=16), "C2": dict(D=576, F=9216, B=1024, K=32)}
 SL_VERSION = "6.54.12"
 TORCH_VERSION = "2.13.0"
@@ -95,39 +96,6 @@ print(json.dumps(dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=resource.getrusa
                       sae_lens=sae_lens.__version__)))
 """
 
-# ---------------------------------------------------------------------------------------------------
-# hooked_mlx worker: the default trainer, as a user constructs it
-# ---------------------------------------------------------------------------------------------------
-MLX_WORKER = r"""
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[8])
-import hooked_mlx  # BLAS before mlx.core
-from hooked_mlx.sae import SAEConfig, SAETrainer
-import mlx.core as mx
-
-D, F, B, K, steps, warmup = (int(a) for a in sys.argv[1:7])
-kernels = sys.argv[7]
-cfg = SAEConfig(architecture="topk", d_in=D, d_sae=F, k=K, lr=2e-4, train_batch_size_tokens=B,
-                normalize_activations="none", hook_name="h")
-kw = {} if kernels == "default" else {"kernels": kernels}
-t = SAETrainer(cfg, **kw)
-xs = [mx.random.normal((B, D), key=mx.random.key(i)) for i in range(4)]
-mx.eval(xs)
-t.initialize(xs[0])
-for i in range(warmup):
-    t.step(xs[i % 4])
-    mx.eval(t.state_arrays())
-t0 = time.perf_counter()
-for i in range(steps):
-    t.step(xs[(warmup + i) % 4])
-    mx.eval(t.state_arrays())
-dt = (time.perf_counter() - t0) / steps
-m = t.read_metrics()
-print(json.dumps(dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                      loss=m["loss"], kernels=t.kernels_name, mlx=mx.__version__)))
-"""
-
-
 def ensure_sl_venv(python: str) -> str:
     if os.path.exists(python):
         return python
@@ -146,8 +114,11 @@ def run_worker(cmd: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _gpu_time_trainer(arch, D, F, B, K, lr, steps, warmup):
+def time_trainer(arch, D, F, B, K, lr, steps, warmup, kernels=None) -> dict:
+    """``SAETrainer`` as a user builds it (``kernels`` None: the default) on synthetic activations: ms per
+    step with the state evaluated every step, tokens/s, peak memory (MLX's; the process's RSS on the CPU)."""
     import gc
+    import resource
 
     import hooked_mlx  # noqa: F401
     from hooked_mlx.sae import SAEConfig, SAETrainer
@@ -157,7 +128,7 @@ def _gpu_time_trainer(arch, D, F, B, K, lr, steps, warmup):
     mx.reset_peak_memory()
     cfg = SAEConfig(architecture=arch, d_in=D, d_sae=F, k=K, lr=lr, train_batch_size_tokens=B,
                     normalize_activations="none", hook_name="h", b_dec_init="mean")
-    t = SAETrainer(cfg)
+    t = SAETrainer(cfg) if kernels is None else SAETrainer(cfg, kernels=kernels)
     xs = [mx.random.normal((B, D), key=mx.random.key(i)) for i in range(2)]
     mx.eval(xs)
     t.initialize(xs[0])
@@ -170,8 +141,11 @@ def _gpu_time_trainer(arch, D, F, B, K, lr, steps, warmup):
         mx.eval(t.state_arrays())
     dt = (time.perf_counter() - t0) / steps
     m = t.read_metrics()
-    out = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=mx.get_peak_memory() / 1e9, loss=m["loss"],
-               kernels=t.kernels_name)
+    peak = mx.get_peak_memory() / 1e9
+    if mx.default_device() == mx.cpu:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=peak, loss=m["loss"], kernels=t.kernels_name,
+               mlx=mx.__version__)
     del t, xs
     gc.collect()
     mx.clear_cache()
@@ -228,7 +202,7 @@ def gpu_main(a) -> int:
                     res[impl] = _gpu_time_fused_step(D, F, B, K, lr_for(F), a.steps, a.warmup)
                 else:
                     arch = "batchtopk" if impl == "trainer_batchtopk" else "topk"
-                    res[impl] = _gpu_time_trainer(arch, D, F, B, K, lr_for(F), a.steps, a.warmup)
+                    res[impl] = time_trainer(arch, D, F, B, K, lr_for(F), a.steps, a.warmup)
             except Exception as e:  # record it and go on to the next implementation
                 res[impl] = {"error": f"{type(e).__name__}: {e}"}
             r = res[impl]
@@ -254,7 +228,18 @@ def gpu_main(a) -> int:
     return 0
 
 
+def mlx_worker(args: list[str]) -> int:
+    """One interleaved CPU round of the default (or a named) trainer: D F B K steps warmup kernels."""
+    D, F, B, K, steps, warmup = (int(a) for a in args[:6])
+    kernels = None if args[6] == "default" else args[6]
+    print(json.dumps(time_trainer("topk", D, F, B, K, 2e-4, steps, warmup, kernels)))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--mlx-worker"]:
+        return mlx_worker(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: gpu where MLX has one")
     ap.add_argument("--gpu-shapes", nargs="*", default=["S1", "S2"])
@@ -282,10 +267,11 @@ def main(argv=None) -> int:
     for name in a.shapes:
         s = SHAPES[name]
         dims = [str(s["D"]), str(s["F"]), str(s["B"]), str(s["K"]), str(a.steps), str(a.warmup)]
-        impls = {"trainer": [sys.executable, "-c", MLX_WORKER, *dims, "default", ROOT],
+        me = [sys.executable, os.path.abspath(__file__), "--mlx-worker"]
+        impls = {"trainer": [*me, *dims, "default"],
                  "saelens": [sl, "-c", SL_WORKER, *dims, str(a.threads)]}
         for k in a.also:
-            impls[f"trainer[{k}]"] = [sys.executable, "-c", MLX_WORKER, *dims, k, ROOT]
+            impls[f"trainer[{k}]"] = [*me, *dims, k]
         runs: dict[str, list[dict]] = {k: [] for k in impls}
         for r in range(a.rounds):
             for impl, cmd in impls.items():
@@ -302,7 +288,7 @@ def main(argv=None) -> int:
             print(f"{shape} {impl:18s} {med[impl]:>10,.0f} tok/s  {med[impl] / med['saelens']:.2f}x SAELens")
         detail[name] = runs
     meta = dict(device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                python=platform.python_version(), command=" ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
+                python=platform.python_version(), command=" ".join([os.path.basename(sys.argv[0]), *argv]),
                 date=time.strftime("%Y-%m-%d"), rounds=a.rounds, steps=a.steps, warmup=a.warmup,
                 sae_lens=SL_VERSION, torch=TORCH_VERSION, torch_threads=a.threads)
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
