@@ -88,6 +88,8 @@ def transformers5(cfg: dict) -> dict:
         d["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
     if len(rp) > 1 or d["model_type"] == "gemma3_text":
         d["rope_parameters"] = rp
+    if d["model_type"] == "qwen3_moe":  # transformers 5.24 writes the expert count under Mixtral's key
+        d["num_local_experts"] = d.pop("num_experts")
     return d
 
 

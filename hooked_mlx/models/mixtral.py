@@ -60,7 +60,7 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=tied_embeddings(d, weight_names),
-        num_experts=require(d, "num_local_experts"),
+        num_experts=require(d, "num_local_experts", "num_experts"),
         experts_per_token=require(d, "num_experts_per_tok"),
         norm_topk_prob=True,
         **token_ids(d),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..components import TransformerBlock, make_mlp
 from ..components.moe import MoEMLP
-from ..config import HookedConfig
+from ..config import HookedConfig, require
 from . import llama
 from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
 from .mixtral import stack_experts
@@ -26,7 +26,7 @@ MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 def moe_layers(d: dict, n_layers: int) -> list[int]:
     step = int(d.get("decoder_sparse_step") or 1)
     dense = set(d.get("mlp_only_layers") or [])
-    if not d.get("num_experts"):
+    if not (d.get("num_experts") or d.get("num_local_experts")):
         return []
     return [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
 
@@ -46,8 +46,9 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
     cfg = llama.config_from_hf(base, weight_names)
     cfg.architecture = mt
     cfg.d_mlp = d["moe_intermediate_size"]
-    cfg.num_experts = d["num_experts"]
-    cfg.experts_per_token = d["num_experts_per_tok"]
+    # transformers 5.24 saves qwen3_moe's expert count as num_local_experts (older: num_experts)
+    cfg.num_experts = require(d, "num_experts", "num_local_experts")
+    cfg.experts_per_token = require(d, "num_experts_per_tok")
     cfg.norm_topk_prob = bool(d.get("norm_topk_prob", False))
     cfg.extra = {"moe_layers": moe_layers(d, cfg.n_layers), "dense_d_mlp": d["intermediate_size"]}
     if mt == "qwen2_moe" and d.get("shared_expert_intermediate_size"):
