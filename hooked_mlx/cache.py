@@ -150,12 +150,16 @@ class ActivationCache:
 
     @staticmethod
     def _pos(x: mx.array, pos_slice, dim: int = -2) -> mx.array:
-        """Apply a TL-style pos_slice (None, int (drops the dim), slice, list or array) along ``dim``."""
+        """Apply a TL-style pos_slice along ``dim``, as TransformerLens's ``Slice`` reads it: None (all), an int
+        (drops the dim), a tuple (``slice(*t)``: ``(2, 8)`` is positions 2..7, not [2, 8]), a slice, or a list
+        / array of indices."""
         if pos_slice is None:
             return x
         dim = dim % x.ndim
         idx = (slice(None),) * dim
-        if isinstance(pos_slice, (list, tuple)):
+        if isinstance(pos_slice, tuple):
+            pos_slice = slice(*pos_slice)
+        elif isinstance(pos_slice, list):
             pos_slice = mx.array(pos_slice)
         return x[idx + (pos_slice,)]
 

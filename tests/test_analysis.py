@@ -81,6 +81,11 @@ def test_accumulated_resid_and_apply_ln(model, run):
     last = cache.accumulated_resid(apply_ln=True, pos_slice=-1)
     assert last.shape == (n + 1, TOKENS.shape[0], model.cfg.d_model)
     close(last, normed[:, :, -1])
+    # a tuple is TransformerLens's Slice: (2, 8) means positions 2..7 (slice(2, 8)), not the indices [2, 8]
+    window = cache.accumulated_resid(apply_ln=True, pos_slice=(2, 8))
+    assert window.shape == (n + 1, TOKENS.shape[0], 6, model.cfg.d_model)
+    close(window, normed[:, :, 2:8])
+    close(cache.accumulated_resid(apply_ln=True, pos_slice=[2, 7]), normed[:, :, mx.array([2, 7])])  # a list: indices
     # recompute_ln normalises each component by its own scale
     rec = cache.apply_ln_to_stack(stack, recompute_ln=True)
     x = np.array(stack.astype(mx.float32))
