@@ -59,17 +59,15 @@ class CpuOps(ReferenceOps):
         return (W[idx] @ dY[..., None])[..., 0]
 
     def latent_grads(self, cols, rows_dec, rows_enc, coef_dec, coef_enc, Y, xc, F, deterministic=True):
-        D = Y.shape[-1]
-        n_dec = Y.shape[0]
-        dense = mx.zeros((n_dec * F,), dtype=mx.float32)
-        C_dec = dense.at[rows_dec.astype(mx.int64) * F + cols.astype(mx.int64)].add(coef_dec.astype(mx.float32))
-        dW_dec = C_dec.reshape(n_dec, F).T @ Y.astype(mx.float32)  # [F, D]
+        C_dec = _coef_matrix(rows_dec, cols, coef_dec, Y.shape[0], F)
+        dW_dec = C_dec.T @ Y.astype(mx.float32)  # [F, D]
         if coef_enc is None:
             return dW_dec, None, None
-        n_enc = xc.shape[0]
-        C_enc = mx.zeros((n_enc * F,), dtype=mx.float32).at[rows_enc.astype(mx.int64) * F + cols.astype(mx.int64)].add(
-            coef_enc.astype(mx.float32)).reshape(n_enc, F)
-        dW_enc = xc.astype(mx.float32).T @ C_enc  # [D, F]
-        db_enc = mx.sum(C_enc, axis=0)
-        del D
-        return dW_dec, dW_enc, db_enc
+        C_enc = _coef_matrix(rows_enc, cols, coef_enc, xc.shape[0], F)
+        return dW_dec, xc.astype(mx.float32).T @ C_enc, mx.sum(C_enc, axis=0)  # dW_enc [D, F], db_enc [F]
+
+
+def _coef_matrix(rows: mx.array, cols: mx.array, coef: mx.array, n: int, F: int) -> mx.array:
+    """[n, F] float32 holding coef_e at (rows_e, cols_e), summed where entries repeat, zero elsewhere."""
+    flat = rows.astype(mx.int64) * F + cols.astype(mx.int64)
+    return mx.zeros((n * F,), dtype=mx.float32).at[flat].add(coef.astype(mx.float32)).reshape(n, F)
