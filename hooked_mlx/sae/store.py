@@ -21,11 +21,12 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from ..outputs import check_output_dir
+from ..outputs import check_output_dir, write_file_atomic
 from ..readers import check_safetensors, read_json
 from .config import SAEConfig
 
@@ -644,9 +645,9 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
             n = next(iter(chunk.values())).shape[0]
             n = min(n, limit - written)
             name = f"{prefix}{len(shards):05d}.safetensors"
-            tmp = os.path.join(out_dir, f".{name}.tmp.safetensors")  # MLX appends .safetensors otherwise
-            mx.save_safetensors(tmp, {h: mx.array(v[:n]).astype(getattr(mx, dtype)) for h, v in chunk.items()})
-            os.replace(tmp, os.path.join(out_dir, name))
+            arrays = {h: mx.array(v[:n]).astype(getattr(mx, dtype)) for h, v in chunk.items()}
+            write_file_atomic(os.path.join(out_dir, name), lambda tmp, a=arrays: mx.save_safetensors(tmp, a),
+                              overwrite=overwrite, what="harvest", suffix=".safetensors")
             shards.append({"file": name, "n_tokens": int(n)})
             written += n
             if bar is not None:
@@ -678,10 +679,9 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
     if w.distributed:
         manifest["world_size"] = w.size
     if w.is_main:
-        tmp = os.path.join(out_dir, f".{MANIFEST}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-        os.replace(tmp, os.path.join(out_dir, MANIFEST))
+        text = json.dumps(manifest, indent=2)
+        write_file_atomic(os.path.join(out_dir, MANIFEST), lambda tmp: Path(tmp).write_text(text),
+                          overwrite=overwrite, what="harvest")
     w.barrier()  # the folder is complete (manifest written) when any rank returns
     return manifest
 
