@@ -9,9 +9,15 @@ per step) on synthetic activations after warm-up; rank 0 reports global tokens/s
 
     python benchmarks/sae_distributed.py -n 2                           # 2 GPUs (NCCL) / 2 CPU processes
     python benchmarks/sae_distributed.py -n 2 --json benchmarks/results/sae_distributed_2gpu.json
+    python benchmarks/sae_distributed.py -n 4 --modes weak strong --reduce-dtypes float32 bfloat16 --profile \
+        --json benchmarks/results/sae_distributed_4gpu.json
 
-Prints per shape: tokens/s at 1 rank, at N ranks, speed-up and efficiency = speed-up / N.
-On a 2-core CPU machine the numbers only show that the path runs (2 processes share the 2 cores).
+Prints per shape, mode (weak / strong) and gradient all_sum dtype (``SAEConfig.grad_reduce_dtype``): tokens/s
+at 1 rank (one anchor per shape, the same process configuration for both modes), at N ranks, speed-up and
+efficiency = speed-up / N. ``--profile``: the N-rank worker of the first mode also times the collectives of a
+step in isolation (the W_enc and W_dec gradient all_sums in float32 and bfloat16, a sum_scatter + all_gather of
+the same bytes, and an all_gather of the batch), so the step's communication cost can be read against its
+time. On a 2-core CPU machine the numbers only show that the path runs (2 processes share the 2 cores).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ def worker(a) -> None:
     d, k = s["d_in"] // a.scale, max(1, s["k"] // a.scale)
     local = s["batch"] // a.scale // (w.size if a.strong else 1)
     cfg = SAEConfig(architecture="topk", d_in=d, expansion_factor=s["expansion"], k=k,
-                    train_batch_size_tokens=local * w.size, training_tokens=10**12, lr=2e-4)
+                    train_batch_size_tokens=local * w.size, training_tokens=10**12, lr=2e-4,
+                    grad_reduce_dtype=a.reduce_dtype)
     t = SAETrainer(cfg, world=w)
     key = mx.random.key(100 + w.rank)
     xs = [mx.random.normal((local, d), key=mx.random.split(key, 4)[i]) for i in range(4)]
@@ -60,13 +67,49 @@ def worker(a) -> None:
         mx.async_eval(t.state_arrays())
     mx.eval(t.state_arrays())
     dt = time.perf_counter() - t0
+    comm = _profile_collectives(w, local, d, cfg.resolved_d_sae) if a.profile and w.distributed else None
     if w.is_main:
         print("RESULT " + json.dumps({"shape": a.shape, "ranks": w.size, "global_batch": local * w.size, "d_in": d,
-                                      "d_sae": cfg.resolved_d_sae, "k": k, "tokens_per_s": a.steps * local * w.size / dt}),
+                                      "d_sae": cfg.resolved_d_sae, "k": k, "grad_reduce_dtype": a.reduce_dtype,
+                                      "step_ms": 1e3 * dt / a.steps,
+                                      "tokens_per_s": a.steps * local * w.size / dt, "collectives_ms": comm}),
               flush=True)
 
 
-def _launch(n: int, a, shape: str) -> dict:
+def _profile_collectives(w, rows: int, d: int, F: int, reps: int = 5) -> dict:
+    """Milliseconds of each collective a step could use, alone (mean of ``reps`` after one warm-up)."""
+    g = w.group
+
+    def timed(fn, *arrays):
+        try:
+            mx.eval(fn(*arrays))
+        except RuntimeError:  # e.g. the ring back end has no sum_scatter
+            return None
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn(*arrays))
+        return 1e3 * (time.perf_counter() - t0) / reps
+
+    key = mx.random.key(7)
+    grads = [mx.random.normal((d, F), key=key), mx.random.normal((F, d), key=key)]
+    x = mx.random.normal((rows, d), key=key)
+    mx.eval(grads, x)
+    bf = [v.astype(mx.bfloat16) for v in grads]
+    mx.eval(bf)
+    out = {
+        "grad_bytes_fp32": sum(v.nbytes for v in grads),
+        "all_sum_grads_fp32": timed(lambda *v: [mx.distributed.all_sum(u, group=g) for u in v], *grads),
+        "all_sum_grads_bf16": timed(lambda *v: [mx.distributed.all_sum(u, group=g) for u in v], *bf),
+        "sum_scatter_plus_all_gather_fp32": timed(
+            lambda *v: [mx.distributed.all_gather(mx.distributed.sum_scatter(u, group=g), group=g) for u in v], *grads),
+        "all_gather_batch_fp32": timed(lambda u: mx.distributed.all_gather(u, group=g), x),
+        "all_gather_batch_bf16": timed(lambda u: mx.distributed.all_gather(u, group=g), x.astype(mx.bfloat16)),
+    }
+    return out
+
+
+def _launch(n: int, a, shape: str, strong: bool = False, reduce_dtype: str = "float32", profile: bool = False
+            ) -> dict:
     launcher = shutil.which("mlx.launch") or os.path.join(os.path.dirname(sys.executable), "mlx.launch")
     # MLX installed without its console scripts (pip --target): the launcher's module does the same
     launch = [launcher] if os.path.exists(launcher) else [
@@ -77,7 +120,8 @@ def _launch(n: int, a, shape: str) -> dict:
     backend = a.backend or ("nccl" if a.gpu else "ring")
     cmd = [*launch, "--backend", backend, "-n", str(n), "--starting-port", str(port), "--nccl-port", str(port),
            "--", sys.executable, os.path.abspath(__file__), "--worker", "--shape", shape, "--scale", str(a.scale),
-           "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--strong"] if a.strong else [])
+           "--steps", str(a.steps), "--warmup", str(a.warmup), "--reduce-dtype", reduce_dtype] + (
+               ["--strong"] if strong else []) + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -92,11 +136,17 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--strong", action="store_true", help="fixed global batch split over the ranks")
+    p.add_argument("--modes", nargs="*", default=["weak"], choices=["weak", "strong"],
+                   help="weak: every rank keeps the shape's batch; strong: the global batch is split over the ranks")
+    p.add_argument("--reduce-dtypes", nargs="*", default=["float32"], choices=["float32", "bfloat16"],
+                   help="SAEConfig.grad_reduce_dtype values to run at N ranks")
+    p.add_argument("--profile", action="store_true", help="time the step's collectives alone, too")
     p.add_argument("--backend", default=None, help="mlx.launch backend (default: nccl on CUDA, else ring)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="S1", help=argparse.SUPPRESS)
+    p.add_argument("--strong", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reduce-dtype", default="float32", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(a)
@@ -106,16 +156,26 @@ def main() -> None:
     a.steps = a.steps or (50 if a.gpu else 10)
     rows = []
     for shape in a.shapes:
-        one, many = _launch(1, a, shape), _launch(a.n, a, shape)
-        speedup = many["tokens_per_s"] / one["tokens_per_s"]
-        rows.append({"shape": shape, "scale": a.scale, "strong": a.strong, "ranks": a.n, "one": one, "many": many,
-                     "speedup": speedup, "efficiency": speedup / a.n})
-        print(f"{shape} (scale {a.scale}, d_in {one['d_in']}, F {one['d_sae']}, k {one['k']}): "
-              f"1 rank {one['tokens_per_s']:,.0f} tok/s, {a.n} ranks {many['tokens_per_s']:,.0f} tok/s "
-              f"(global batch {many['global_batch']}): speed-up {speedup:.2f}x, efficiency {speedup / a.n:.0%}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"backend": "cuda" if a.gpu else "cpu", "rows": rows}, fh, indent=2)
+        one = _launch(1, a, shape)
+        first = True
+        for mode in a.modes:
+            for dt in a.reduce_dtypes:
+                many = _launch(a.n, a, shape, mode == "strong", dt, a.profile and first)
+                first = False
+                # weak: N x the tokens per step; strong: the same tokens per step, in less time
+                speedup = many["tokens_per_s"] / one["tokens_per_s"]
+                rows.append({"shape": shape, "scale": a.scale, "mode": mode, "strong": mode == "strong",
+                             "grad_reduce_dtype": dt, "ranks": a.n, "one": one, "many": many,
+                             "speedup": speedup, "efficiency": speedup / a.n})
+                print(f"{shape} {mode} all_sum {dt} (scale {a.scale}, d_in {one['d_in']}, F {one['d_sae']}, "
+                      f"k {one['k']}): 1 rank {one['tokens_per_s']:,.0f} tok/s ({one['step_ms']:.2f} ms/step), "
+                      f"{a.n} ranks {many['tokens_per_s']:,.0f} tok/s ({many['step_ms']:.2f} ms/step, global batch "
+                      f"{many['global_batch']}): speed-up {speedup:.2f}x, efficiency {speedup / a.n:.0%}", flush=True)
+                if many.get("collectives_ms"):
+                    print("  collectives alone (ms): " + json.dumps(many["collectives_ms"]), flush=True)
+                if a.json:  # after every row: a run cut short keeps what it measured
+                    with open(a.json, "w") as fh:
+                        json.dump({"backend": "cuda" if a.gpu else "cpu", "n": a.n, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

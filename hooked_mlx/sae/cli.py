@@ -34,6 +34,7 @@ from .config import (
     B_DEC_INITS,
     DTYPES,
     FIELD_HELP,
+    GRAD_REDUCE_DTYPES,
     KERNELS,
     LR_SCHEDULES,
     NORMALIZATIONS,
@@ -50,7 +51,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(SAEConfig)
     choices = {"architecture": list(ARCHITECTURES), "lr_schedule": list(LR_SCHEDULES),
                "b_dec_init": list(B_DEC_INITS), "normalize_activations": list(NORMALIZATIONS), "dtype": list(DTYPES),
-               "kernels": list(KERNELS)}
+               "kernels": list(KERNELS), "grad_reduce_dtype": list(GRAD_REDUCE_DTYPES)}
     g = p.add_argument_group("SAEConfig fields (defaults from hooked_mlx.sae.SAEConfig)")
     for f in dataclasses.fields(SAEConfig):
         if f.name in _SKIP:

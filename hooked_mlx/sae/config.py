@@ -46,6 +46,10 @@ DTYPES = ("float32",)
 #: SAE kernel back ends: "auto" = the fused ops of this device (CUDA, Metal or the sparse CPU ops, each
 #: self-checked against the reference at first use), "fused" the same, "reference" the pure-MLX definition
 KERNELS = ("auto", "fused", "reference")
+#: dtype of the large gradients (W_enc, W_dec) in a data-parallel step's all_sum (NCCL / ring); the update
+#: itself always runs in float32. bfloat16 halves the bytes on the wire at ~2^-8 relative rounding per hop;
+#: "auto" picks it where the back end's backward already reads bf16 operands (the GPU kernels), else float32.
+GRAD_REDUCE_DTYPES = ("auto", "float32", "bfloat16")
 
 FORMAT_VERSION = 1
 
@@ -75,6 +79,9 @@ FIELD_HELP: dict[str, str] = {
     "lr_end_factor": "final learning rate as a fraction of lr",
     "sparsity_warmup_steps": "steps over which the sparsity coefficient ramps linearly from 0",
     "grad_clip_norm": "global gradient-norm clip (0: off)",
+    "grad_reduce_dtype": "data-parallel runs: dtype of the W_enc / W_dec gradients in the all_sum: "
+                         + ", ".join(GRAD_REDUCE_DTYPES) + " (auto: bfloat16 where the back end's backward reads "
+                         "bf16 operands, the GPU kernels; float32 otherwise. The update stays float32)",
     "kernels": "SAE kernel back end: auto (the fused ops of this device: CUDA, Metal or the sparse CPU ops, "
                "self-checked), fused (the same) or reference (pure MLX)",
     "decoder_unit_norm": "keep decoder rows at unit norm, removing the parallel gradient (default: TopK family)",
@@ -139,6 +146,7 @@ class SAEConfig:
     decoder_init_norm: float = 0.1  # row norm at init when the decoder is not kept at unit norm
     b_dec_init: str = "geometric_median"
     kernels: str = "auto"  # how the step runs, not what it computes: excluded from resume's config check
+    grad_reduce_dtype: str = "auto"  # multi-rank runs only; also excluded from resume's config check
 
     # --- data --------------------------------------------------------------------------------------
     hook_name: str = ""  # canonical hook name, e.g. "blocks.2.hook_resid_post"
@@ -221,6 +229,7 @@ class SAEConfig:
         one_of("lr_schedule", LR_SCHEDULES)
         one_of("b_dec_init", B_DEC_INITS)
         one_of("kernels", KERNELS)
+        one_of("grad_reduce_dtype", GRAD_REDUCE_DTYPES)
         one_of("normalize_activations", tuple(NORMALIZATIONS))
         int_at_least("d_in", 0)
         int_at_least("d_sae", 0)

@@ -107,14 +107,16 @@ class World:
         return global_batch // self.size
 
     # -- the compiled step's reduction -----------------------------------------------------------------
-    def reduce_step(self, x, loss, mets, fired, grads):
+    def reduce_step(self, x, loss, mets, fired, grads, big_dtype: str = "float32"):
         """Averaged gradients, global metrics, the global fired mask and FVU, in few all_sums.
 
         x [b, D] is this rank's scaled slice; returns (loss, mets, fired, grads), all global. Gradients of
         ``PACK_LIMIT`` elements or more (W_enc, W_dec) get one all_sum each, without a copy into a packed
-        buffer (at S2 that copy would be another 2 x D x F floats); everything else travels together in
-        one packed all_sum.
+        buffer (at S2 that copy would be another 2 x D x F floats), in ``big_dtype`` (``bfloat16``: half
+        the bytes; the sum comes back as float32); everything else travels together in one packed
+        float32 all_sum.
         """
+        wire = getattr(mx, big_dtype)
         n = self.size
         flat = tree_flatten(grads)
         keys = list(mets)
@@ -128,7 +130,7 @@ class World:
         out, i = [], 0
         for (_, v), large in zip(flat, big):
             if large:
-                out.append(mx.distributed.all_sum(v, group=self.group) / n)
+                out.append(mx.distributed.all_sum(v.astype(wire), group=self.group).astype(v.dtype) / n)
             else:
                 out.append(packed[i:i + v.size].reshape(v.shape).astype(v.dtype) / n)
                 i += v.size

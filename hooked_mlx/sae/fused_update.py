@@ -21,17 +21,50 @@ import mlx.core as mx
 from .kernels import fused as FU
 
 
-def grad_norm(grads: dict[str, mx.array], W_dec: mx.array, project_decoder: bool) -> mx.array:
-    """The global L2 norm of ``grads`` with the decoder gradient projected off the decoder rows."""
+def grad_norm(grads: dict[str, mx.array], W_dec: mx.array, project_decoder: bool, ops=None) -> mx.array:
+    """The global L2 norm of ``grads`` with the decoder gradient projected off the decoder rows
+    (``ops.sq_norm``: one read of each gradient, no temporaries on the GPU back ends)."""
+    ops = ops if ops is not None else FU.ReferenceOps()
     total = mx.array(0.0, dtype=mx.float32)
     for name, g in grads.items():
-        if name == "W_dec" and project_decoder:
-            dots = mx.sum(g * W_dec, axis=-1)
-            w2 = mx.sum(mx.square(W_dec), axis=-1)
-            total = total + mx.maximum(mx.sum(mx.square(g)) - mx.sum(mx.square(dots) * (2.0 - w2)), 0.0)
-        else:
-            total = total + mx.sum(mx.square(g))
-    return mx.sqrt(total)
+        total = total + ops.sq_norm(g, W_dec if name == "W_dec" and project_decoder else None)
+    return mx.sqrt(mx.maximum(total, 0.0))
+
+
+def update_hparams(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict, lr_fn: Callable, *,
+                  betas: tuple[float, float], eps: float, clip: float, unit_norm: bool, ops,
+                  ok: mx.array | None = None) -> tuple[dict[str, mx.array], mx.array, mx.array, mx.array, mx.array]:
+    """The first half of ``fused_adam_update``: (grads (the decoder's projected where the back end does not
+    project in its pass), hp, gradient norm, lr, applied). Advances ``opt_state["step"]`` and its
+    ``learning_rate`` (only when applied)."""
+    in_pass = unit_norm and ops.fused_optimizer
+    if unit_norm and not in_pass:  # project once here; the norm below is then a plain sum of squares
+        W, g = params["W_dec"], grads["W_dec"]
+        grads = {**grads, "W_dec": g - mx.sum(g * W, axis=-1, keepdims=True) * W}
+    gnorm = grad_norm(grads, params["W_dec"], in_pass, ops)
+    applied = mx.isfinite(gnorm) if ok is None else ok & mx.isfinite(gnorm)
+    scale = mx.minimum(clip / (gnorm + 1e-6), 1.0) if clip > 0 else mx.array(1.0, dtype=mx.float32)
+    scale = mx.where(applied, scale, 0.0)
+    step = opt_state["step"]
+    lr = lr_fn(step).astype(mx.float32)
+    t = step + 1
+    hp = FU.adam_hparams(lr, betas[0], betas[1], eps, t, grad_scale=scale, apply=applied)
+    opt_state["step"] = mx.where(applied, t, step)
+    opt_state["learning_rate"] = mx.where(applied, lr, opt_state["learning_rate"])
+    return grads, hp, gnorm, lr, applied
+
+
+def adam_pass(name: str, param: mx.array, grad: mx.array, opt_state: dict, hp: mx.array, *, unit_norm: bool,
+              ops) -> mx.array:
+    """The second half, for one parameter: its fused Adam pass (the decoder's with projection and renorm),
+    ``opt_state[name]`` updated in place; returns the new parameter."""
+    st = opt_state[name]
+    if name == "W_dec":
+        p, st["m"], st["v"] = ops.adam_rows(param, grad, st["m"], st["v"], hp, unit_norm and ops.fused_optimizer,
+                                            unit_norm, 1e-8)
+    else:
+        p, st["m"], st["v"] = ops.adam(param, grad, st["m"], st["v"], hp)
+    return p
 
 
 def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict,
@@ -47,27 +80,11 @@ def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], o
 
     ``opt_state`` is ``mlx.optimizers.Adam``'s state dict; ``lr_fn(step)`` its learning-rate schedule.
     ``unit_norm``: remove the decoder gradient's component along each decoder row and renormalise the rows
-    after the update (``W / (|W| + 1e-8)``). ``clip`` > 0: global gradient-norm clipping at ``clip``."""
-    in_pass = unit_norm and ops.fused_optimizer
-    if unit_norm and not in_pass:  # project once here; the norm below is then a plain sum of squares
-        W, g = params["W_dec"], grads["W_dec"]
-        grads = {**grads, "W_dec": g - mx.sum(g * W, axis=-1, keepdims=True) * W}
-    gnorm = grad_norm(grads, params["W_dec"], in_pass)
-    applied = mx.isfinite(gnorm) if ok is None else ok & mx.isfinite(gnorm)
-    scale = mx.minimum(clip / (gnorm + 1e-6), 1.0) if clip > 0 else mx.array(1.0, dtype=mx.float32)
-    scale = mx.where(applied, scale, 0.0)
-    step = opt_state["step"]
-    lr = lr_fn(step).astype(mx.float32)
-    t = step + 1
-    hp = FU.adam_hparams(lr, betas[0], betas[1], eps, t, grad_scale=scale, apply=applied)
-    new_params = {}
-    for name, g in grads.items():
-        st = opt_state[name]
-        if name == "W_dec":
-            p, st["m"], st["v"] = ops.adam_rows(params[name], g, st["m"], st["v"], hp, in_pass, unit_norm, 1e-8)
-        else:
-            p, st["m"], st["v"] = ops.adam(params[name], g, st["m"], st["v"], hp)
-        new_params[name] = p
-    opt_state["step"] = mx.where(applied, t, step)
-    opt_state["learning_rate"] = mx.where(applied, lr, opt_state["learning_rate"])
+    after the update (``W / (|W| + 1e-8)``). ``clip`` > 0: global gradient-norm clipping at ``clip``.
+    It is ``update_hparams`` followed by ``adam_pass`` for every parameter (the trainer runs the two halves
+    apart when it orders the passes for memory)."""
+    grads, hp, gnorm, lr, applied = update_hparams(params, grads, opt_state, lr_fn, betas=betas, eps=eps, clip=clip,
+                                                   unit_norm=unit_norm, ops=ops, ok=ok)
+    new_params = {name: adam_pass(name, params[name], g, opt_state, hp, unit_norm=unit_norm, ops=ops)
+                  for name, g in grads.items()}
     return new_params, gnorm, lr, applied

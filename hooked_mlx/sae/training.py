@@ -30,7 +30,7 @@ from ..readers import CorruptFileError, check_safetensors
 from . import distributed as D
 from . import metrics as M
 from .config import FORMAT_VERSION, TOPK_FAMILY, SAEConfig
-from .fused_update import fused_adam_update
+from .fused_update import adam_pass, update_hparams
 from .kernels import get_backend, resolve_kernels
 from .sae import SAE
 
@@ -249,7 +249,14 @@ class SAETrainer:
         self.kernels_name = self.fused_ops.name if self.fused_ops is not None else "reference"
         #: the update in the back end's fused passes (GPU kernels; see ``fused_update``), else MLX's Adam
         self.fused_update = self.fused_ops is not None and self.fused_ops.fused_optimizer
+        #: dtype of the large gradients in a data-parallel all_sum (``SAEConfig.grad_reduce_dtype`` resolved)
+        lowp = self.fused_ops is not None and self.fused_ops.lowp_backward
+        self.grad_reduce_dtype = (("bfloat16" if lowp else "float32") if cfg.grad_reduce_dtype == "auto"
+                                  else cfg.grad_reduce_dtype)
         self.sae = sae if sae is not None else SAE(cfg)
+        #: fused update only: run the Adam passes one parameter at a time after the step (lower peak memory,
+        #: two more synchronisations per step); by default when the parameters take more than 2 GB
+        self.low_memory = 4 * sum(v.size for _, v in tree_flatten(self.sae.trainable_parameters())) > 2e9
         self._fresh = sae is None  # b_dec is initialised from data only for a new SAE
         self.optimizer = optim.Adam(
             learning_rate=lr_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
@@ -304,6 +311,8 @@ class SAETrainer:
         cfg = self.cfg
         sae, opt, aux, kernels, world = self.sae, self.optimizer, self.aux, self.kernels, self.world
         fused_ops = self.fused_ops if self.fused_update else None
+        low_memory = fused_ops is not None and self.low_memory
+        reduce_dtype = self.grad_reduce_dtype
         lr_fn = lr_schedule(cfg)
         loss_and_grad = nn.value_and_grad(
             sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead))
@@ -316,8 +325,9 @@ class SAETrainer:
             sp = mx.minimum((step_i + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
             dead = aux["tokens_since_fired"] >= window
             (loss, (mets, fired, extras)), grads = loss_and_grad(x, dead, sp)
+            deferred = None
             if world is not None:  # all_sums: averaged gradients, global metrics / fired mask / FVU
-                loss, mets, fired, grads = world.reduce_step(x, loss, mets, fired, grads)
+                loss, mets, fired, grads = world.reduce_step(x, loss, mets, fired, grads, reduce_dtype)
                 B = B * world.size
                 if "min_kept" in extras:
                     extras["min_kept"] = world.global_min(extras["min_kept"])
@@ -326,11 +336,16 @@ class SAETrainer:
             if fused_ops is not None:
                 # the fused passes: clip and the non-finite guard folded into Adam's hyper-parameters,
                 # projection and renorm in the decoder's own pass; a skipped step changes nothing
-                new_params, gnorm, lr, ok = fused_adam_update(
-                    dict(sae.trainable_parameters()), grads, opt.state, lr_fn, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                    eps=cfg.adam_eps, clip=cfg.grad_clip_norm, unit_norm=unit_norm, ops=fused_ops,
+                params = dict(sae.trainable_parameters())
+                grads, hp, gnorm, lr, ok = update_hparams(
+                    params, grads, opt.state, lr_fn, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                    clip=cfg.grad_clip_norm, unit_norm=unit_norm, ops=fused_ops,
                     ok=mx.isfinite(loss) & (aux["bad_step"] < 0))
-                sae.update(new_params)
+                if low_memory:
+                    deferred = (grads, hp)  # the passes run after this step, one parameter at a time
+                else:
+                    sae.update({name: adam_pass(name, params[name], g, opt.state, hp, unit_norm=unit_norm,
+                                                ops=fused_ops) for name, g in grads.items()})
             else:
                 old_sae = tree_map(lambda a: a, sae.parameters())
                 old_opt = tree_map(lambda a: a, opt.state)
@@ -350,7 +365,7 @@ class SAETrainer:
                 # A non-finite loss or gradient skips the update (and every later one until the host reads
                 # the flag): the state stays exactly as before the bad step.
                 ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
-            if cfg.architecture == "jumprelu":
+            if cfg.architecture == "jumprelu" and deferred is None:
                 sae.threshold = mx.maximum(sae.threshold, 0.0)
             tsf = mx.where(fired, 0, aux["tokens_since_fired"] + B)
             aux["tokens_since_fired"] = tsf
@@ -384,8 +399,24 @@ class SAETrainer:
             aux["tokens_since_fired"] = mx.where(ok, aux["tokens_since_fired"], old_aux[0])
             aux["theta"] = mx.where(ok, aux["theta"], old_aux[1])
             aux["step"] = mx.where(ok, aux["step"], old_aux[2])
+            return deferred if deferred is not None else ()
 
         return step
+
+    def _deferred_update(self, grads: dict[str, mx.array], hp: mx.array) -> None:
+        """``low_memory``: the fused Adam passes after the compiled step, largest parameter first, each
+        evaluated before the next, so that the old and new (p, m, v) of only one parameter coexist (a
+        custom kernel cannot update in place). Two more synchronisations per step."""
+        mx.eval(grads, hp, self._state())
+        params = dict(self.sae.trainable_parameters())
+        unit_norm = self.cfg.resolved_decoder_unit_norm
+        for name in sorted(grads, key=lambda n: -grads[n].size):
+            new = adam_pass(name, params.pop(name), grads.pop(name), self.optimizer.state, hp, unit_norm=unit_norm,
+                            ops=self.fused_ops)
+            if name == "threshold" and self.cfg.architecture == "jumprelu":
+                new = mx.maximum(new, 0.0)
+            self.sae.update({name: new})
+            mx.eval(new, self.optimizer.state[name])
 
     # -- running ----------------------------------------------------------------------------------------
     def step(self, x: mx.array) -> None:
@@ -397,7 +428,9 @@ class SAETrainer:
         # No latent can be dead before dead_tokens_window tokens were seen: skip the dead-latent losses then.
         n_ranks = self.world.size if self.world is not None else 1
         use_dead = self._host_step * x.shape[0] * n_ranks >= self.cfg.dead_tokens_window
-        self._step_fns[use_dead](x)
+        deferred = self._step_fns[use_dead](x)
+        if deferred:
+            self._deferred_update(*deferred)
         self._host_step += 1
 
     def state_arrays(self):
@@ -656,8 +689,8 @@ def train_saes(
     if resume and ckpt_file and os.path.exists(ckpt_file):
         tensors, meta = load_checkpoint(ckpt_file)
         saved = [SAEConfig.from_dict(d) for d in meta["configs"]]
-        # the kernels run the same maths: a run may resume on another back end (another device)
-        saved = [s.replace(kernels=c.kernels) for s, c in zip(saved, cfgs)]
+        # the kernels and the all_sum dtype say how a step runs: a run may resume on another back end or world
+        saved = [s.replace(kernels=c.kernels, grad_reduce_dtype=c.grad_reduce_dtype) for s, c in zip(saved, cfgs)]
         if [s.to_dict() for s in saved] != [c.to_dict() for c in cfgs]:
             diffs = [(k, a.to_dict()[k], b.to_dict()[k]) for a, b in zip(saved, cfgs) for k in a.to_dict()
                      if a.to_dict()[k] != b.to_dict()[k]]

@@ -1,6 +1,6 @@
 """One rank of the data-parallel SAE test (run by test_sae_distributed.py under ``mlx.launch``).
 
-``python dist_worker.py OUT_DIR [CKPT]``: trains three SAEs (TopK + AuxK, BatchTopK + AuxK, JumpReLU) from
+``python dist_worker.py OUT_DIR [CKPT] [GRAD_REDUCE_DTYPE]``: trains three SAEs (TopK + AuxK, BatchTopK + AuxK, JumpReLU) from
 one ``ArraySource`` on the global group and writes this rank's final parameters to OUT_DIR/rank{r}.npz; with
 one process (no launcher) it is the reference run on the same global batches.
 
@@ -32,8 +32,8 @@ def data() -> np.ndarray:
     return (codes @ dirs + 0.3).astype(np.float32)
 
 
-def configs() -> list[SAEConfig]:
-    common = {"train_batch_size_tokens": B, "training_tokens": B * STEPS, "lr": 3e-3, "lr_warmup_steps": 2,
+def configs(reduce_dtype: str = "auto") -> list[SAEConfig]:
+    common = {"grad_reduce_dtype": reduce_dtype, "train_batch_size_tokens": B, "training_tokens": B * STEPS, "lr": 3e-3, "lr_warmup_steps": 2,
               "norm_estimation_tokens": 2 * B, "dead_tokens_window": 2 * B, "log_every_steps": 4, "seed": 3}
     return [
         SAEConfig(hook_name=HOOKS[0], architecture="topk", k=4, expansion_factor=8, aux_k=8, **common),
@@ -42,10 +42,10 @@ def configs() -> list[SAEConfig]:
     ]
 
 
-def train(checkpoint_path=None, resume=False):
+def train(checkpoint_path=None, resume=False, reduce_dtype="auto"):
     x = data()
     source = ArraySource({h: x for h in HOOKS}, B, seed=1)
-    return train_saes(configs(), source, checkpoint_path=checkpoint_path, resume=resume, progress=False)
+    return train_saes(configs(reduce_dtype), source, checkpoint_path=checkpoint_path, resume=resume, progress=False)
 
 
 def params(result) -> dict[str, np.ndarray]:
@@ -95,5 +95,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "--stream":
         stream_runs(*sys.argv[2:5])
         sys.exit(0)
-    res = train(checkpoint_path=sys.argv[2] if len(sys.argv) > 2 else None)
+    ck = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+    res = train(checkpoint_path=ck, reduce_dtype=sys.argv[3] if len(sys.argv) > 3 else "auto")
     np.savez(f"{sys.argv[1]}/rank{w.rank}.npz", size=np.array(w.size), **params(res))

@@ -159,3 +159,29 @@ def test_fused_update_equals_the_reference_update(ops, clip):
         assert np.array_equal(np.array(p_skip[k]), before[k]), k
     assert np.array_equal(np.array(fused_opt.state["W_dec"]["m"]), m_before)
     assert int(fused_opt.state["step"].item()) == 3
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_low_memory_update_order_computes_the_same_step(arch):
+    """``low_memory`` (the default for SAEs above 2 GB) runs the fused Adam passes after the compiled step,
+    one parameter at a time; it is the same update, including the skipped non-finite step."""
+    data = make_sparse_data()
+    cfg = _cfg(arch, **({"l0_coefficient": 0.05} if arch == "jumprelu" else {}))
+    runs = []
+    for low_memory in (False, True):
+        t = SAETrainer(cfg, kernels="auto")
+        t.fused_ops, t.fused_update, t.low_memory = _InPassOps(), True, low_memory  # the GPU update layout
+        batches = [mx.array(data[i * B:(i + 1) * B]) for i in range(12)]
+        batches[7] = batches[7] * float("nan")  # one bad step: skipped, and reported
+        t.initialize(batches[0])
+        for x in batches:
+            t.step(x)
+        mx.eval(t.state_arrays())
+        runs.append(t)
+    fast, slow = runs
+    assert fast.has_non_finite_step() and slow.has_non_finite_step()
+    assert int(slow.aux["bad_step"].item()) == int(fast.aux["bad_step"].item()) == 7
+    for name, v in fast.sae.trainable_parameters().items():
+        assert_close(slow.sae.trainable_parameters()[name], v, 1e-6, err_msg=name)
+        assert_close(slow.optimizer.state[name]["v"], fast.optimizer.state[name]["v"], 1e-6, err_msg=name)
+    assert int(slow.optimizer.state["step"].item()) == int(fast.optimizer.state["step"].item()) == 7

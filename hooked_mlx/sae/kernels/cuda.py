@@ -16,6 +16,8 @@ Kernels:
   float4 variant (the default); ``hk_latent_grads_atomic`` the scatter-add variant (atomics, nondeterministic
   order, fp32 operands).
 * ``hk_adam_rows``  one block per decoder row: parallel-gradient removal, Adam, renormalisation.
+* ``hk_sq_norms``   one block per row: |g_r|^2, or with W: |g_r|^2 - (g_r.W_r)^2 (2 - |W_r|^2) (the squared
+  norm of the projected decoder gradient), float4 loads, no temporaries; the rows' sum is one small MLX sum.
 
 The plain Adam for W_enc / b_enc / b_dec is MLX's compiled elementwise kernel (already one pass).
 """
@@ -26,7 +28,7 @@ import os
 
 import mlx.core as mx
 
-from .fused import ReferenceOps
+from .fused import ReferenceOps, row_view
 
 HEADER = r"""
 __device__ __forceinline__ unsigned int hk_key(float f) {
@@ -353,6 +355,33 @@ ADAM_ROWS = r"""
   }
 """
 
+SQ_NORMS = r"""
+  // template: C (row length), HAS_W; one 256-thread block per row; out[r] = |g_r|^2 [- (g_r.W_r)^2 (2 - |W_r|^2)]
+  __shared__ float red[33];
+  const size_t base = (size_t)blockIdx.x * C;
+  float gg = 0.f, gw = 0.f, ww = 0.f;
+  if (C % 4 == 0) {
+    for (int i = 4 * threadIdx.x; i < C; i += 1024) {
+      const float4 a = *reinterpret_cast<const float4*>(G + base + i);
+      gg += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+      if (HAS_W) {
+        const float4 w = *reinterpret_cast<const float4*>(W + base + i);
+        gw += a.x * w.x + a.y * w.y + a.z * w.z + a.w * w.w;
+        ww += w.x * w.x + w.y * w.y + w.z * w.z + w.w * w.w;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < C; i += 256) {
+      const float a = G[base + i];
+      gg += a * a;
+      if (HAS_W) { const float w = W[base + i]; gw += a * w; ww += w * w; }
+    }
+  }
+  gg = hk_block_sum(gg, red);
+  if (HAS_W) { gw = hk_block_sum(gw, red); ww = hk_block_sum(ww, red); }
+  if (threadIdx.x == 0) out[blockIdx.x] = HAS_W ? gg - gw * gw * (2.f - ww) : gg;
+"""
+
 
 def _k(name, inputs, outputs, source):
     return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source, header=HEADER)
@@ -383,6 +412,7 @@ class CudaOps(ReferenceOps):
         self._lga = _k("hk_latent_grads_atomic", ["cols", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
                        ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS_ATOMIC)
         self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
+        self._sq_norms = _k("hk_sq_norms", ["G", "W"], ["out"], SQ_NORMS)
 
     # -- selection ------------------------------------------------------------------------------------
     def row_topk(self, pre, k, dead=None, relu=True):
@@ -485,3 +515,13 @@ class CudaOps(ReferenceOps):
             grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3,
             output_dtypes=[mx.float32] * 3)
         return W2, m2, v2
+
+    def sq_norm(self, g, W=None):
+        rows = row_view(g) if W is None else g
+        if rows.dtype != mx.float32 or (W is not None and (W.dtype != mx.float32 or W.shape != g.shape)):
+            return super().sq_norm(g, W)
+        R, C = rows.shape
+        (out,) = self._sq_norms(inputs=[rows, rows if W is None else W],
+                                template=[("C", int(C)), ("HAS_W", W is not None)], grid=(R * 256, 1, 1),
+                                threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
+        return mx.sum(out)

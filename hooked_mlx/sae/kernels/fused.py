@@ -158,6 +158,15 @@ class ReferenceOps:
         return mx.sum(W_enc.T[idx] * dpre[..., None], axis=-2)
 
     # optimizer -------------------------------------------------------------------------------------
+    def sq_norm(self, g: mx.array, W: mx.array | None = None) -> mx.array:
+        """Squared L2 norm (float32 scalar) of ``g``; with ``W`` (the shape of g, [R, C]): of g with each row's
+        component along the same row of W removed, sum_r |g_r|^2 - (g_r.W_r)^2 (2 - |W_r|^2), without
+        forming the projected gradient. Non-finite entries make it non-finite (the trainer's skip test)."""
+        if W is None:
+            return mx.sum(mx.square(g.astype(mx.float32)))
+        gw = mx.sum(g * W, axis=-1)
+        return mx.sum(mx.square(g)) - mx.sum(mx.square(gw) * (2.0 - mx.sum(mx.square(W), axis=-1)))
+
     def adam_rows(self, W, g, m, v, hp, remove_parallel: bool, renorm: bool, renorm_eps: float):
         """Decoder pass: g -= (g.w) w; Adam; w /= (|w| + eps). ``hp`` = ``adam_hparams(...)``: [lr, b1, 1-b1, b2,
         1-b2, eps, c1, c2, apply] float32 with c1 = lr / (1 - b1^t), c2 = rsqrt(1 - b2^t) (MLX Adam,
@@ -168,6 +177,18 @@ class ReferenceOps:
         if lowp_dtype is None:
             return _adam_elementwise(p, g, m, v, hp)
         return _adam_elementwise_lowp(p, g, m, v, hp, lowp_dtype)
+
+
+def row_view(g: mx.array) -> mx.array:
+    """``g`` as rows [R, C] for a per-row reduction whose total is all that matters: a matrix keeps its
+    rows; a vector becomes rows of 4096, 1024 or 256 entries when its length allows (one row otherwise)."""
+    if g.ndim == 2:
+        return g
+    n = g.size
+    for c in (4096, 1024, 256):
+        if n % c == 0 and n > c:
+            return g.reshape(n // c, c)
+    return g.reshape(1, n)
 
 
 def _finite(g: mx.array) -> mx.array:
@@ -353,6 +374,10 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     if got is not None:
         for nm, a, b in zip("Wmv", got, ref.adam_rows(W_dec, g, m, v, hp, True, True, 1e-8)):
             close(f"adam_rows.{nm}", a, b, 1e-5, 1e-6)
+    for nm, args in (("sq_norm", (g,)), ("sq_norm(rows)", (g, W_dec)), ("sq_norm(vector)", (b_enc,))):
+        got = run(nm, lambda args=args: ops.sq_norm(*args))
+        if got is not None:
+            close(nm, got, ref.sq_norm(*args), 1e-5, 1e-5)
     got = run("adam", lambda: ops.adam(W_dec, g, m, v, hp))
     if got is not None:
         for nm, a, b in zip("pmv", got, ref.adam(W_dec, g, m, v, hp)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .fused import ReferenceOps
+from .fused import ReferenceOps, row_view
 
 HEADER = r"""
 inline uint hk_key(float f) {
@@ -215,6 +215,27 @@ ADAM_ROWS = r"""
   }
 """
 
+SQ_NORMS = r"""
+  // template: C (row length), HAS_W; 256 threads per row; out[r] = |g_r|^2 [- (g_r.W_r)^2 (2 - |W_r|^2)]
+  threadgroup float red[3][8];
+  const uint t = thread_position_in_threadgroup.x;
+  const size_t base = (size_t)threadgroup_position_in_grid.x * C;
+  float gg = 0.0f, gw = 0.0f, ww = 0.0f;
+  for (uint i = t; i < C; i += 256) {
+    const float a = G[base + i];
+    gg += a * a;
+    if (HAS_W) { const float w = W[base + i]; gw += a * w; ww += w * w; }
+  }
+  gg = simd_sum(gg); gw = simd_sum(gw); ww = simd_sum(ww);
+  if (t % 32 == 0) { red[0][t / 32] = gg; red[1][t / 32] = gw; red[2][t / 32] = ww; }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (t == 0) {
+    gg = 0.0f; gw = 0.0f; ww = 0.0f;
+    for (int i = 0; i < 8; ++i) { gg += red[0][i]; gw += red[1][i]; ww += red[2][i]; }
+    out[threadgroup_position_in_grid.x] = HAS_W ? gg - gw * gw * (2.0f - ww) : gg;
+  }
+"""
+
 
 def _k(name, inputs, outputs, source, atomic=False):
     return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=outputs, source=source, header=HEADER,
@@ -239,6 +260,7 @@ class MetalOps(ReferenceOps):
         self._lg = _k("hk_latent_grads", ["offsets", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X"],
                       ["dW_dec", "dW_enc", "db_enc"], LATENT_GRADS)
         self._adam_rows = _k("hk_adam_rows", ["W", "G", "M", "V", "hp"], ["W_out", "M_out", "V_out"], ADAM_ROWS)
+        self._sq_norms = _k("hk_sq_norms", ["G", "W"], ["out"], SQ_NORMS)
 
     def row_topk(self, pre, k, dead=None, relu=True):
         B, F = pre.shape
@@ -319,3 +341,13 @@ class MetalOps(ReferenceOps):
                                                 ("RENORM", bool(renorm))],
             grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3,
             output_dtypes=[mx.float32] * 3))
+
+    def sq_norm(self, g, W=None):
+        rows = row_view(g) if W is None else g
+        if rows.dtype != mx.float32 or (W is not None and (W.dtype != mx.float32 or W.shape != g.shape)):
+            return super().sq_norm(g, W)
+        R, C = rows.shape
+        (out,) = self._sq_norms(inputs=[rows, rows if W is None else W],
+                                template=[("C", int(C)), ("HAS_W", W is not None)], grid=(R * 256, 1, 1),
+                                threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
+        return mx.sum(out)
