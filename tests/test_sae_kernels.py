@@ -230,12 +230,14 @@ class _Throws(FU.ReferenceOps):
 
 @pytest.mark.parametrize("broken", [_BrokenDecode, _Throws])
 def test_self_check_falls_back_with_a_warning(monkeypatch, broken):
-    monkeypatch.setattr(FU, "_gpu_ops", lambda name: broken())
-    monkeypatch.setattr(FU, "_CHOSEN", {})
+    from hooked_mlx.sae.kernels import select as S
+
+    monkeypatch.setattr(S, "_gpu_ops", lambda name: broken())
+    monkeypatch.setattr(S, "_CHOSEN", {})
     monkeypatch.setenv("HOOKED_MLX_SAE_KERNELS", broken.name)
     with pytest.warns(RuntimeWarning, match=f"the {broken.name} back end failed its self-check"):
         ops = FU.get_ops()
-    assert ops is FU._REFERENCE and FU.backend() == "reference"
+    assert ops is S.REFERENCE_OPS and FU.backend() == "reference"
     # once decided, no second warning and the fused forward runs on the reference ops
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -253,11 +255,13 @@ def test_backend_on_cpu_is_the_cpu_ops():
 
 
 def test_topk_train_forward_equals_trainer_reference_branch():
-    """fused.topk_train_forward == the trainer's TopK branch of train_forward (reference kernels):
+    """StepKernels.topk_forward (the fused TopK branch) == the trainer's TopK branch of train_forward on the
+    reference kernels:
     loss, x_hat, latents and every SAE-parameter gradient, AuxK on (some latents dead) and off."""
     from hooked_mlx.sae.config import SAEConfig
     from hooked_mlx.sae.metrics import mse
     from hooked_mlx.sae.sae import SAE
+    from hooked_mlx.sae.step_kernels import StepKernels
     from hooked_mlx.sae.training import train_forward
     import mlx.nn as nn
 
@@ -265,16 +269,18 @@ def test_topk_train_forward_equals_trainer_reference_branch():
     sae = SAE(cfg)
     x, W_enc, b_enc, W_dec, b_dec, dead = _problem(8, 60)
     sae.update({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
-    ops = FU.ReferenceOps()
+    fused = StepKernels("fused")
+    fused.ops = FU.ReferenceOps()  # the fused forward and sparse backward on the pure-MLX primitives
+    reference = StepKernels("reference")
     for use_dead in (True, False):
         def mine(x, use_dead=use_dead):
-            x_hat, vals, idx, aux = FU.topk_train_forward(sae, x, dead, use_dead, ops=ops)
+            x_hat, vals, idx, aux = fused.topk_forward(sae, x, dead, use_dead)
             fired = mx.zeros((F,)).at[idx.reshape(-1).astype(mx.int32)].add(
                 (mx.stop_gradient(vals) > 0).astype(mx.float32).reshape(-1)) > 0
             return mse(x, x_hat) + aux, (aux, fired)
 
         def ref(x, use_dead=use_dead):
-            loss, (mets, fired, _) = train_forward(sae, x, dead, mx.array(1.0), R, use_dead=use_dead)
+            loss, (mets, fired, _) = train_forward(sae, x, dead, mx.array(1.0), reference, use_dead=use_dead)
             return loss, (mets["aux_loss"] if "aux_loss" in mets else None, fired)
 
         (la, (auxa, fa)), ga = nn.value_and_grad(sae, mine)(x)

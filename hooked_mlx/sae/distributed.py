@@ -151,38 +151,25 @@ class World:
     def global_min(self, v: mx.array) -> mx.array:
         return mx.distributed.all_min(v, group=self.group) if self.distributed else v
 
-
-class DistributedKernels:
-    """A kernel back end whose batch-wide statistics are global: the BatchTopK cut and the AuxK normaliser.
-
-    Everything else is the wrapped back end's (``hooked_mlx.sae.kernels``), untouched.
-    """
-
-    def __init__(self, inner, world: World):
-        self._inner = inner
-        self._world = world
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
+    # -- batch-wide statistics of the global batch (``step_kernels.StepKernels`` on a data-parallel world) --
     def batchtopk_mask(self, acts: mx.array, k: int):
         """Keep the k*B_global largest entries of the global batch: the cut is found among every rank's
         top min(k*B_global, b*F) candidates (the global top set is always inside their union)."""
         b, F = acts.shape
-        n = self._world.size
+        n = self.size
         n_keep = min(k * b * n, b * n * F)
         flat = mx.stop_gradient(acts.reshape(-1))
         cand = mx.topk(flat, min(n_keep, b * F))
-        everyone = mx.distributed.all_gather(cand, group=self._world.group)
+        everyone = mx.distributed.all_gather(cand, group=self.group)
         cut = mx.min(mx.topk(everyone, n_keep))
         return mx.where(acts >= cut, acts, 0), cut
 
-    def batch_total_variance(self, e: mx.array) -> mx.array:
+    def total_variance_share(self, e: mx.array) -> mx.array:
         """The global batch's total variance, divided by the rank count: a rank's share of a normalised loss
         whose gradients are then averaged (sum_r loss_r / N == the global loss)."""
-        n = self._world.size
+        n = self.size
         s = mx.distributed.all_sum(mx.concatenate([mx.sum(e, axis=0), mx.sum(mx.square(e)).reshape(1)]),
-                                   group=self._world.group)
+                                   group=self.group)
         tv = s[-1] - mx.sum(mx.square(s[:-1])) / (e.shape[0] * n)
         return tv / n
 

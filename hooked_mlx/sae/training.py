@@ -31,8 +31,8 @@ from . import distributed as D
 from . import metrics as M
 from .config import FORMAT_VERSION, TOPK_FAMILY, SAEConfig
 from .fused_update import adam_pass, update_hparams
-from .kernels import get_backend, resolve_kernels
 from .sae import SAE
+from .step_kernels import StepKernels
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -110,8 +110,8 @@ def _auxk_loss(pre, x, x_hat, W_dec, dead, k_aux: int, kernels):
     kth = mx.stop_gradient(mx.min(mx.topk(pre_dead, k_aux, axis=-1), axis=-1, keepdims=True))
     z = mx.where((pre_dead >= kth) & dead, pre, 0.0)
     e_hat = z @ W_dec
-    # data-parallel back ends give the global batch's variance (see distributed.DistributedKernels)
-    denom = mx.maximum(getattr(kernels, "batch_total_variance", M.total_variance)(e), 1e-12)
+    # on a data-parallel world, the global batch's variance (see step_kernels.StepKernels.total_variance)
+    denom = mx.maximum(kernels.total_variance(e), 1e-12)
     return mx.sum(mx.square(e_hat - e)) / denom
 
 
@@ -129,8 +129,8 @@ def _ghost_grad_loss(pre, x, x_hat, W_dec, dead):
     return mx.mean(ell)
 
 
-def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array, kernels=None,
-                  use_dead: bool = True):
+def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array,
+                  kernels: StepKernels | None = None, use_dead: bool = True):
     """The training-time forward of one batch: (loss, (metrics dict, fired [F] bool, extras)).
 
     x [B,D] already normalised. ``dead`` [F] bool marks dead latents (AuxK / ghost grads);
@@ -138,7 +138,7 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     value. ``use_dead=False`` skips the dead-latent losses entirely (valid while fewer tokens than the dead
     window have been seen, when no latent can be dead).
     """
-    kernels = kernels or get_backend()
+    kernels = kernels if kernels is not None else StepKernels("reference")
     cfg = sae.cfg
     arch = cfg.architecture
     B = x.shape[0]
@@ -148,13 +148,11 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
-    fused_topk = arch == "topk" and hasattr(kernels, "topk_train_forward")
+    fused_topk = arch == "topk" and kernels.fused_topk
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
-        # never a dense [B,F] gradient. Data-parallel back ends pass the global batch's total variance for the
-        # AuxK normaliser.
-        x_hat, vals, idx, aux = kernels.topk_train_forward(
-            sae, x, dead, use_dead, total_variance=getattr(kernels, "batch_total_variance", None))
+        # never a dense [B,F] gradient (AuxK normalised by the global batch's variance on N ranks)
+        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead)
     else:
         vals = idx = None
     if arch == "topk":
@@ -237,14 +235,12 @@ class SAETrainer:
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
         self.cfg = cfg
-        name = resolve_kernels(kernels if kernels is not None else cfg.kernels)
-        self.kernels = get_backend(name)
-        #: the fused ops object whose passes run the update (None: the per-op reference update)
-        self.fused_ops = self.kernels.get_ops() if name == "fused" else None
         self.world = world if world is not None and world.distributed else None
-        if self.world is not None:
-            # the step all_sums the gradients before the update, so the fused update runs unchanged
-            self.kernels = D.DistributedKernels(self.kernels, self.world)
+        #: what the step computes with (the step all_sums the gradients before the update, so on N ranks the
+        #: fused forward and update run unchanged; only the batch-wide statistics become global)
+        self.kernels = StepKernels(kernels if kernels is not None else cfg.kernels, self.world)
+        #: the fused ops object whose passes run the update (None: the per-op reference update)
+        self.fused_ops = self.kernels.ops
         #: what runs the step: "reference", or the fused back end ("cuda", "metal", "cpu")
         self.kernels_name = self.fused_ops.name if self.fused_ops is not None else "reference"
         #: the update in the back end's fused passes (GPU kernels; see ``fused_update``), else MLX's Adam

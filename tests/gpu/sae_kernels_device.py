@@ -229,7 +229,7 @@ def training_run(steps=300):
 def trainer_checks(steps=20, time_steps=10):
     """The SAE trainer's own compiled step with kernels="fused" (per-op drop-in: radix top-k select, fused
     decode with sparse VJP) vs kernels="reference": loss curves on the same data, and ms/step at S1.
-    Plus fused.topk_train_forward (the fully fused TopK branch) vs the trainer's train_forward."""
+    Plus StepKernels.topk_forward (the fully fused TopK branch) vs the trainer's train_forward."""
     from hooked_mlx.sae.config import SAEConfig
     from hooked_mlx.sae.metrics import mse
     from hooked_mlx.sae.training import SAETrainer, train_forward
@@ -263,6 +263,7 @@ def trainer_checks(steps=20, time_steps=10):
     # the fully fused TopK branch vs the trainer's reference branch (same selection is not guaranteed in
     # bf16, so compare losses and gradient norms loosely here; exactness is tested on the CPU)
     from hooked_mlx.sae.sae import SAE
+    from hooked_mlx.sae.step_kernels import StepKernels
 
     cfg = cfg_for(D, F, B, K, aux=0.5)
     sae = SAE(cfg)
@@ -270,11 +271,11 @@ def trainer_checks(steps=20, time_steps=10):
     x = xs[0]
 
     def mine(x):
-        x_hat, vals, idx, aux = FU.topk_train_forward(sae, x, dead)
+        x_hat, vals, idx, aux = StepKernels("fused").topk_forward(sae, x, dead, True)
         return mse(x, x_hat) + aux
 
     def ref(x):
-        return train_forward(sae, x, dead, mx.array(1.0), R)[0]
+        return train_forward(sae, x, dead, mx.array(1.0), StepKernels("reference"))[0]
 
     la, ga = nn.value_and_grad(sae, mine)(x)
     lb, gb = nn.value_and_grad(sae, ref)(x)

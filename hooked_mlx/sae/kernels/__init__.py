@@ -1,8 +1,16 @@
-"""SAE kernels: ``reference`` (pure MLX, every back end) is the definition fused back ends must match.
+"""SAE kernels. Nothing here knows about SAE configs, SAE objects or metrics; imports point one way:
+``fused`` -> ``select`` -> (``cpu`` | ``cuda`` | ``metal``) -> ``ops``.
 
-A fused back end plugs in by providing the same functions (``topk_encode``, ``topk_decode`` ...) wrapped
-in ``mx.custom_function`` with a ``.vjp``, and registering itself in ``BACKENDS``; ``get_backend(name)``
-returns the module the trainer calls.
+* ``ops.py``: the ``Ops`` interface (``ReferenceOps``, its pure-MLX implementation), arrays in, arrays out.
+* ``cpu.py``, ``cuda.py``, ``metal.py``: its back ends; ``select.py``: which one runs (self-checked at first
+  use against ``ReferenceOps``, with a warning and the reference as fallback).
+* ``fused.py``: what is built from the ops: the TopK custom-VJP forward with a sparse backward, the BatchTopK
+  cut, the fused Adam passes, and per-op functions with the same names as ``reference.py``.
+* ``reference.py``: the definition (pure MLX, MLX's autodiff) that everything is tested against.
+* ``step.py``: ``FusedTopKStep``, the bare fused TopK step.
+
+``get_backend(name)`` returns the module ("reference" or "fused") that ``sae.step_kernels.StepKernels``
+composes for a trainer.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CPU back end of the SAE ops: the sparsity of TopK used with MLX's CPU primitives and the BLAS.
 
-Same interface and results as ``ReferenceOps`` (``fused.py``); it differs in how the work is done on a CPU:
+Same interface and results as ``ReferenceOps`` (``ops.py``); it differs in how the work is done on a CPU:
 
 * ``row_topk``: a two-stage selection, never a full partition of a row: the maximum of each block of
   ``TOPK_BLOCK`` latents, the k best blocks of each row (the k largest entries lie in at most k blocks),
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .fused import ReferenceOps
+from .ops import ReferenceOps
 
 #: latents per block of the first selection stage
 TOPK_BLOCK = 32

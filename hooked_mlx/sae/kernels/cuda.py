@@ -28,7 +28,7 @@ import os
 
 import mlx.core as mx
 
-from .fused import ReferenceOps, row_view
+from .ops import ReferenceOps, row_view
 
 HEADER = r"""
 __device__ __forceinline__ unsigned int hk_key(float f) {

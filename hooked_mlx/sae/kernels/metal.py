@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .fused import ReferenceOps, row_view
+from .ops import ReferenceOps, row_view
 
 HEADER = r"""
 inline uint hk_key(float f) {
