@@ -5,8 +5,9 @@ dtype, else an error names the hook, what it got and what it expected); returnin
 ``hook`` is the ``HookPoint``: ``hook.name``, ``hook.layer()``, ``hook.ctx`` (a dict kept between calls
 until ``reset_hooks``).
 
-MLX has no backward hooks: gradients of activations are computed functionally by
-``HookedTransformer.run_with_cache(..., incl_bwd=True)``.
+MLX has no backward hooks on modules: gradients of activations are computed functionally, by
+``HookedTransformer.run_with_cache(..., incl_bwd=True)`` and ``run_with_hooks(..., bwd_hooks=[...])``
+(which runs the backward pass inside the call).
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ class HookedRootModule(nn.Module):
     ) -> None:
         if dir != "fwd":
             raise ValueError(
-                f"dir={dir!r}: MLX has no backward hooks. Use run_with_cache(..., incl_bwd=True) for "
-                f"activation gradients, or mx.grad over a function of hooked activations."
+                f"dir={dir!r}: MLX has no .backward() to attach a backward hook to. Pass the hook to "
+                f"run_with_hooks(..., bwd_hooks=[(name, fn)], metric=...), which runs the backward pass in the "
+                f"call, or use run_with_cache(..., incl_bwd=True) for activation gradients."
             )
         if not callable(hook):
             raise TypeError(f"The hook for {name!r} must be callable fn(act, hook), got {type(hook).__name__}.")
@@ -169,7 +171,9 @@ class HookedRootModule(nn.Module):
               clear_contexts: bool = False):
         """Context manager: the hooks are active inside and removed on exit (only this context's hooks)."""
         if list(bwd_hooks):
-            raise ValueError("bwd_hooks are not supported on MLX; use run_with_cache(..., incl_bwd=True).")
+            raise ValueError("bwd_hooks need a backward pass, which MLX runs only inside a call: use "
+                             "model.run_with_hooks(..., bwd_hooks=[(name, fn)], metric=...), or "
+                             "run_with_cache(..., incl_bwd=True) for activation gradients.")
         object.__setattr__(self, "_context_level", self._context_level + 1)
         level = self._context_level
         try:

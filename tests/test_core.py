@@ -236,6 +236,53 @@ def test_incl_bwd_gradients_match_finite_differences(stories):
         stories.run_with_cache(toks, names_filter="blocks.0.hook_resid_pre", incl_bwd=True)
 
 
+def test_bwd_hooks_see_the_gradient_and_can_replace_it(stories):
+    """run_with_hooks(bwd_hooks=...): each hook gets d metric / d activation (what incl_bwd caches), from the
+    last hooked point to the first; a returned array replaces the gradient that flows on upstream."""
+    toks = stories.to_tokens("Once upon a time there")
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"]
+    _, cache = stories.run_with_cache(toks, names_filter=names, incl_bwd=True, return_type="loss")
+    seen, order = {}, []
+
+    def record(grad, hook):
+        seen[hook.name] = np.array(grad)
+        order.append(hook.name)
+
+    loss = stories.run_with_hooks(toks, return_type="loss", bwd_hooks=[(n, record) for n in names])
+    assert_close(loss, stories(toks, return_type="loss"), 1e-6)
+    assert order == list(reversed(names))
+    for n in names:
+        assert_close(seen[n], cache[n + "_grad"], 1e-5, err_msg=n)
+        assert np.abs(seen[n]).max() > 0
+    # every path from blocks.0 to the loss passes blocks.1.hook_resid_pre: zero the gradient there
+    seen.clear()
+    stories.run_with_hooks(toks, return_type="loss", bwd_hooks=[
+        ("blocks.1.hook_resid_pre", lambda g, hook: mx.zeros_like(g)), ("blocks.0.hook_resid_pre", record)])
+    assert np.abs(seen["blocks.0.hook_resid_pre"]).max() == 0
+    # a forward hook and a metric: the gradient of the metric through the hooked forward
+    target = 432
+
+    def metric(logits):
+        return nn.log_softmax(logits[0, -1].astype(mx.float32))[target]
+
+    double = ("blocks.1.hook_resid_pre", lambda act, hook: act * 2)
+    stories.add_hook(*double)
+    try:
+        _, c2 = stories.run_with_cache(toks, names_filter="blocks.0.hook_resid_pre", incl_bwd=True, metric=metric)
+    finally:
+        stories.reset_hooks()
+    seen.clear()
+    stories.run_with_hooks(toks, fwd_hooks=[double], bwd_hooks=[("blocks.0.hook_resid_pre", record)], metric=metric)
+    assert_close(seen["blocks.0.hook_resid_pre"], c2["blocks.0.hook_resid_pre_grad"], 1e-5)
+    with pytest.raises(ValueError, match="scalar"):
+        stories.run_with_hooks(toks, bwd_hooks=[("blocks.0.hook_resid_pre", record)])
+    with pytest.raises(ValueError, match="expected an mx.array of shape"):
+        stories.run_with_hooks(toks, return_type="loss",
+                               bwd_hooks=[("blocks.0.hook_resid_pre", lambda g, hook: g[0])])
+    with pytest.raises(ValueError, match="run_with_hooks"):
+        stories.add_hook("blocks.0.hook_resid_pre", record, dir="bwd")
+
+
 def test_loss_and_stop_at_layer(stories):
     toks = stories.to_tokens("Once upon a time, there was a little girl")
     logits, loss = stories(toks, return_type="both")
