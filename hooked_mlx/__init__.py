@@ -7,8 +7,10 @@ from . import _blas
 
 _blas.load_blas()
 
+from . import hook_points, utils  # noqa: E402
 from .cache import ActivationCache  # noqa: E402
 from .config import HookedConfig  # noqa: E402
+from .factored_matrix import FactoredMatrix  # noqa: E402
 from .hooks import HookedRootModule, HookPoint  # noqa: E402
 from .model import HookedTransformer  # noqa: E402
 from .names import get_act_name  # noqa: E402
@@ -16,4 +18,4 @@ from .names import get_act_name  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["HookedTransformer", "HookedConfig", "HookPoint", "HookedRootModule", "ActivationCache",
-           "get_act_name", "__version__"]
+           "FactoredMatrix", "get_act_name", "hook_points", "utils", "__version__"]

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import ActivationCache
-from .components import Norm, TransformerBlock, Unembed
+from .components import Embed, Norm, TransformerBlock, Unembed
 from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
 from .weights_view import WeightsViewMixin
@@ -53,14 +53,14 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         object.__setattr__(self, "use_compile", os.environ.get("HOOKED_MLX_NO_COMPILE", "0") in ("", "0"))
         family = get_family(cfg.architecture)
         block_cls = getattr(family, "Block", TransformerBlock)
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [B,P,dm]
         if cfg.positional == "learned":
             self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
             self.hook_pos_embed = HookPoint()  # [B,P,dm]
         self.blocks = [block_cls(cfg, i) for i in range(cfg.n_layers)]
         self.ln_final = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
-        self.unembed = Unembed(cfg)
+        self.unembed = Unembed(cfg, embed_of=lambda: self.embed)
         self.setup()
 
     # ------------------------------------------------------------------------------------------
@@ -663,6 +663,21 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # misc
     # ------------------------------------------------------------------------------------------
+    def loss_fn(self, logits: mx.array, tokens: mx.array, attention_mask: mx.array | None = None,
+                per_token: bool = False) -> mx.array:
+        """TransformerLens's ``loss_fn``: next-token cross-entropy of ``logits`` against ``tokens`` (float32),
+        the mean or [B, P-1] per token; ``attention_mask`` [B, P] leaves pad predictions out."""
+        return lm_cross_entropy(logits, mx.array(tokens), per_token=per_token,
+                                attention_mask=None if attention_mask is None else mx.array(attention_mask))
+
+    def state_dict(self) -> dict[str, mx.array]:
+        """Every parameter by its dotted module path (``blocks.0.attn.q_proj.weight`` ...): the canonical
+        names of ``save_canonical`` checkpoints, not TransformerLens's (its ``blocks.0.attn.W_Q`` is the view
+        ``model.blocks[0].attn.W_Q`` here). ``model.load_weights(list(sd.items()))`` loads one back."""
+        from mlx.utils import tree_flatten
+
+        return dict(tree_flatten(self.parameters()))
+
     def num_params(self) -> int:
         from mlx.utils import tree_flatten
 

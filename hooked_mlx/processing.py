@@ -32,7 +32,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-from .components import MLP, GatedMLP, Norm, Unembed
+from .components import MLP, Embed, GatedMLP, Norm, Unembed
 from .components.attention import linear_weight
 from .components.moe import MoEMLP, SwitchLinear, switch_weight
 
@@ -104,7 +104,7 @@ def dequantize_model(model) -> None:
             new = nn.Linear(1, 1, bias=False)
             new.weight = linear_weight(m).astype(m.scales.dtype)
         elif isinstance(m, nn.QuantizedEmbedding):
-            new = nn.Embedding(1, 1)
+            new = Embed(1, 1)
             new.weight = linear_weight(m).astype(m.scales.dtype)
         else:
             continue

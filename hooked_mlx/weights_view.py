@@ -67,88 +67,71 @@ class WeightsViewMixin:
     @property
     def W_U(self) -> mx.array:
         """Unembedding [d_model, d_vocab] (dequantized; the embedding's transpose when tied)."""
-        w = linear_weight(self.embed) if self.cfg.tie_word_embeddings else linear_weight(self.unembed.lm_head)
-        return w.T
+        return self.unembed.W_U
 
     @property
     def b_U(self) -> mx.array:
         """Unembedding bias [d_vocab] (zeros when the model has none)."""
-        if not self.cfg.tie_word_embeddings and "bias" in self.unembed.lm_head:
-            return self.unembed.lm_head.bias
-        return mx.zeros((self.cfg.d_vocab,), dtype=self.W_E.dtype)
+        return self.unembed.b_U
 
-    # -- attention -----------------------------------------------------------------------------------
-    def _heads_in(self, proj, n: int) -> mx.array:
-        """[n*dh, dm] stored weight -> [n, dm, dh]."""
-        w = linear_weight(proj)
-        return w.reshape(n, self.cfg.d_head, -1).transpose(0, 2, 1)
-
-    def _repeat_kv(self, x: mx.array, axis: int = 1) -> mx.array:
-        g = self.cfg.n_heads // self.cfg.n_key_value_heads
-        return mx.repeat(x, g, axis=axis) if g > 1 else x
-
+    # -- attention (each layer's view is its ``blocks[l].attn`` property; see components/attention.py) ---
     @property
     def W_Q(self) -> mx.array:
         """Query weights [L, H, d_model, d_head]."""
-        return self._stack(lambda b: self._heads_in(b.attn.q_proj, self.cfg.n_heads))
+        return self._stack(lambda b: b.attn.W_Q)
 
     @property
     def _W_K(self) -> mx.array:
         """Stored key weights [L, Hkv, d_model, d_head]."""
-        return self._stack(lambda b: self._heads_in(b.attn.k_proj, self.cfg.n_key_value_heads))
+        return self._stack(lambda b: b.attn._W_K)
 
     @property
     def _W_V(self) -> mx.array:
         """Stored value weights [L, Hkv, d_model, d_head]."""
-        return self._stack(lambda b: self._heads_in(b.attn.v_proj, self.cfg.n_key_value_heads))
+        return self._stack(lambda b: b.attn._W_V)
 
     @property
     def W_K(self) -> mx.array:
         """Key weights [L, H, d_model, d_head] (GQA: kv heads repeated to H)."""
-        return self._repeat_kv(self._W_K)
+        return self._stack(lambda b: b.attn.W_K)
 
     @property
     def W_V(self) -> mx.array:
         """Value weights [L, H, d_model, d_head] (GQA: kv heads repeated to H)."""
-        return self._repeat_kv(self._W_V)
+        return self._stack(lambda b: b.attn.W_V)
 
     @property
     def W_O(self) -> mx.array:
         """Output weights [L, H, d_head, d_model]."""
-        H, dh = self.cfg.n_heads, self.cfg.d_head
-        return self._stack(lambda b: linear_weight(b.attn.o_proj).T.reshape(H, dh, -1))
+        return self._stack(lambda b: b.attn.W_O)
 
     @property
     def b_Q(self) -> mx.array:
         """[L, H, d_head]"""
-        H, dh, dt = self.cfg.n_heads, self.cfg.d_head, self._dtype()
-        return self._stack(lambda b: _bias(b.attn.q_proj, H * dh, dt).reshape(H, dh))
+        return self._stack(lambda b: b.attn.b_Q)
 
     @property
     def _b_K(self) -> mx.array:
-        Hkv, dh, dt = self.cfg.n_key_value_heads, self.cfg.d_head, self._dtype()
-        return self._stack(lambda b: _bias(b.attn.k_proj, Hkv * dh, dt).reshape(Hkv, dh))
+        return self._stack(lambda b: b.attn._b_K)
 
     @property
     def _b_V(self) -> mx.array:
-        Hkv, dh, dt = self.cfg.n_key_value_heads, self.cfg.d_head, self._dtype()
-        return self._stack(lambda b: _bias(b.attn.v_proj, Hkv * dh, dt).reshape(Hkv, dh))
+        return self._stack(lambda b: b.attn._b_V)
 
     @property
     def b_K(self) -> mx.array:
         """[L, H, d_head] (GQA repeated)"""
-        return self._repeat_kv(self._b_K)
+        return self._stack(lambda b: b.attn.b_K)
 
     @property
     def b_V(self) -> mx.array:
         """[L, H, d_head] (GQA repeated)"""
-        return self._repeat_kv(self._b_V)
+        return self._stack(lambda b: b.attn.b_V)
 
     @property
     def b_O(self) -> mx.array:
         """[L, d_model]"""
-        dt = self._dtype()
-        return self._stack(lambda b: _bias(b.attn.o_proj, self.cfg.d_model, dt))
+        return self._stack(lambda b: b.attn.b_O)
 
     @property
     def OV(self) -> FactoredMatrix:

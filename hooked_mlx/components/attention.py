@@ -84,6 +84,77 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [B,P,H,dh]
         self.hook_result = HookPoint()  # [B,P,H,dm]
 
+    # -- TransformerLens's per-layer weight views (``model.blocks[l].attn.W_Q``; the model's ``W_Q`` stacks
+    # them over layers). GQA: W_K / W_V / b_K / b_V repeat each kv head n_heads // n_kv_heads times;
+    # ``_W_K`` / ``_W_V`` / ``_b_K`` / ``_b_V`` are the stored [Hkv, ...] tensors. Quantized: dequantized.
+    def _heads_in(self, proj: nn.Module, n: int) -> mx.array:
+        """[n*dh, dm] stored weight -> [n, dm, dh]."""
+        return linear_weight(proj).reshape(n, self.d_head, -1).transpose(0, 2, 1)
+
+    def _bias(self, proj: nn.Module, n: int) -> mx.array:
+        b = proj.get("bias")
+        return b if b is not None else mx.zeros((n,), dtype=linear_weight(self.q_proj).dtype)
+
+    def _repeat_kv(self, x: mx.array) -> mx.array:
+        g = self.n_heads // self.n_kv_heads
+        return mx.repeat(x, g, axis=0) if g > 1 else x
+
+    @property
+    def W_Q(self) -> mx.array:
+        """Query weights [H, d_model, d_head]."""
+        return self._heads_in(self.q_proj, self.n_heads)
+
+    @property
+    def _W_K(self) -> mx.array:
+        return self._heads_in(self.k_proj, self.n_kv_heads)
+
+    @property
+    def _W_V(self) -> mx.array:
+        return self._heads_in(self.v_proj, self.n_kv_heads)
+
+    @property
+    def W_K(self) -> mx.array:
+        """Key weights [H, d_model, d_head] (GQA: kv heads repeated to H)."""
+        return self._repeat_kv(self._W_K)
+
+    @property
+    def W_V(self) -> mx.array:
+        """Value weights [H, d_model, d_head] (GQA: kv heads repeated to H)."""
+        return self._repeat_kv(self._W_V)
+
+    @property
+    def W_O(self) -> mx.array:
+        """Output weights [H, d_head, d_model]."""
+        return linear_weight(self.o_proj).T.reshape(self.n_heads, self.d_head, -1)
+
+    @property
+    def b_Q(self) -> mx.array:
+        """[H, d_head] (zeros when the model has no attention bias)."""
+        return self._bias(self.q_proj, self.n_heads * self.d_head).reshape(self.n_heads, self.d_head)
+
+    @property
+    def _b_K(self) -> mx.array:
+        return self._bias(self.k_proj, self.n_kv_heads * self.d_head).reshape(self.n_kv_heads, self.d_head)
+
+    @property
+    def _b_V(self) -> mx.array:
+        return self._bias(self.v_proj, self.n_kv_heads * self.d_head).reshape(self.n_kv_heads, self.d_head)
+
+    @property
+    def b_K(self) -> mx.array:
+        """[H, d_head] (GQA repeated)"""
+        return self._repeat_kv(self._b_K)
+
+    @property
+    def b_V(self) -> mx.array:
+        """[H, d_head] (GQA repeated)"""
+        return self._repeat_kv(self._b_V)
+
+    @property
+    def b_O(self) -> mx.array:
+        """[d_model]"""
+        return self._bias(self.o_proj, linear_weight(self.o_proj).shape[0])
+
     @property
     def needs_manual(self) -> bool:
         return bool(self.softcap) or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks

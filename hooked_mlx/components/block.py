@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from ..config import HookedConfig
 from ..hooks import HookPoint
-from .attention import Attention
+from .attention import Attention, linear_weight
 from .mlp import MLP, GatedMLP
 from .norms import Norm
 
@@ -72,17 +72,47 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(resid)
 
 
+class Embed(nn.Embedding):
+    """The token embedding (``weight`` [V, dm]) with TransformerLens's view ``W_E`` (``model.embed.W_E``).
+    Quantized, it becomes MLX's ``QuantizedEmbedding``: read ``model.W_E`` (dequantized) then."""
+
+    @property
+    def W_E(self) -> mx.array:
+        """[d_vocab, d_model] (without any embedding scale)."""
+        return linear_weight(self)
+
+
 class Unembed(nn.Module):
     """Logits from the final residual. Tied models use the embedding (``embed.as_linear``), else
-    ``lm_head`` ([V, dm]). Hooks: ``hook_in`` [B,P,dm], ``hook_out`` [B,P,V] (before any soft-cap)."""
+    ``lm_head`` ([V, dm]). Hooks: ``hook_in`` [B,P,dm], ``hook_out`` [B,P,V] (before any soft-cap).
+    ``W_U`` / ``b_U`` are TransformerLens's views (``model.unembed.W_U``)."""
 
-    def __init__(self, cfg: HookedConfig):
+    def __init__(self, cfg: HookedConfig, embed_of=None):
         super().__init__()
         self.tied = cfg.tie_word_embeddings
         if not self.tied:
             self.lm_head = nn.Linear(cfg.d_model, cfg.d_vocab, bias=bool(cfg.extra.get("unembed_bias", False)))
+        # the tied embedding, looked up when needed (quantizing or dequantizing replaces the module)
+        object.__setattr__(self, "_embed_of", embed_of)
         self.hook_in = HookPoint()
         self.hook_out = HookPoint()
+
+    @property
+    def W_U(self) -> mx.array:
+        """[d_model, d_vocab] (dequantized; the embedding's transpose when tied)."""
+        if not self.tied:
+            return linear_weight(self.lm_head).T
+        if self._embed_of is None:
+            raise AttributeError("W_U: this Unembed is tied to an embedding it was not given (embed_of=...).")
+        return linear_weight(self._embed_of()).T
+
+    @property
+    def b_U(self) -> mx.array:
+        """[d_vocab] (zeros when the model has none)."""
+        if not self.tied and "bias" in self.lm_head:
+            return self.lm_head.bias
+        W = self.W_U
+        return mx.zeros((W.shape[1],), dtype=W.dtype)
 
     def __call__(self, x: mx.array, embed: nn.Module) -> mx.array:
         x = self.hook_in(x)

@@ -1,0 +1,110 @@
+"""TransformerLens names that its users reach for: utils, hook_points, FactoredMatrix at the top level,
+per-module weight views, loss_fn, state_dict. Values are checked against the model's own computation."""
+
+from __future__ import annotations
+
+import hooked_mlx
+from hooked_mlx import FactoredMatrix, utils
+from hooked_mlx.hook_points import HookedRootModule, HookPoint
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from tolerance import assert_close
+
+
+def test_top_level_names():
+    assert HookPoint is hooked_mlx.HookPoint and HookedRootModule is hooked_mlx.HookedRootModule
+    assert FactoredMatrix is hooked_mlx.factored_matrix.FactoredMatrix
+    assert utils.get_act_name("resid_pre", 2) == "blocks.2.hook_resid_pre"
+
+
+def test_per_module_weight_views_are_the_stacked_views(stories):
+    m = stories
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "_W_K", "_W_V"):
+        for layer in (0, m.cfg.n_layers - 1):
+            assert np.array_equal(np.array(getattr(m.blocks[layer].attn, name)), np.array(getattr(m, name)[layer])), name
+    assert m.blocks[0].attn.W_K.shape == (m.cfg.n_heads, m.cfg.d_model, m.cfg.d_head)  # GQA repeated
+    assert m.blocks[0].attn._W_K.shape == (m.cfg.n_key_value_heads, m.cfg.d_model, m.cfg.d_head)
+    assert np.array_equal(np.array(m.embed.W_E), np.array(m.W_E))
+    assert np.array_equal(np.array(m.unembed.W_U), np.array(m.W_E.T))  # tied embeddings
+    # the views compute what the model computes: q = ln1(resid_pre) @ W_Q + b_Q (ln1's weight unfolded)
+    toks = m.to_tokens("Once upon a time")
+    _, cache = m.run_with_cache(toks, names_filter=["blocks.0.hook_resid_pre", "blocks.0.attn.hook_q"])
+    x = m.blocks[0].ln1(cache["blocks.0.hook_resid_pre"])
+    q = mx.einsum("bpd,hde->bphe", x, m.blocks[0].attn.W_Q) + m.blocks[0].attn.b_Q
+    assert_close(q, cache["blocks.0.attn.hook_q"], 1e-5)
+
+
+def test_loss_fn_state_dict_and_utils_losses(stories):
+    toks = stories.to_tokens(["Once upon a time there was", "The cat sat on the mat and"])
+    logits, loss = stories(toks, return_type="both")
+    assert_close(stories.loss_fn(logits, toks), loss, 1e-6)
+    assert_close(utils.lm_cross_entropy_loss(logits, toks, per_token=True),
+                 stories(toks, return_type="loss", loss_per_token=True), 1e-6)
+    acc = utils.lm_accuracy(logits, toks, per_token=True)
+    assert np.array_equal(np.array(acc), np.array(mx.argmax(logits[:, :-1], -1) == toks[:, 1:]))
+    sd = stories.state_dict()
+    assert "blocks.0.attn.q_proj.weight" in sd and len(sd) == len(dict(nn.utils.tree_flatten(stories.parameters())))
+    assert np.array_equal(np.array(sd["embed.weight"]), np.array(stories.W_E))
+
+
+def test_to_numpy_and_get_corner():
+    a = mx.arange(24).reshape(2, 3, 4).astype(mx.bfloat16)
+    assert utils.to_numpy(a).dtype == np.float32 and utils.to_numpy([1, 2]).tolist() == [1, 2]
+    assert utils.get_corner(a, 2).shape == (2, 2, 2)
+    A, B = mx.random.normal((5, 2), key=mx.random.key(0)), mx.random.normal((2, 6), key=mx.random.key(1))
+    fm = FactoredMatrix(A, B)
+    assert_close(utils.get_corner(fm, 3), (A @ B)[:3, :3], 1e-6)
+    assert_close(utils.to_numpy(fm), A @ B, 1e-6)
+    with pytest.raises(TypeError, match="to_numpy takes"):
+        utils.to_numpy(object())
+
+
+def test_test_prompt_ranks_match_the_logits(stories, capsys):
+    ranks = utils.test_prompt("Once upon a time, there was a little", "girl", stories, top_k=3)
+    out = capsys.readouterr().out
+    assert "Tokenized prompt:" in out and "Ranks of the answer tokens:" in out
+    prompt = stories.to_tokens("Once upon a time, there was a little")
+    answer = stories.to_tokens(" girl", prepend_bos=False)
+    logits = stories(mx.concatenate([prompt, answer], axis=1))
+    n = prompt.shape[1]
+    want = [int((np.array(logits[0, n + j - 1]) > np.array(logits[0, n + j - 1])[int(answer[0, j])]).sum())
+            for j in range(answer.shape[1])]
+    assert [r for _, r in ranks] == want
+    assert [t for t, _ in ranks] == stories.to_str_tokens(answer[0])
+
+
+def test_tokenize_and_concatenate_rows(stories):
+    texts = ["Once upon a time there was a cat.", "The dog ran to the park and played."] * 8
+    ds = utils.tokenize_and_concatenate(texts, stories.tokenizer, max_length=12)
+    toks = np.array(ds["tokens"])
+    tok = stories.tokenizer
+    ids = tok.encode(tok.eos_token.join(texts), add_special_tokens=False)
+    rows = len(ids) // 11
+    assert toks.shape == (rows, 12)
+    assert (toks[:, 0] == tok.bos_token_id).all()
+    assert toks[:, 1:].reshape(-1).tolist() == ids[: rows * 11]
+    no_bos = utils.tokenize_and_concatenate({"text": texts}, tok, max_length=12, add_bos_token=False)["tokens"]
+    assert np.array(no_bos).reshape(-1).tolist() == ids[: (len(ids) // 12) * 12]
+    with pytest.raises(ValueError, match="fewer than one row"):
+        utils.tokenize_and_concatenate(["hi"], tok, max_length=1000)
+
+
+def test_hooked_root_module_subclass_gets_hooks():
+    class Tiny(HookedRootModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.hook_mid = HookPoint()
+            self.setup()
+
+        def __call__(self, x):
+            return self.hook_mid(self.lin(x)) * 2
+
+    t = Tiny()
+    x = mx.ones((2, 3))
+    with t.hooks([("hook_mid", lambda a, hook: a * 0)]):
+        assert np.abs(np.array(t(x))).max() == 0
+    assert_close(t(x), t.lin(x) * 2, 1e-6)
+    assert list(t.hook_dict) == ["hook_mid"]
