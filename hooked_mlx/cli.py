@@ -69,15 +69,18 @@ def cmd_convert(args) -> int:
     # refuse a bad output before the (possibly long) load
     check_output_dir(out, sources=[src_path], overwrite=args.overwrite, what="convert")
     ck = read_checkpoint(args.src, revision=args.revision)
-    model = HookedTransformer.from_checkpoint(ck, dtype=args.dtype, dequantize=args.dequantize, **processing)
+    # convert keeps the stored quantization unless told (--dequantize): the canonical file mirrors the source
+    model = HookedTransformer.from_checkpoint(ck, dtype=args.dtype, dequantize=args.dequantize,
+                                              keep_quantized=not args.dequantize, **processing)
     print(f"converting {args.src} -> {out}  ({model})")
     save_canonical(model, out, tokenizer_dir=ck.tokenizer_dir,
                    tokenizer=ck.tokenizer if ck.tokenizer_dir is None else None,
                    hf_config=ck.hf_config, overwrite=args.overwrite, sources=(src_path,))
     # reload both and compare logits on a fixed prompt
     src_model = HookedTransformer.from_pretrained(args.src, dtype=args.dtype, dequantize=args.dequantize,
+                                                  keep_quantized=not args.dequantize,
                                                   revision=args.revision, **processing)
-    new_model = HookedTransformer.from_pretrained(out)
+    new_model = HookedTransformer.from_pretrained(out, keep_quantized=not args.dequantize)
     toks = _sample_tokens(src_model)
     a = src_model(toks).astype(mx.float32)
     b = new_model(toks).astype(mx.float32)

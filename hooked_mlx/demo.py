@@ -93,9 +93,9 @@ def run_demo(args) -> int:
         except FileNotFoundError as e:
             print(f"hooked-mlx demo: {e}")
             return 2
-    dequantize = not args.quantized and mx.default_device() == mx.cpu
+    dequantize = not args.quantized and mx.default_device() == mx.cpu  # (from_pretrained's own CPU default)
     t = time.perf_counter()
-    model = HookedTransformer.from_pretrained(path, dequantize=dequantize)
+    model = HookedTransformer.from_pretrained(path, dequantize=dequantize, keep_quantized=not dequantize)
     load_s = time.perf_counter() - t
     stored_q = _stored_quantization(path)
     c = model.cfg

@@ -154,7 +154,9 @@ class Ckpts:
     def ours(self, family: str, kind: str = "float") -> HookedTransformer:
         key = (family, kind, "ours")
         if key not in self._cache:
-            self._cache[key] = HookedTransformer.from_pretrained(self.get(family, kind)[1])
+            # the quantized parity checks run the quantized path (the CPU default would dequantize)
+            self._cache[key] = HookedTransformer.from_pretrained(self.get(family, kind)[1],
+                                                                 keep_quantized=kind == "quant")
         return self._cache[key]
 
 

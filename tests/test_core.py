@@ -53,7 +53,8 @@ def family_pair(request, tmp_path_factory):
         cfg = FAMILIES[name]
     _, path = build_mlx_lm_checkpoint(tmp_path_factory.mktemp(name), cfg, quantize=quant)
     ref, _ = load_model(path)
-    return name, ref, HookedTransformer.from_pretrained(path), path
+    # quantized families run quantized (keep_quantized): the parity below is of the quantized path
+    return name, ref, HookedTransformer.from_pretrained(path, keep_quantized=quant is not None), path
 
 
 def test_parity_logits_and_residual_with_mlx_lm(family_pair):
@@ -318,7 +319,7 @@ def test_canonical_round_trip(tmp_path, family_pair):
     out = save_canonical(model, tmp_path / "canon", tokenizer_dir=path)
     meta = json.loads((out / "config.json").read_text())
     assert meta["hooked_mlx_format"] == 1 and meta["config"]["architecture"] == model.cfg.architecture
-    again = HookedTransformer.from_pretrained(out)
+    again = HookedTransformer.from_pretrained(out, keep_quantized=True)
     assert mx.abs(again(TOKENS) - model(TOKENS)).max().item() == 0.0
     assert (again.cfg.quantization is None) == (model.cfg.quantization is None)
     assert again.tokenizer is not None

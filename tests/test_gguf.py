@@ -563,7 +563,7 @@ def test_hooked_transformer_and_convert_from_gguf(tmp_path, gpt2_tok, capsys):
     f = tmp_path / "tiny.gguf"
     expected = write_tiny_gguf(f, hf, gpt2_tok, qtype=QT.Q4_1, embed_qtype=QT.Q8_0)
     x = mx.array([[5, 17, 42, 99, 3, 250, 7, 8, 120, 64]])
-    model = HookedTransformer.from_pretrained(f)
+    model = HookedTransformer.from_pretrained(f, keep_quantized=True)
     assert model.cfg.quantization is not None and model.mod_dict["embed"].bits == 8
     ref = _ref_model(expected, load_gguf(f, dtype=mx.float32))(x)
     np.testing.assert_allclose(np.array(model(x)), np.array(ref), atol=2e-3, rtol=2e-3)
@@ -572,7 +572,18 @@ def test_hooked_transformer_and_convert_from_gguf(tmp_path, gpt2_tok, capsys):
     assert model.tokenizer.chat_template == CHAT_TEMPLATE
     assert main(["convert", str(f), str(tmp_path / "canon")]) == 0
     assert "= 0" in capsys.readouterr().out
-    again = HookedTransformer.from_pretrained(tmp_path / "canon")
+    again = HookedTransformer.from_pretrained(tmp_path / "canon", keep_quantized=True)
     assert mx.abs(again(x) - model(x)).max().item() == 0.0
+    # the default on the CPU backend dequantizes, and says so in one line
+    capsys.readouterr()
+    auto = HookedTransformer.from_pretrained(f)
+    err = capsys.readouterr().err
+    if mx.default_device() == mx.cpu:
+        assert auto.cfg.quantization is None and "keep_quantized=True" in err and len(err.strip().splitlines()) == 1
+        np.testing.assert_allclose(np.array(auto(x)), np.array(deq(x)), atol=1e-6, rtol=1e-6)
+    else:
+        assert auto.cfg.quantization is not None and err == ""
+    with pytest.raises(ValueError, match="contradict"):
+        HookedTransformer.from_pretrained(f, dequantize=True, keep_quantized=True)
     assert again.tokenizer.encode("hello world") == model.tokenizer.encode("hello world")
     assert again.tokenizer.chat_template == CHAT_TEMPLATE

@@ -143,10 +143,10 @@ def test_fold_value_biases_with_gqa(paths):
 
 
 def test_quantized_weights_are_dequantized_and_say_so(paths):
-    raw = HookedTransformer.from_pretrained(paths["gpt2-q4"])
+    raw = HookedTransformer.from_pretrained(paths["gpt2-q4"], keep_quantized=True)
     assert raw.cfg.quantization is not None
     with pytest.warns(UserWarning, match="dequantized"):
-        proc = HookedTransformer.from_pretrained(paths["gpt2-q4"], **ALL)
+        proc = HookedTransformer.from_pretrained(paths["gpt2-q4"], keep_quantized=True, **ALL)
     assert proc.cfg.quantization is None
     assert not any("scales" in m for _, m in proc.named_modules())
     assert set(proc.cfg.processing) == set(PROCESSING_OPTIONS)

@@ -37,7 +37,7 @@ def test_smollm2_knows_paris(smol_path):
 @pytest.mark.slow
 def test_smollm2_quantized_matches_dequantized(smol_path):
     """Q4_1 / Q8_0 weights kept as MLX affine quantized (group 32) compute what their float copy computes."""
-    q = HookedTransformer.from_pretrained(smol_path)
+    q = HookedTransformer.from_pretrained(smol_path, keep_quantized=True)
     assert q.cfg.quantization["group_size"] == 32 and q.mod_dict["embed"].bits == 8
     dq = HookedTransformer.from_pretrained(smol_path, dequantize=True)
     toks = mx.array([chat_ids(dq, "What is the capital of France?")[:12]])
