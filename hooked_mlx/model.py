@@ -213,10 +213,10 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             return ids
         if prepend_bos is None:
             prepend_bos = True
-        has = len(ids) > 0 and ids[0] == bos and self._tokenizer_adds_bos()
-        if prepend_bos and not has:
+        starts = len(ids) > 0 and ids[0] == bos  # added by the tokenizer, or written in the text itself
+        if prepend_bos and not starts:
             ids = [bos] + ids
-        elif not prepend_bos and has:
+        elif not prepend_bos and starts and self._tokenizer_adds_bos():
             ids = ids[1:]
         return ids
 

@@ -108,3 +108,35 @@ def test_hooked_root_module_subclass_gets_hooks():
         assert np.abs(np.array(t(x))).max() == 0
     assert_close(t(x), t.lin(x) * 2, 1e-6)
     assert list(t.hook_dict) == ["hook_mid"]
+
+
+def test_bos_rule(stories, capsys, monkeypatch):
+    """Where the tokenizer has a BOS token every prompt starts with exactly one (TransformerLens's default),
+    whether or not the tokenizer adds it itself and even when the text spells it; prepend_bos=False has none.
+    Where there is no BOS token, prompts have none and the model says so once."""
+    from hooked_mlx import HookedTransformer
+    from hooked_mlx.loading.gguf import find_default_gguf
+
+    bos = stories.bos_token_id
+    assert stories.to_tokens("Once upon a time")[0].tolist().count(bos) == 1
+    assert stories.to_tokens("Once upon a time")[0, 0].item() == bos
+    assert bos not in stories.to_tokens("Once upon a time", prepend_bos=False)[0].tolist()
+    try:
+        smol = HookedTransformer.from_pretrained(find_default_gguf())  # its tokenizer does not add BOS
+    except FileNotFoundError:
+        smol = None
+    if smol is not None:
+        b = smol.bos_token_id
+        ids = smol.to_tokens("The capital of France is")[0].tolist()
+        assert ids[0] == b and ids.count(b) == 1
+        assert smol.to_tokens(smol.tokenizer.decode([b]) + "The capital")[0].tolist().count(b) == 1
+        assert b not in smol.to_tokens("The capital of France is", prepend_bos=False)[0].tolist()
+    monkeypatch.setattr(HookedTransformer, "bos_token_id", property(lambda self: None))
+    capsys.readouterr()
+    plain = stories.tokenizer.encode("Once upon a time")
+    assert stories.to_tokens("Once upon a time")[0].tolist() == list(plain)
+    stories.to_tokens("again")
+    assert capsys.readouterr().err.count("defines no BOS token") == 1
+    with pytest.raises(ValueError, match="no BOS token"):
+        stories.to_tokens("x", prepend_bos=True)
+    object.__delattr__(stories, "_said_no_bos")
