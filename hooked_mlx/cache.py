@@ -8,7 +8,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .names import get_act_name, unknown_name_error
+from .names import get_act_name, hook_spec, unknown_name_error
 
 
 class ActivationCache:
@@ -97,12 +97,9 @@ class ActivationCache:
         if not self.has_batch_dim:
             return self
         for name, act in self.cache_dict.items():
-            if act.shape[0] != 1 and not name.endswith("hook_expert_weights") and not name.endswith("hook_expert_indices"):
+            if act.shape[0] != 1 and not _flat(name, act):
                 raise ValueError(f"remove_batch_dim needs batch size 1; {name!r} has shape {tuple(act.shape)}.")
-        self.cache_dict = {
-            k: (v[0] if not (k.endswith("hook_expert_weights") or k.endswith("hook_expert_indices")) else v)
-            for k, v in self.cache_dict.items()
-        }
+        self.cache_dict = {k: (v if _flat(k, v) else v[0]) for k, v in self.cache_dict.items()}
         self.has_batch_dim = False
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[0]
@@ -484,3 +481,12 @@ class ActivationCache:
         scaled = self.apply_ln_to_stack(residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice,
                                         has_batch_dim=has_batch_dim)
         return (scaled * dirs.astype(scaled.dtype)).sum(axis=-1)
+
+
+def _flat(name: str, act) -> bool:
+    """Whether a cached activation has batch and positions flattened together ([B*P, ...]: no batch axis
+    of its own to remove)."""
+    try:
+        return hook_spec(name, act.ndim).flat_batch_pos
+    except ValueError:  # a custom module's hook: [batch, ...]
+        return False

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .names import unknown_name_error
+from .names import hook_order, unknown_name_error
 
 HookFn = Callable[[mx.array, "HookPoint"], mx.array | None]
 NameOrFilter = str | Callable[[str], bool]
@@ -113,7 +113,7 @@ class HookedRootModule(nn.Module):
                 object.__setattr__(module, "name", name)
                 self.hook_dict[name] = module
         # named_modules is not in forward order; sort blocks numerically for readable listings
-        object.__setattr__(self, "hook_dict", dict(sorted(self.hook_dict.items(), key=lambda kv: _order(kv[0]))))
+        object.__setattr__(self, "hook_dict", dict(sorted(self.hook_dict.items(), key=lambda kv: hook_order(kv[0]))))
 
     # -- resolving names -------------------------------------------------------------------------
     def resolve_hook_names(self, name_or_filter: NameOrFilter) -> list[str]:
@@ -191,25 +191,3 @@ class HookedRootModule(nn.Module):
 
     def active_hook_names(self) -> list[str]:
         return [n for n, hp in self.hook_dict.items() if hp.has_hooks]
-
-
-def _order(name: str):
-    """Forward order: top-level input hooks, then blocks by layer (each in BLOCK_HOOKS order), then the rest."""
-    from .names import BLOCK_HOOKS, TOP_HOOKS
-
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        rel = ".".join(parts[2:])
-        order = list(BLOCK_HOOKS)
-        if rel in order:
-            return (1, int(parts[1]), order.index(rel) * 10)
-        extra = {"attn.q_norm": "attn.hook_q", "attn.k_norm": "attn.hook_k", "ln1_post": "hook_attn_out",
-                 "ln2_post": "hook_mlp_out", "mlp.hook_expert": "mlp.hook_pre"}
-        for prefix, anchor in extra.items():
-            if rel.startswith(prefix):
-                return (1, int(parts[1]), order.index(anchor) * 10 + (5 if "post" in prefix else -5))
-        return (1, int(parts[1]), 10_000)
-    top = list(TOP_HOOKS)
-    if name in top[:2]:
-        return (0, 0, top.index(name))
-    return (2, 0, top.index(name) if name in top else 100)

@@ -16,6 +16,7 @@ from .cache import ActivationCache
 from .components import Embed, Norm, TransformerBlock, Unembed
 from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
+from .names import hook_spec
 from .weights_view import WeightsViewMixin
 
 Input = str | Sequence[str] | mx.array | Sequence[int] | Sequence[Sequence[int]]
@@ -764,23 +765,24 @@ def _neutralise_pads(name: str, act: mx.array, mask: mx.array) -> mx.array:
     mask: [B, K] (True = real); the activation's positions are the last P of the K (a KV cache holds the
     first K - P)."""
     B = mask.shape[0]
-    base = name[: -len("_grad")] if name.endswith("_grad") else name
-    if base.endswith("hook_attn_scores") or base.endswith("hook_pattern"):
-        Pq, Pk = act.shape[-2:]
+    grad = name.endswith("_grad")
+    spec = hook_spec(name, act.ndim)
+    if spec.key_pos_axis is not None:  # pattern / scores [B, H, Pq, Pk]
+        Pq, Pk = act.shape[spec.pos_axis], act.shape[spec.key_pos_axis]
         keep = mask[:, -Pq:][:, None, :, None] & mask[:, -Pk:][:, None, None, :]
-        fill = -mx.inf if base.endswith("hook_attn_scores") and not name.endswith("_grad") else 0
+        fill = -mx.inf if spec.name.endswith("hook_attn_scores") and not grad else 0
         return mx.where(keep, act, mx.array(fill, act.dtype))
-    if base.endswith("hook_expert_weights") or base.endswith("hook_expert_indices"):
+    if spec.flat_batch_pos:  # [B*P, ...]
         if act.shape[0] % B:
             return act
         P = act.shape[0] // B
-        keep = mask[:, -P:].reshape(-1)
-        return mx.where(keep[:, None], act, mx.zeros_like(act))
-    if act.ndim < 2 or act.shape[0] != B or act.shape[1] > mask.shape[1]:
+        keep = mask[:, -P:].reshape((-1,) + (1,) * (act.ndim - 1))
+        return mx.where(keep, act, mx.zeros_like(act))
+    if spec.pos_axis != 1 or act.shape[0] != B or act.shape[1] > mask.shape[1]:
         return act
     P = act.shape[1]
     keep = mask[:, -P:].reshape((B, P) + (1,) * (act.ndim - 2))
-    fill = 1 if base.endswith("hook_scale") and not name.endswith("_grad") else 0
+    fill = 1 if spec.name.endswith("hook_scale") and not grad else 0
     return mx.where(keep, act, mx.array(fill, act.dtype))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 
 #: hooks that exist once per model: name -> (shape, meaning)
 TOP_HOOKS: dict[str, tuple[str, str]] = {
@@ -29,8 +30,8 @@ BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "hook_resid_pre": ("[B,P,dm]", "residual stream entering the block"),
     "ln1.hook_scale": ("[B,P,1]", "attention-input norm scale"),
     "ln1.hook_normalized": ("[B,P,dm]", "attention-input norm output before its weight"),
-    "attn.hook_q": ("[B,P,H,dh]", "queries, before rotary"),
-    "attn.hook_k": ("[B,P,Hkv,dh]", "keys of the new positions, before rotary (n_kv heads under GQA)"),
+    "attn.hook_q": ("[B,P,H,dh]", "queries, before any q norm and rotary"),
+    "attn.hook_k": ("[B,P,Hkv,dh]", "keys of the new positions, before any k norm and rotary (n_kv heads under GQA)"),
     "attn.hook_v": ("[B,P,Hkv,dh]", "values of the new positions (n_kv heads under GQA)"),
     "attn.hook_rot_q": ("[B,P,H,dh]", "queries after rotary"),
     "attn.hook_rot_k": ("[B,P,Hkv,dh]", "keys after rotary"),
@@ -69,6 +70,108 @@ EXTRA_BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "mlp.shared_expert.hook_pre_linear": ("[B,P,dmlp_shared]", "Qwen2-MoE shared expert: linear branch"),
     "mlp.shared_expert.hook_post": ("[B,P,dmlp_shared]", "Qwen2-MoE shared expert: act(pre) * pre_linear"),
 }
+
+#: every block hook, relative to ``blocks.{l}.``, in the order the forward pass reaches it (family-specific
+#: hooks included; a family has a subset). ``hooks.HookedRootModule`` lists ``hook_dict`` in this order.
+BLOCK_FORWARD_ORDER: tuple[str, ...] = (
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+    "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",
+    "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
+    "attn.hook_result", "ln1_post.hook_scale", "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid",
+    "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
+    "mlp.hook_expert_pre", "mlp.hook_expert_pre_linear", "mlp.hook_expert_post", "mlp.hook_expert_out",
+    "mlp.shared_expert.hook_pre", "mlp.shared_expert.hook_pre_linear", "mlp.shared_expert.hook_post",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized",
+    "hook_mlp_out", "hook_resid_post",
+)
+TOP_FORWARD_ORDER: tuple[str, ...] = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale",
+                                      "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
+
+# --- hook axes as data ------------------------------------------------------------------------------
+
+#: the shape strings' symbols as axis names ("batch*pos": batch and positions flattened into one axis)
+_AXIS = {"B": "batch", "P": "pos", "Pq": "query_pos", "Pk": "key_pos", "H": "head", "Hkv": "kv_head", "dh": "d_head",
+         "dm": "d_model", "dmlp": "d_mlp", "dmlp_shared": "d_mlp", "V": "d_vocab", "E": "expert",
+         "k": "expert_slot", "1": "one", "B*P": "batch*pos", "H*dh": "d_model_q", "Hkv*dh": "d_model_k"}
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A hook's place and axes: ``layer`` (None for the model-level hooks), ``axes`` (names in order, with
+    the batch axis, e.g. ("batch", "pos", "head", "d_head") or ("batch*pos", "expert")), its meaning."""
+
+    name: str
+    layer: int | None
+    axes: tuple[str, ...]
+    meaning: str
+
+    def _find(self, *names: str) -> int | None:
+        for n in names:
+            if n in self.axes:
+                return self.axes.index(n)
+        return None
+
+    @property
+    def batch_axis(self) -> int | None:
+        """The batch axis (0), or None where batch and positions are flattened together."""
+        return self._find("batch")
+
+    @property
+    def pos_axis(self) -> int | None:
+        """The (query) position axis, or None (no position axis of its own)."""
+        return self._find("pos", "query_pos")
+
+    @property
+    def key_pos_axis(self) -> int | None:
+        return self._find("key_pos")
+
+    @property
+    def head_axis(self) -> int | None:
+        """The head axis (query heads, or key/value heads: "kv_head"), or None."""
+        return self._find("head", "kv_head")
+
+    @property
+    def flat_batch_pos(self) -> bool:
+        """Batch and positions share axis 0 ([B*P, ...]: the router hooks of mixture-of-experts blocks)."""
+        return "batch*pos" in self.axes
+
+
+def _variants(shape: str) -> list[tuple[str, ...]]:
+    out = []
+    for part in re.findall(r"\[([^\]]+)\]", shape):
+        out.append(tuple(_AXIS[sym.strip()] for sym in part.split(",")))
+    return out
+
+
+def hook_spec(name: str, ndim: int | None = None) -> HookSpec:
+    """The ``HookSpec`` of a hook name (``blocks.3.attn.hook_z``, ``hook_embed``, or block-relative
+    ``attn.hook_z`` with layer None; ``_grad`` names are their activation's). ``ndim``: pick the shape variant of that rank where a family decides it (q/k norms
+    per head or over all heads); default the first. Unknown names raise the usual error."""
+    base = name[: -len("_grad")] if name.endswith("_grad") else name
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", base)
+    if m:
+        layer, rel = int(m.group(1)), m.group(2)
+        entry = BLOCK_HOOKS.get(rel) or EXTRA_BLOCK_HOOKS.get(rel)
+    else:  # a model-level hook, or a block hook named relative to its block ("attn.hook_z"; layer None)
+        layer, rel = None, base
+        entry = TOP_HOOKS.get(rel) or BLOCK_HOOKS.get(rel) or EXTRA_BLOCK_HOOKS.get(rel)
+    if entry is None:
+        raise unknown_name_error(name, [*TOP_HOOKS, *(f"blocks.0.{r}" for r in BLOCK_FORWARD_ORDER)])
+    variants = _variants(entry[0])
+    axes = next((v for v in variants if ndim is not None and len(v) == ndim), variants[0])
+    return HookSpec(base, layer, axes, entry[1])
+
+
+def hook_order(name: str) -> tuple:
+    """Sort key of a full hook name in forward order (model-level input hooks, blocks by layer, the rest)."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if m:
+        rel = m.group(2)
+        i = BLOCK_FORWARD_ORDER.index(rel) if rel in BLOCK_FORWARD_ORDER else len(BLOCK_FORWARD_ORDER)
+        return (1, int(m.group(1)), i)
+    i = TOP_FORWARD_ORDER.index(name) if name in TOP_FORWARD_ORDER else len(TOP_FORWARD_ORDER)
+    return (0 if i < 2 else 2, 0, i)
+
 
 # --- get_act_name (TL's rules) ----------------------------------------------------------------------
 

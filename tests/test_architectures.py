@@ -482,3 +482,51 @@ def test_moe_routing_can_be_patched(ckpts):
         experts.append((nn.silu(g) * u) @ sw.down_proj.weight[e].T)
     expected = (mx.stack(experts, axis=-2) * w).sum(-2)
     assert maxdiff(cache["blocks.0.hook_mlp_out"], expected) <= 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hook_axes_are_data_and_hook_dict_is_forward_order(ckpts, family):
+    """names.hook_spec gives every hook's axes (their count is the activation's rank, the named axes have the
+    config's sizes) and layer; hook_dict lists hooks in the order the forward pass reaches them."""
+    from hooked_mlx.names import hook_spec
+
+    model = ckpts.ours(family)
+    c = model.cfg
+    B, P = TOKENS.shape
+    size = {"batch": B, "pos": P, "query_pos": P, "key_pos": P, "head": c.n_heads, "kv_head": c.n_key_value_heads,
+            "d_head": c.d_head, "d_model": c.d_model, "d_vocab": c.d_vocab, "one": 1, "batch*pos": B * P}
+    fired = []
+    with model.hooks([(lambda n: True, lambda act, hook: fired.append(hook.name))]):
+        model(TOKENS)
+    assert fired == list(model.hook_dict)
+    _, cache = model.run_with_cache(TOKENS)
+    for name in model.hook_dict:
+        act = cache[name]
+        spec = hook_spec(name, act.ndim)
+        assert len(spec.axes) == act.ndim, (name, spec.axes, act.shape)
+        for ax, n in zip(spec.axes, act.shape):
+            if ax in size:
+                assert n == size[ax], (name, ax, n)
+        assert spec.layer == (int(name.split(".")[1]) if name.startswith("blocks.") else None)
+
+
+def test_interventions_read_axes_from_names(ckpts):
+    """zero_ablate(pos=...) on a router hook ([B*P, experts]) refuses instead of zeroing an expert; head=
+    works on a per-head q-norm hook."""
+    from hooked_mlx.patching import zero_ablate
+
+    moe = ckpts.ours("mixtral")
+    with pytest.raises(ValueError, match="no position axis"):
+        moe.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.mlp.hook_expert_weights", zero_ablate(pos=2))])
+    qk = ckpts.ours("gemma3_text")  # per-head q/k norms
+    name = "blocks.0.attn.q_norm.hook_normalized"
+    _, cache = qk.run_with_cache(TOKENS, names_filter=name)
+    seen = {}
+
+    def look(act, hook):
+        seen["act"] = act
+
+    qk.run_with_hooks(TOKENS, fwd_hooks=[(name, zero_ablate(head=1)), (name, look)])
+    got, ref = np.array(seen["act"]), np.array(cache[name])
+    assert np.abs(got[:, :, 1]).max() == 0
+    assert np.array_equal(np.delete(got, 1, axis=2), np.delete(ref, 1, axis=2))

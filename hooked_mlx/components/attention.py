@@ -163,12 +163,14 @@ class Attention(nn.Module):
         B, P, _ = x.shape
         H, Hkv, dh = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+        # hook_q / hook_k are the projections before any q/k norm, in every family (as TransformerLens)
         q = self.hook_q(q.reshape(B, P, H, dh))
         k = self.hook_k(k.reshape(B, P, Hkv, dh))
         v = self.hook_v(v.reshape(B, P, Hkv, dh))
-        if self.qk_norm == "head":
+        if self.qk_norm == "full":  # OLMo2: one norm over all heads' features
+            q = self.q_norm(q.reshape(B, P, H * dh)).reshape(B, P, H, dh)
+            k = self.k_norm(k.reshape(B, P, Hkv * dh)).reshape(B, P, Hkv, dh)
+        elif self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         # [B,heads,P,dh] for rope and attention
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)

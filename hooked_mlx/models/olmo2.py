@@ -3,8 +3,9 @@
 * post-norm blocks: resid_mid = resid_pre + ln1_post(attn(resid_pre)); resid_post = resid_mid +
   ln2_post(mlp(resid_mid)). There are no ``ln1`` / ``ln2`` (their hooks do not exist); ``ln1_post.*`` /
   ``ln2_post.*`` hooks do, and ``hook_attn_out`` / ``hook_mlp_out`` are taken after them.
-* ``q_norm`` / ``k_norm`` are RMSNorms over the whole projection (H*dh, Hkv*dh), applied before the head
-  split and RoPE (hooks ``attn.q_norm.hook_normalized`` [B,P,H*dh]).
+* ``q_norm`` / ``k_norm`` are RMSNorms over the whole projection (H*dh, Hkv*dh), applied before RoPE
+  (hooks ``attn.q_norm.hook_normalized`` [B,P,H*dh]); ``attn.hook_q`` / ``hook_k`` are the projections
+  before them, as in every family.
 * Hugging Face's ``post_attention_layernorm`` is the post-attention norm here (canonical ``ln1_post``).
 """
 

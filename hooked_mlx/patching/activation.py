@@ -30,6 +30,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..names import hook_spec
 from .align import align_positions, check_align, require_lengths
 from .engine import Cell, CorruptedRun, PatchEngine, _scalar, hook_info, run_cells_loop
 
@@ -148,7 +149,8 @@ def _grid(model, corrupted_tokens, clean_cache, metric, hook: str, shape_fn, kw,
 
 
 def _heads(model, hook: str) -> int:
-    return model.cfg.n_key_value_heads if hook.split(".")[-1] in ("hook_k", "hook_v", "hook_rot_k") else model.cfg.n_heads
+    """Heads on the hook's head axis: n_kv_heads for keys and values (GQA), else n_heads."""
+    return model.cfg.n_key_value_heads if "kv_head" in hook_spec(hook).axes else model.cfg.n_heads
 
 
 # -- [L, P] ------------------------------------------------------------------------------------------

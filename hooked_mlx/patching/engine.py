@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..names import hook_spec
 from .metrics import Metric
 
 #: default memory budget of one chunk, in MiB (override per call with memory_budget_mb=)
@@ -52,18 +53,14 @@ class HookInfo:
 
 def hook_info(model, name: str) -> HookInfo:
     full = model.resolve_hook_names(name)[0]
-    parts = full.split(".")
-    if parts[0] == "blocks":
-        layer = int(parts[1])
-        if full.endswith("hook_pattern") or full.endswith("hook_attn_scores"):
-            return HookInfo(full, layer, 1, 2)
-        if "hook_expert" in full:
-            raise ValueError(f"{full!r} ([B*P, experts]) has no position axis and cannot be patched.")
-        if full.endswith("hook_scale") and ("q_norm" in full or "k_norm" in full):
-            return HookInfo(full, layer, 0, None)
-        return HookInfo(full, layer, 0, None)
-    if full in ("hook_embed", "hook_pos_embed"):
-        return HookInfo(full, -1, 0, None)
+    spec = hook_spec(full)
+    if spec.layer is not None or full in ("hook_embed", "hook_pos_embed"):
+        if spec.pos_axis is None:
+            raise ValueError(f"{full!r} (axes {spec.axes}) has no position axis of its own and cannot be patched.")
+        # non-batch axes: the (query) position, and the pattern's key position
+        src = spec.key_pos_axis
+        return HookInfo(full, spec.layer if spec.layer is not None else -1, spec.pos_axis - 1,
+                        None if src is None else src - 1)
     raise ValueError(
         f"Patching {full!r} is not supported: the engine patches block hooks and the embedding hooks. "
         f"To patch the final residual, patch blocks.{model.cfg.n_layers - 1}.hook_resid_post."

@@ -20,19 +20,19 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..names import hook_spec
 from .align import align_positions, check_align, length_error, position_map
 
 Hook = Callable[[mx.array, object], mx.array]
 
 
-def _axes(name: str | None) -> tuple[int, int | None]:
-    """(position axis, head axis) of an activation with its batch axis, from the hook name."""
-    name = name or ""
-    if name.endswith(("hook_pattern", "hook_attn_scores")):
-        return 2, 1
-    if name.split(".")[-1] in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k"):
-        return 1, 2
-    return 1, None
+def _axes(name: str | None, ndim: int) -> tuple[int | None, int | None]:
+    """(position axis, head axis) of an activation with its batch axis (``names.hook_spec``); an unnamed
+    hook is read as [batch, pos, ...]."""
+    if not name:
+        return 1, None
+    spec = hook_spec(name, ndim)
+    return spec.pos_axis, spec.head_axis
 
 
 def _as_sel(v, n: int, what: str, where: str):
@@ -65,8 +65,12 @@ def selection_mask(act: mx.array, hook_name: str | None, pos=None, head=None, in
         return mx.array(m)[None]
     if pos is None and head is None:
         return None
-    pa, ha = _axes(hook_name)
+    pa, ha = _axes(hook_name, act.ndim)
     m = np.ones([1] * act.ndim, dtype=bool)
+    if pos is not None and pa is None:
+        raise ValueError(f"{where}: pos= selects positions, but {hook_name!r} has no position axis of its own "
+                         f"(axes {hook_spec(hook_name, act.ndim).axes}). Use index= on its axes, or a hook with "
+                         f"positions.")
     if pos is not None:
         shape = [1] * act.ndim
         shape[pa] = act.shape[pa]
@@ -177,13 +181,13 @@ def replace_with(values: mx.array, align: str | None = None, pos=None, head=None
     values = mx.array(values)
 
     def hook(act, hp):
-        pa, _ = _axes(getattr(hp, "name", None))
         v = values
         if v.ndim != act.ndim:
             raise ValueError(f"replace_with: values have shape {tuple(v.shape)}, the activation "
                              f"{tuple(act.shape)} ({getattr(hp, 'name', '?')}).")
-        Pv, Pa = v.shape[pa], act.shape[pa]
-        if Pv != Pa or align == "end":
+        pa, _ = _axes(getattr(hp, "name", None), act.ndim)
+        Pv, Pa = (v.shape[pa], act.shape[pa]) if pa is not None else (None, None)
+        if pa is not None and (Pv != Pa or align == "end"):
             if Pv != Pa and align is None:
                 src, dst = tokens if tokens is not None else (None, None)
                 raise length_error(None, Pv, Pa, src, dst, what=f"replace {getattr(hp, 'name', 'the activation')}")

@@ -197,10 +197,9 @@ class SAEConfig:
     @property
     def hook_layer(self) -> int | None:
         """The block index of ``hook_name`` (``blocks.3.hook_resid_post`` -> 3), or None for top hooks."""
-        parts = self.hook_name.split(".")
-        if len(parts) >= 2 and parts[0] == "blocks" and parts[1].isdigit():
-            return int(parts[1])
-        return None
+        from ..names import hook_spec
+
+        return hook_spec(self.hook_name).layer if self.hook_name else None
 
     # -- validation ------------------------------------------------------------------------------------
     def validate(self) -> SAEConfig:

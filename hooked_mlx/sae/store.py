@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..names import hook_spec
 from ..outputs import check_output_dir, write_file_atomic
 from ..readers import check_safetensors, read_json
 from .config import SAEConfig
@@ -138,9 +139,9 @@ def stop_layer_for(model, hook_names: list[str]) -> int | None:
     """The smallest ``stop_at_layer`` that still computes every hook (None: run the whole model)."""
     layers = []
     for h in hook_names:
-        parts = h.split(".")
-        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
-            layers.append(int(parts[1]))
+        layer = hook_spec(h).layer
+        if layer is not None:
+            layers.append(layer)
         elif h in ("hook_embed", "hook_pos_embed"):
             layers.append(-1)
         else:
