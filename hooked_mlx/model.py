@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -518,79 +518,6 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # hooks and caches
     # ------------------------------------------------------------------------------------------
-    def run_with_hooks(self, *args, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (),
-                       reset_hooks_end: bool = True, clear_contexts: bool = False,
-                       metric: Callable[[Any], mx.array] | None = None, **kwargs):
-        """Forward with ``fwd_hooks = [(name or filter, fn), ...]`` active for this call only.
-
-        ``bwd_hooks = [(name or filter, fn), ...]``: MLX has no ``.backward()``, so the backward pass runs
-        here, right after the forward: ``fn(grad, hook)`` is called with d metric / d activation at each named
-        hook (the gradient of the hook's output, as TransformerLens's backward hooks receive), from the last
-        hook to the first; returning an array replaces the gradient that flows on upstream, None keeps it.
-        The metric is ``metric(output)`` (a scalar), or the output itself when it is a scalar
-        (``return_type="loss"``). Returns the forward's output, as without ``bwd_hooks``."""
-        bwd = list(bwd_hooks)
-        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            if not bwd:
-                return self.forward(*args, **kwargs)
-            return self._run_backward_hooks(bwd, metric, args, kwargs)
-
-    def _run_backward_hooks(self, bwd_hooks: list, metric, args, kwargs):
-        """The forward with an identity at every backward-hooked point whose VJP calls the hooks, then the
-        metric's gradient through all of them (with respect to zero perturbations at those points)."""
-        by_name: dict[str, list] = {}
-        for name, fn in bwd_hooks:
-            if not callable(fn):
-                raise TypeError(f"The backward hook for {name!r} must be callable fn(grad, hook), got "
-                                f"{type(fn).__name__}.")
-            for n in self.resolve_hook_names(name):
-                by_name.setdefault(n, []).append(fn)
-        outputs: list = []
-
-        def grad_identity(hook, fns):
-            @mx.custom_function
-            def ident(a):
-                return a
-
-            @ident.vjp
-            def ident_vjp(primals, cotangent, output):
-                g = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
-                for fn in fns:
-                    new = fn(g, hook)
-                    if new is not None:
-                        if not isinstance(new, mx.array) or tuple(new.shape) != tuple(g.shape):
-                            raise ValueError(
-                                f"Backward hook {getattr(fn, '__name__', fn)!r} on {hook.name!r} returned "
-                                f"{tuple(new.shape) if isinstance(new, mx.array) else type(new).__name__}; "
-                                f"expected an mx.array of shape {tuple(g.shape)} (the gradient's), or None.")
-                        g = new.astype(g.dtype)
-                return (g,)
-
-            return ident
-
-        def f(deltas):
-            hooks = [(n, lambda act, hook, fns=fns: grad_identity(hook, fns)(act + deltas[hook.name]))
-                     for n, fns in by_name.items()]
-            with self.hooks(hooks):
-                out = self.forward(*args, **kwargs)
-            outputs.append(out)
-            value = metric(out) if metric is not None else (out[1] if isinstance(out, tuple) else out)
-            if not isinstance(value, mx.array) or value.size != 1:
-                raise ValueError(
-                    "bwd_hooks need a scalar to differentiate: pass metric=fn(output) -> scalar, or "
-                    "return_type='loss'. Got " + (f"shape {tuple(value.shape)}" if isinstance(value, mx.array)
-                                                  else type(value).__name__) + ".")
-            return value.reshape(())
-
-        # the activations' shapes, from a forward with the forward hooks only
-        shapes: dict[str, mx.array] = {}
-        with self.hooks([(n, lambda act, hook: shapes.__setitem__(hook.name, act)) for n in by_name]):
-            self.forward(*args, **kwargs)
-        deltas = {n: mx.zeros_like(a) for n, a in shapes.items()}
-        grads = mx.grad(f)(deltas)
-        mx.eval(grads, outputs[-1])
-        return outputs[-1]
-
     def _names(self, names_filter) -> list[str]:
         if names_filter is None:
             return list(self.hook_dict)
@@ -648,27 +575,6 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, cache
-
-    def _activation_grads(self, acts: dict, metric, args, kwargs) -> dict[str, mx.array]:
-        names = list(acts)
-
-        def f(deltas):
-            def add(act, hook):
-                return act + deltas[hook.name]
-
-            with self.hooks([(n, add) for n in names]):
-                out = self.forward(*args, **kwargs)
-            value = metric(out) if metric is not None else out
-            if not isinstance(value, mx.array) or value.size != 1:
-                raise ValueError(
-                    "incl_bwd=True needs a scalar to differentiate: pass metric=fn(output) -> scalar, or "
-                    "return_type='loss'. Got " + (f"shape {tuple(value.shape)}" if isinstance(value, mx.array)
-                                                  else type(value).__name__) + "."
-                )
-            return value.reshape(())
-
-        deltas = {n: mx.zeros_like(a) for n, a in acts.items()}
-        return mx.grad(f)(deltas)
 
     # ------------------------------------------------------------------------------------------
     # generation and lenses

@@ -108,6 +108,14 @@ def test_hooked_root_module_subclass_gets_hooks():
         assert np.abs(np.array(t(x))).max() == 0
     assert_close(t(x), t.lin(x) * 2, 1e-6)
     assert list(t.hook_dict) == ["hook_mid"]
+    # TransformerLens's HookedRootModule API on a custom module
+    assert np.abs(np.array(t.run_with_hooks(x, fwd_hooks=[("hook_mid", lambda a, hook: a * 0)]))).max() == 0
+    out, cache = t.run_with_cache(x, incl_bwd=True, metric=lambda o: o.sum())
+    assert_close(cache["hook_mid"], t.lin(x), 1e-6)
+    assert_close(cache["hook_mid_grad"], mx.full((2, 3), 2.0), 1e-6)  # d sum(2 h) / d h
+    seen = {}
+    t.run_with_hooks(x, bwd_hooks=[("hook_mid", lambda g, hook: seen.setdefault("g", g))], metric=lambda o: o.sum())
+    assert_close(seen["g"], mx.full((2, 3), 2.0), 1e-6)
 
 
 def test_bos_rule(stories, capsys, monkeypatch):
