@@ -108,7 +108,7 @@ def _profile_collectives(w, rows: int, d: int, F: int, reps: int = 5) -> dict:
     return out
 
 
-def _launch(n: int, a, shape: str, strong: bool = False, reduce_dtype: str = "float32", profile: bool = False
+def _launch(n: int, a, shape: str, strong: bool = False, reduce_dtype: str = "auto", profile: bool = False
             ) -> dict:
     launcher = shutil.which("mlx.launch") or os.path.join(os.path.dirname(sys.executable), "mlx.launch")
     # MLX installed without its console scripts (pip --target): the launcher's module does the same
@@ -138,15 +138,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--modes", nargs="*", default=["weak"], choices=["weak", "strong"],
                    help="weak: every rank keeps the shape's batch; strong: the global batch is split over the ranks")
-    p.add_argument("--reduce-dtypes", nargs="*", default=["float32"], choices=["float32", "bfloat16"],
-                   help="SAEConfig.grad_reduce_dtype values to run at N ranks")
+    p.add_argument("--reduce-dtypes", nargs="*", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                   help="SAEConfig.grad_reduce_dtype values to run at N ranks (default: the default, auto)")
     p.add_argument("--profile", action="store_true", help="time the step's collectives alone, too")
     p.add_argument("--backend", default=None, help="mlx.launch backend (default: nccl on CUDA, else ring)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="S1", help=argparse.SUPPRESS)
     p.add_argument("--strong", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--reduce-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--reduce-dtype", default="auto", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(a)
