@@ -87,6 +87,16 @@ BLOCK_FORWARD_ORDER: tuple[str, ...] = (
 TOP_FORWARD_ORDER: tuple[str, ...] = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale",
                                       "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
 
+#: hook points an SAE spliced in at hook X adds, as ``X.<name>`` (SAELens's names; ``sae.splice``), in forward order
+SAE_HOOKS: dict[str, str] = {
+    "hook_sae_input": "the activation the SAE reads (attention hook_z: heads flattened)",
+    "hook_sae_acts_pre": "the SAE's pre-activations [..., d_sae]",
+    "hook_sae_acts_post": "the SAE's latents [..., d_sae]",
+    "hook_sae_recons": "the reconstruction",
+    "hook_sae_error": "activation - reconstruction (with use_error_term=True)",
+    "hook_sae_output": "what replaces the activation",
+}
+
 # --- hook axes as data ------------------------------------------------------------------------------
 
 #: the shape strings' symbols as axis names ("batch*pos": batch and positions flattened into one axis)
@@ -148,6 +158,14 @@ def hook_spec(name: str, ndim: int | None = None) -> HookSpec:
     ``attn.hook_z`` with layer None; ``_grad`` names are their activation's). ``ndim``: pick the shape variant of that rank where a family decides it (q/k norms
     per head or over all heads); default the first. Unknown names raise the usual error."""
     base = name[: -len("_grad")] if name.endswith("_grad") else name
+    parent, _, local = base.rpartition(".")
+    if local in SAE_HOOKS:  # a spliced SAE's hook: the parent's axes, heads flattened, latents on the last
+        spec = hook_spec(parent)
+        axes = spec.axes[:-2] + ("d_sae_in",) if spec.axes[-2:] in (("head", "d_head"), ("kv_head", "d_head")) \
+            else spec.axes
+        if local in ("hook_sae_acts_pre", "hook_sae_acts_post"):
+            axes = axes[:-1] + ("d_sae",)
+        return HookSpec(base, spec.layer, axes, SAE_HOOKS[local])
     m = re.match(r"^blocks\.(\d+)\.(.+)$", base)
     if m:
         layer, rel = int(m.group(1)), m.group(2)
@@ -163,7 +181,11 @@ def hook_spec(name: str, ndim: int | None = None) -> HookSpec:
 
 
 def hook_order(name: str) -> tuple:
-    """Sort key of a full hook name in forward order (model-level input hooks, blocks by layer, the rest)."""
+    """Sort key of a full hook name in forward order (model-level input hooks, blocks by layer, the rest; a
+    spliced SAE's hooks right after their hook)."""
+    parent, _, local = name.rpartition(".")
+    if local in SAE_HOOKS:
+        return hook_order(parent) + (list(SAE_HOOKS).index(local),)
     m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
     if m:
         rel = m.group(2)

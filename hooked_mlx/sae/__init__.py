@@ -37,6 +37,7 @@ from .files import (
                        save_sae,
 )
 from .sae import SAE
+from .splice import HookedSAETransformer
 from .store import ActivationStore, ArraySource, ShardSource, harvest, open_corpus
 from .training import (
                        NonFiniteLossError,
@@ -49,7 +50,8 @@ from .training import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "ActivationStore", "ArraySource", "FeatureExample", "LogitEffects", "NonFiniteLossError",
+    "ARCHITECTURES", "ActivationStore", "ArraySource", "FeatureExample", "HookedSAETransformer", "LogitEffects",
+    "NonFiniteLossError",
     "SAE", "SAEConfig", "SAETrainer", "ShardSource", "TokenFeatures", "detect_format", "evaluate_model",
     "evaluate_reconstruction", "export_saelens", "export_sparsify", "feature_logit_effects",
     "feature_logit_weights", "geometric_median", "harvest", "load_checkpoint", "load_sae", "load_saelens",
