@@ -64,8 +64,25 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
             yield row[text_field]
 
 
-def open_corpus(corpus, text_field: str = "text"):
-    """A re-iterable corpus: a callable returning a fresh iterator of documents (str) each time.
+class Corpus:
+    """A re-iterable corpus of documents (str): ``for doc in corpus`` starts from the first document every
+    time; ``corpus()`` returns such a fresh iterator too."""
+
+    def __init__(self, factory, source: str):
+        self._factory, self.source = factory, source
+
+    def __iter__(self):
+        return iter(self._factory())
+
+    def __call__(self):
+        return iter(self._factory())
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.source})"
+
+
+def open_corpus(corpus, text_field: str = "text") -> Corpus:
+    """A re-iterable ``Corpus``: iterating it (or calling it) gives a fresh iterator of documents (str).
 
     Accepts a list/tuple of strings, a path to a ``.txt`` (documents separated by blank lines, else one
     per line) or ``.jsonl`` file (field ``text_field``), a ``datasets`` Dataset / IterableDataset, or
@@ -84,25 +101,27 @@ def open_corpus(corpus, text_field: str = "text"):
         if not os.path.exists(path):
             raise FileNotFoundError(f"Corpus file {path!r} does not exist (expected a .txt or .jsonl file).")
         if path.endswith(".jsonl"):
-            return lambda: _iter_jsonl(path, text_field)
+            return Corpus(lambda: _iter_jsonl(path, text_field), path)
         if path.endswith(".json"):
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
             docs = [d if isinstance(d, str) else d[text_field] for d in data]
-            return lambda: iter(docs)
+            return Corpus(lambda: iter(docs), path)
         docs = _read_txt(path)
-        return lambda: iter(docs)
+        return Corpus(lambda: iter(docs), path)
     if isinstance(corpus, (list, tuple)):
         if not all(isinstance(d, str) for d in corpus):
             raise TypeError("A corpus list must hold strings (documents).")
         docs = list(corpus)
-        return lambda: iter(docs)
+        return Corpus(lambda: iter(docs), f"{len(docs)} documents")
+    if isinstance(corpus, Corpus):
+        return corpus
     mod = type(corpus).__module__ or ""
     if mod.startswith("datasets"):
         def it():
             for row in corpus:
                 yield row[text_field] if isinstance(row, dict) else row
-        return it
+        return Corpus(it, type(corpus).__name__)
     raise TypeError(
         f"Unsupported corpus {type(corpus).__name__}: pass a list of strings, a .txt / .jsonl path, a `datasets` "
         f"dataset, or 'hf:NAME[:SPLIT]'."

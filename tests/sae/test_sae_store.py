@@ -106,6 +106,9 @@ def test_corpus_formats_and_errors(tmp_path, stories):
     assert list(open_corpus(str(tmp_path / "a.txt"))()) == ["first doc\nsame doc", "second doc"]
     (tmp_path / "b.jsonl").write_text('{"text": "x y"}\n{"text": "z"}\n')
     assert list(open_corpus(str(tmp_path / "b.jsonl"))()) == ["x y", "z"]
+    corpus = open_corpus(str(tmp_path / "b.jsonl"))  # iterable as well, from the start every time
+    assert list(corpus) == list(corpus) == ["x y", "z"]
+    assert [d for d in open_corpus(["p", "q"])] == ["p", "q"]
     (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="has no 'text' field"):
         list(open_corpus(str(tmp_path / "c.jsonl"))())
