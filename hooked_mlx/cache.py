@@ -179,8 +179,10 @@ class ActivationCache:
         The components are centred first for LayerNorm, then divided by the **cached** ``hook_scale`` of
         the full residual (so the normalised components still sum to the normalised residual); the norm's
         weight and bias are not applied (TL; after ``fold_ln`` there are none). ``recompute_ln=True``
-        instead normalises every component by its own scale. pos_slice / batch_slice say how the stack was
-        sliced, so the scale is sliced the same way. A model without that norm returns the stack unchanged.
+        instead normalises every component by its own scale. A model without that norm returns the stack
+        unchanged. Slices as TransformerLens: ``pos_slice`` says how the stack's positions were already sliced
+        (the scale is sliced the same way); ``batch_slice`` slices the stack's batch axis (axis 1) here, and the
+        scale's too (``has_batch_dim=False``: the stack has no batch axis, only the scale is sliced).
         """
         model = self._require_model("apply_ln_to_stack")
         n = model.cfg.n_layers
@@ -194,6 +196,8 @@ class ActivationCache:
                 return residual_stack
             norm, name = block[ln], f"blocks.{layer}.{ln}.hook_scale"
         x = residual_stack
+        if batch_slice is not None and has_batch_dim:
+            x = self._pos(x, batch_slice, dim=1)
         if norm.kind == "ln":
             x = x - x.mean(axis=-1, keepdims=True)
         if recompute_ln:
@@ -203,10 +207,9 @@ class ActivationCache:
         if name not in self.cache_dict:
             raise KeyError(f"apply_ln_to_stack needs {name!r} in the cache (run_with_cache with a names_filter "
                            f"that includes it), or recompute_ln=True.")
-        scale = self.cache_dict[name]
-        if batch_slice is not None and has_batch_dim and self.has_batch_dim:
-            scale = scale[batch_slice]
-        scale = self._pos(scale, pos_slice, dim=-2)
+        scale = self._pos(self.cache_dict[name], pos_slice, dim=-2)
+        if batch_slice is not None and self.has_batch_dim:
+            scale = self._pos(scale, batch_slice, dim=0)
         return x / scale
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,

@@ -148,3 +148,27 @@ def test_bos_rule(stories, capsys, monkeypatch):
     with pytest.raises(ValueError, match="no BOS token"):
         stories.to_tokens("x", prepend_bos=True)
     object.__delattr__(stories, "_said_no_bos")
+
+
+def test_apply_ln_to_stack_batch_slice_is_transformerlens_s(stories):
+    """batch_slice slices the stack's batch axis and the scale's (TL's Slice: an int drops the axis, a tuple is
+    slice(*t)); pos_slice says how the stack's positions were sliced."""
+    toks = stories.to_tokens(["Once upon a time", "The cat sat on the", "A dog ran to the"])
+    _, cache = stories.run_with_cache(toks)
+    stack = cache.accumulated_resid(layer=-1, pos_slice=-1)  # [n, batch, d_model]
+    scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
+    got = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1, batch_slice=1)
+    assert got.shape == (stack.shape[0], stack.shape[-1])
+    assert_close(got, stack[:, 1] / scale[1], 1e-6)
+    got = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1, batch_slice=(1, 3))
+    assert_close(got, stack[:, 1:3] / scale[1:3], 1e-6)
+    # a stack without a batch axis: only the scale is sliced
+    got = cache.apply_ln_to_stack(stack[:, 2], layer=-1, pos_slice=-1, batch_slice=2, has_batch_dim=False)
+    assert_close(got, stack[:, 2] / scale[2], 1e-6)
+    # logit_attrs passes batch_slice on: row 1's final residual attributes its own final-position logit
+    logits = stories(toks)
+    full = cache.accumulated_resid(layer=-1, pos_slice=-1)[-1:]  # the final residual only: [1, batch, d_model]
+    tok = 123
+    attrs = cache.logit_attrs(full, tok, pos_slice=-1, batch_slice=1)
+    assert attrs.shape == (1,)
+    assert_close(attrs[0], logits[1, -1, tok], 1e-5)
