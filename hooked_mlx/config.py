@@ -8,10 +8,17 @@ holds RoPE settings only there (mlx-lm 0.32 misses it for some families and sile
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 FORMAT_VERSION = 1
+
+Normalization = Literal["rms", "rms_offset", "ln"]
+QKNorm = Literal["head", "full"]
+Positional = Literal["rotary", "learned"]
+LayerType = Literal["full_attention", "sliding_attention"]
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -28,7 +35,7 @@ class HookedConfig:
     n_key_value_heads: int | None = None
     n_ctx: int = 2048
     # normalisation: "rms" (w * x/rms), "rms_offset" (Gemma: (1 + w) * x/rms), "ln" (LayerNorm with bias)
-    normalization: str = "rms"
+    normalization: Normalization = "rms"
     norm_eps: float = 1e-5
     # MLP
     act_fn: str = "silu"
@@ -37,14 +44,14 @@ class HookedConfig:
     # attention
     attention_bias: bool = False  # q/k/v biases
     o_bias: bool = False
-    qk_norm: str | None = None  # None, "head" (Qwen3, Gemma-3) or "full" (OLMo2)
+    qk_norm: QKNorm | None = None  # None, "head" (Qwen3, Gemma-3) or "full" (OLMo2)
     attn_scale: float | None = None  # multiplier on q.k; default d_head ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_window: int | None = None
-    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"
+    layer_types: list[LayerType] | None = None  # per layer "full_attention" / "sliding_attention"
     # positions
-    positional: str = "rotary"  # "rotary" or "learned"
+    positional: Positional = "rotary"  # "rotary" or "learned"
     rotary_dim: int | None = None  # None: all of d_head
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
@@ -67,7 +74,7 @@ class HookedConfig:
     default_prepend_bos: bool = True
     # weights
     quantization: dict | None = None
-    dtype: str = "float32"
+    dtype: DType = "float32"
     processing: dict = field(default_factory=dict)  # weight processing applied (fold_ln, ...)
     extra: dict = field(default_factory=dict)  # family-specific values
 
@@ -84,6 +91,23 @@ class HookedConfig:
             self.attn_scale = self.d_head**-0.5
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.n_layers
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        """Every ``Literal`` field (and each entry of ``layer_types``) holds one of its allowed values."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = _literal_values(hints[f.name])
+            if not allowed:
+                continue
+            value = getattr(self, f.name)
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise ValueError(
+                    f"HookedConfig.{f.name} = {value!r} is not valid: {bad[0]!r} is not one of "
+                    f"{sorted(str(a) for a in allowed)}. Fix the value in the checkpoint's config (or the family's "
+                    f"config mapping in hooked_mlx/models/).")
 
     # TL names
     @property
@@ -108,6 +132,23 @@ class HookedConfig:
         if unknown:
             raise ValueError(f"Unknown HookedConfig keys {sorted(unknown)}; valid keys: {sorted(names)}.")
         return cls(**d)
+
+
+def _literal_values(hint) -> tuple:
+    """The allowed values of a ``Literal`` hint, also inside ``X | None`` and ``list[X]`` (None included where
+    the hint allows it); () for any other hint."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return typing.get_args(hint)
+    if origin in (list, typing.Union) or str(origin) == "<class 'types.UnionType'>":
+        out: tuple = ()
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                out += (None,)
+            else:
+                out += _literal_values(arg)
+        return out if any(v is not None for v in out) else ()
+    return ()
 
 
 # -- helpers for family config mappings -----------------------------------------------------------------
