@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .corpus import ContextBuilder, open_corpus
+from .model_io import stop_layer_for, validate_hooks
 from .sae import SAE
-from .store import ContextBuilder, open_corpus, stop_layer_for, validate_hooks
 
 
 def _hook_acts(model, sae: SAE, tokens: mx.array, attention_mask: mx.array | None = None) -> mx.array:

@@ -18,7 +18,7 @@ def corpus_path() -> Path:
 
 @pytest.fixture(scope="session")
 def corpus_docs(corpus_path) -> list[str]:
-    from hooked_mlx.sae.store import _read_txt
+    from hooked_mlx.sae.corpus import _read_txt
 
     return _read_txt(str(corpus_path))
 
