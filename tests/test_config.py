@@ -27,3 +27,25 @@ def test_choice_fields_are_literals_and_defaults_pass():
     assert typing.get_origin(hints["normalization"]) is typing.Literal
     c = _cfg(qk_norm="full", positional="learned", layer_types=["sliding_attention", "full_attention"])
     assert HookedConfig.from_dict(c.to_dict()) == c
+
+
+def test_config_json_unknown_keys_ignored_missing_keys_named(stories_path, tmp_path):
+    """A config.json with keys hooked_mlx does not know loads as before; one that lacks a key the family needs
+    fails with the file, the family and the key in the message."""
+    import json
+    import shutil
+
+    from hooked_mlx import HookedTransformer
+
+    for name in ("extra", "missing"):
+        d = tmp_path / name
+        shutil.copytree(stories_path, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["a_key_from_the_future"] = {"x": 1}
+        if name == "missing":
+            del cfg["hidden_size"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    ref = HookedTransformer.from_pretrained(stories_path)
+    assert HookedTransformer.from_pretrained(tmp_path / "extra").cfg == ref.cfg
+    with pytest.raises(ValueError, match=r"config of .*missing \(llama\) cannot be read: .*'hidden_size'"):
+        HookedTransformer.from_pretrained(tmp_path / "missing")

@@ -129,7 +129,13 @@ def from_hf(raw: dict, weights: dict, source: Path, tokenizer_dir: Path | None =
         text.setdefault("quantization", raw.get("quantization"))
         raw = text
     family = get_family(raw["model_type"])
-    cfg = family.config_from_hf(raw, set(weights))
+    try:
+        cfg = family.config_from_hf(raw, set(weights))
+    except (KeyError, ValueError, TypeError) as e:  # a key missing or malformed: name the file and the key
+        what = f"'{e.args[0]}' is missing" if isinstance(e, KeyError) else str(e).rstrip(".")
+        raise ValueError(
+            f"The config of {source} ({raw['model_type']}) cannot be read: {what}. Expected a transformers 4.x or "
+            f"5.x config.json for this family; add the key (unknown keys are ignored).") from e
     q = raw.get("quantization") or raw.get("quantization_config")
     if isinstance(q, dict) and "bits" in q:
         cfg.quantization = {"group_size": q.get("group_size", 64), "bits": q["bits"], "mode": q.get("mode", "affine")}
