@@ -594,6 +594,25 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # misc
     # ------------------------------------------------------------------------------------------
+    # TransformerLens's switches for optional hooks: here every hook always exists
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Accepted for TransformerLens code: ``attn.hook_result`` always exists (computed only when hooked)."""
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Accepted for TransformerLens code: ``hook_mlp_in`` always exists."""
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        if use_split_qkv_input:
+            raise NotImplementedError(
+                "Per-head q/k/v inputs (hook_q_input / hook_k_input / hook_v_input) are not available in hooked_mlx "
+                "yet. Hook blocks.L.attn.hook_q / hook_k / hook_v (per head) or blocks.L.ln1.hook_normalized instead.")
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        if use_attn_in:
+            raise NotImplementedError(
+                "Per-head attention inputs (hook_attn_in) are not available in hooked_mlx yet. Hook "
+                "blocks.L.ln1.hook_normalized (the attention input) or blocks.L.attn.hook_q / hook_k / hook_v.")
+
     def loss_fn(self, logits: mx.array, tokens: mx.array, attention_mask: mx.array | None = None,
                 per_token: bool = False) -> mx.array:
         """TransformerLens's ``loss_fn``: next-token cross-entropy of ``logits`` against ``tokens`` (float32),

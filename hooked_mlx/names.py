@@ -41,6 +41,8 @@ BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "attn.hook_result": ("[B,P,H,dm]", "per-head output z_h @ W_O[h], before b_O"),
     "hook_attn_out": ("[B,P,dm]", "attention output (with b_O and any post-attention norm)"),
     "hook_resid_mid": ("[B,P,dm]", "residual between attention and MLP (absent in parallel blocks)"),
+    "hook_mlp_in": ("[B,P,dm]", "the MLP's copy of its input, before ln2 (resid_mid; resid_pre in parallel blocks): "
+                    "changing it changes the MLP's input only, not the residual stream"),
     "ln2.hook_scale": ("[B,P,1]", "MLP-input norm scale"),
     "ln2.hook_normalized": ("[B,P,dm]", "MLP-input norm output before its weight"),
     "mlp.hook_pre": ("[B,P,dmlp]", "plain MLP: x@W_in+b_in; gated MLP: the gate branch x@W_gate"),
@@ -78,7 +80,7 @@ BLOCK_FORWARD_ORDER: tuple[str, ...] = (
     "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",
     "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
     "attn.hook_result", "ln1_post.hook_scale", "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid",
-    "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
+    "hook_mlp_in", "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
     "mlp.hook_expert_pre", "mlp.hook_expert_pre_linear", "mlp.hook_expert_post", "mlp.hook_expert_out",
     "mlp.shared_expert.hook_pre", "mlp.shared_expert.hook_pre_linear", "mlp.shared_expert.hook_post",
     "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized",

@@ -172,3 +172,19 @@ def test_apply_ln_to_stack_batch_slice_is_transformerlens_s(stories):
     attrs = cache.logit_attrs(full, tok, pos_slice=-1, batch_slice=1)
     assert attrs.shape == (1,)
     assert_close(attrs[0], logits[1, -1, tok], 1e-5)
+
+
+def test_hook_mlp_in_changes_the_mlp_input_only(stories):
+    toks = stories.to_tokens("Once upon a time there was")
+    names = ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    _, clean = stories.run_with_cache(toks, names_filter=names)
+    assert np.array_equal(np.array(clean["blocks.1.hook_mlp_in"]), np.array(clean["blocks.1.hook_resid_mid"]))
+    stories.set_use_hook_mlp_in(True)  # TransformerLens's switch: accepted, the hook always exists
+    stories.set_use_attn_result(True)
+    with pytest.raises(NotImplementedError, match="hook_q_input"):
+        stories.set_use_split_qkv_input(True)
+    with stories.hooks([("blocks.1.hook_mlp_in", lambda a, hook: a * 0.5)]):
+        _, c = stories.run_with_cache(toks, names_filter=names)
+    assert np.array_equal(np.array(c["blocks.1.hook_resid_mid"]), np.array(clean["blocks.1.hook_resid_mid"]))
+    assert float(mx.abs(c["blocks.1.hook_mlp_out"] - clean["blocks.1.hook_mlp_out"]).max()) > 1e-3
+    assert_close(c["blocks.1.hook_resid_post"], c["blocks.1.hook_resid_mid"] + c["blocks.1.hook_mlp_out"], 1e-6)

@@ -26,7 +26,8 @@ class TransformerBlock(nn.Module):
     Sequential: resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid)).
     Parallel (NeoX): resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)); no hook_resid_mid.
     With ``cfg.post_norms`` the sublayer outputs pass ``ln1_post`` / ``ln2_post`` before their hooks.
-    Hooks (all [B,P,dm]): hook_resid_pre, hook_attn_out, hook_resid_mid, hook_mlp_out, hook_resid_post.
+    Hooks (all [B,P,dm]): hook_resid_pre, hook_attn_out, hook_resid_mid, hook_mlp_in (the MLP's own copy of its
+    input, before ln2: patching it changes the MLP's input only), hook_mlp_out, hook_resid_post.
     """
 
     def __init__(self, cfg: HookedConfig, layer_idx: int):
@@ -48,6 +49,7 @@ class TransformerBlock(nn.Module):
         self.hook_attn_out = HookPoint()
         if not self.parallel:
             self.hook_resid_mid = HookPoint()
+        self.hook_mlp_in = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
@@ -59,6 +61,7 @@ class TransformerBlock(nn.Module):
         return self.hook_attn_out(self.ln1_post(h) if "ln1_post" in self else h)
 
     def _mlp(self, x):
+        x = self.hook_mlp_in(x)
         h = self.mlp(self.ln2(x) if self.pre_norms else x)
         return self.hook_mlp_out(self.ln2_post(h) if "ln2_post" in self else h)
 
