@@ -183,7 +183,7 @@ def test_hook_mlp_in_changes_the_mlp_input_only(stories):
     stories.set_use_attn_result(True)
     with pytest.raises(NotImplementedError, match="hook_q_input"):
         stories.set_use_split_qkv_input(True)
-    with stories.hooks([("blocks.1.hook_mlp_in", lambda a, hook: a * 0.5)]):
+    with stories.hooks([("blocks.1.hook_mlp_in", lambda a, hook: a + 1.0)]):  # (RMSNorm ignores a scale)
         _, c = stories.run_with_cache(toks, names_filter=names)
     assert np.array_equal(np.array(c["blocks.1.hook_resid_mid"]), np.array(clean["blocks.1.hook_resid_mid"]))
     assert float(mx.abs(c["blocks.1.hook_mlp_out"] - clean["blocks.1.hook_mlp_out"]).max()) > 1e-3
