@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
 
 # isort: split
-from hooked_mlx.sae import SAEConfig, SAETrainer
 from hooked_mlx.sae.fused_update import grad_norm
 from hooked_mlx.sae.kernels import fused as FU
 from hooked_mlx.sae.kernels.step import FusedTopKStep
 import mlx.core as mx
 from sae_kernels import SHAPES, init_params, lr_for, make_data
+from sae_trainer import time_trainer
 
 
 def _fresh():
@@ -40,26 +40,8 @@ def _fresh():
 
 def trainer_row(s, steps, warmup, low_memory=None, **cfg_kw):
     _fresh()
-    D, F, B, K = s["D"], s["F"], s["B"], s["K"]
-    cfg = SAEConfig(architecture="topk", d_in=D, d_sae=F, k=K, lr=lr_for(F), train_batch_size_tokens=B,
-                    normalize_activations="none", hook_name="h", b_dec_init="mean", **cfg_kw)
-    t = SAETrainer(cfg)
-    if low_memory is not None:
-        t.low_memory = low_memory
-    xs = make_data(B, D)
-    t.initialize(xs[0])
-    for i in range(warmup):
-        t.step(xs[i % 2])
-        mx.eval(t.state_arrays())
-    t0 = time.perf_counter()
-    for i in range(steps):
-        t.step(xs[i % 2])
-        mx.eval(t.state_arrays())
-    dt = (time.perf_counter() - t0) / steps
-    out = dict(ms=1e3 * dt, peak_gb=mx.get_peak_memory() / 1e9, low_memory=t.low_memory, kernels=t.kernels_name,
-               loss=t.read_metrics()["loss"])
-    del t, xs
-    return out
+    return time_trainer("topk", s["D"], s["F"], s["B"], s["K"], lr_for(s["F"]), steps, warmup, low_memory=low_memory,
+                        **cfg_kw)
 
 
 def fused_step_row(s, steps, warmup):

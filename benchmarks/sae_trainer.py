@@ -114,9 +114,10 @@ def run_worker(cmd: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def time_trainer(arch, D, F, B, K, lr, steps, warmup, kernels=None) -> dict:
+def time_trainer(arch, D, F, B, K, lr, steps, warmup, kernels=None, low_memory=None, **cfg_kw) -> dict:
     """``SAETrainer`` as a user builds it (``kernels`` None: the default) on synthetic activations: ms per
-    step with the state evaluated every step, tokens/s, peak memory (MLX's; the process's RSS on the CPU)."""
+    step with the state evaluated every step, tokens/s, peak memory (MLX's; the process's RSS on the CPU).
+    ``low_memory`` / ``cfg_kw``: one trainer setting or config field changed (benchmarks/profile_trainer_step.py)."""
     import gc
     import resource
 
@@ -127,8 +128,10 @@ def time_trainer(arch, D, F, B, K, lr, steps, warmup, kernels=None) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     cfg = SAEConfig(architecture=arch, d_in=D, d_sae=F, k=K, lr=lr, train_batch_size_tokens=B,
-                    normalize_activations="none", hook_name="h", b_dec_init="mean")
+                    normalize_activations="none", hook_name="h", b_dec_init="mean", **cfg_kw)
     t = SAETrainer(cfg) if kernels is None else SAETrainer(cfg, kernels=kernels)
+    if low_memory is not None:
+        t.low_memory = low_memory
     xs = [mx.random.normal((B, D), key=mx.random.key(i)) for i in range(2)]
     mx.eval(xs)
     t.initialize(xs[0])
@@ -145,7 +148,7 @@ def time_trainer(arch, D, F, B, K, lr, steps, warmup, kernels=None) -> dict:
     if mx.default_device() == mx.cpu:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     out = dict(ms=dt * 1e3, tokens_per_s=B / dt, peak_gb=peak, loss=m["loss"], kernels=t.kernels_name,
-               mlx=mx.__version__)
+               mlx=mx.__version__, low_memory=t.low_memory)
     del t, xs
     gc.collect()
     mx.clear_cache()

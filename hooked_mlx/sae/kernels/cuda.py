@@ -28,7 +28,8 @@ import os
 
 import mlx.core as mx
 
-from .ops import ReferenceOps, row_view
+from . import gpu
+from .ops import ReferenceOps
 
 HEADER = r"""
 __device__ __forceinline__ unsigned int hk_key(float f) {
@@ -517,11 +518,5 @@ class CudaOps(ReferenceOps):
         return W2, m2, v2
 
     def sq_norm(self, g, W=None):
-        rows = row_view(g) if W is None else g
-        if rows.dtype != mx.float32 or (W is not None and (W.dtype != mx.float32 or W.shape != g.shape)):
-            return super().sq_norm(g, W)
-        R, C = rows.shape
-        (out,) = self._sq_norms(inputs=[rows, rows if W is None else W],
-                                template=[("C", int(C)), ("HAS_W", W is not None)], grid=(R * 256, 1, 1),
-                                threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
-        return mx.sum(out)
+        out = gpu.sq_norm(self._sq_norms, g, W)
+        return super().sq_norm(g, W) if out is None else out
