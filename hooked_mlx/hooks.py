@@ -188,10 +188,21 @@ class HookedRootModule(nn.Module):
 
     # -- running with hooks and caches (``HookedTransformer`` adds padding masks to its cache) ------------
     def run_with_cache(self, *args, names_filter=None, incl_bwd: bool = False,
-                       metric: Callable | None = None, remove_batch_dim: bool = False, **kwargs):
-        """Call the module, returning ``(output, ActivationCache)`` of the hooks ``names_filter`` selects
-        (None: every hook). ``incl_bwd``: also d metric / d activation as ``NAME_grad`` (see
-        ``HookedTransformer.run_with_cache``)."""
+                       metric: Callable[[Any], mx.array] | None = None, remove_batch_dim: bool = False,
+                       **kwargs):
+        """Call the module, returning ``(output, ActivationCache)``.
+
+        names_filter: None (every hook), a name, a list of names, or fn(name) -> bool.
+        incl_bwd: also store d metric / d activation under ``NAME_grad``. ``metric(output)`` must return a
+        scalar; by default the output itself must be a scalar (``return_type="loss"``). MLX has no backward
+        hooks: the gradients are computed functionally, by adding a zero perturbation at every cached hook
+        and differentiating the metric with respect to the perturbations.
+
+        ``HookedTransformer``, padded batches: the cache's ``attention_mask`` [B,P] (True = real token; None
+        when nothing is padded) says which positions are real. Cached values at pad positions are neutral so
+        that reductions over positions need no mask: 0 for activations and patterns, -inf for attention
+        scores (like causal masking), 1 for norm scales.
+        """
         from .cache import ActivationCache
 
         names = list(self.hook_dict) if names_filter is None else self.resolve_hook_names(names_filter)
@@ -203,10 +214,16 @@ class HookedRootModule(nn.Module):
             for n, g in self._activation_grads(store, metric, args, kwargs).items():
                 store[n + "_grad"] = g
             mx.eval(store)
-        cache = ActivationCache(store, self)
+        store, mask = self._finish_cache(store, args, kwargs)
+        cache = ActivationCache(store, self, attention_mask=mask)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, cache
+
+    def _finish_cache(self, store: dict[str, mx.array], args, kwargs) -> tuple[dict[str, mx.array], Any]:
+        """(the cached values, the padding mask) of a run: here as they are, with no mask; models with padded
+        batches override this."""
+        return store, None
 
     def run_with_hooks(self, *args, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (),
                        reset_hooks_end: bool = True, clear_contexts: bool = False,
@@ -259,25 +276,18 @@ class HookedRootModule(nn.Module):
             return ident
 
         def f(deltas):
-            hooks = [(n, lambda act, hook, fns=fns: grad_identity(hook, fns)(act + deltas[hook.name]))
-                     for n, fns in by_name.items()]
+            # a scalar zero added at each hooked point gives the backward pass a way through every one of them
+            def through(act, hook, fns):
+                return grad_identity(hook, fns)(act + deltas[hook.name].astype(act.dtype))
+
+            hooks = [(n, lambda act, hook, fns=fns: through(act, hook, fns)) for n, fns in by_name.items()]
             with self.hooks(hooks):
                 out = self(*args, **kwargs)
             outputs.append(out)
-            value = metric(out) if metric is not None else (out[1] if isinstance(out, tuple) else out)
-            if not isinstance(value, mx.array) or value.size != 1:
-                raise ValueError(
-                    "bwd_hooks need a scalar to differentiate: pass metric=fn(output) -> scalar, or "
-                    "return_type='loss'. Got " + (f"shape {tuple(value.shape)}" if isinstance(value, mx.array)
-                                                  else type(value).__name__) + ".")
-            return value.reshape(())
+            return _scalar(metric(out) if metric is not None else (out[1] if isinstance(out, tuple) else out),
+                           "bwd_hooks need")
 
-        # the activations' shapes, from a forward with the forward hooks only
-        shapes: dict[str, mx.array] = {}
-        with self.hooks([(n, lambda act, hook: shapes.__setitem__(hook.name, act)) for n in by_name]):
-            self(*args, **kwargs)
-        deltas = {n: mx.zeros_like(a) for n, a in shapes.items()}
-        grads = mx.grad(f)(deltas)
+        grads = mx.grad(f)({n: mx.array(0.0) for n in by_name})
         mx.eval(grads, outputs[-1])
         return outputs[-1]
 
@@ -290,14 +300,7 @@ class HookedRootModule(nn.Module):
 
             with self.hooks([(n, add) for n in names]):
                 out = self(*args, **kwargs)
-            value = metric(out) if metric is not None else out
-            if not isinstance(value, mx.array) or value.size != 1:
-                raise ValueError(
-                    "incl_bwd=True needs a scalar to differentiate: pass metric=fn(output) -> scalar, or "
-                    "return_type='loss'. Got " + (f"shape {tuple(value.shape)}" if isinstance(value, mx.array)
-                                                  else type(value).__name__) + "."
-                )
-            return value.reshape(())
+            return _scalar(metric(out) if metric is not None else out, "incl_bwd=True needs")
 
         deltas = {n: mx.zeros_like(a) for n, a in acts.items()}
         return mx.grad(f)(deltas)
@@ -308,3 +311,12 @@ class HookedRootModule(nn.Module):
 
     def active_hook_names(self) -> list[str]:
         return [n for n, hp in self.hook_dict.items() if hp.has_hooks]
+
+
+def _scalar(value, who: str) -> mx.array:
+    """``value`` as a 0-d array to differentiate, or the error saying how to get one."""
+    if not isinstance(value, mx.array) or value.size != 1:
+        raise ValueError(
+            f"{who} a scalar to differentiate: pass metric=fn(output) -> scalar, or return_type='loss'. Got "
+            + (f"shape {tuple(value.shape)}" if isinstance(value, mx.array) else type(value).__name__) + ".")
+    return value.reshape(())

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import ActivationCache
 from .components import Embed, Norm, TransformerBlock, Unembed
 from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
@@ -518,11 +517,6 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # hooks and caches
     # ------------------------------------------------------------------------------------------
-    def _names(self, names_filter) -> list[str]:
-        if names_filter is None:
-            return list(self.hook_dict)
-        return self.resolve_hook_names(names_filter)
-
     def attention_mask(self, input: Input, prepend_bos: bool | None = None, padding_side: str | None = None,
                        attention_mask: mx.array | None = None, **_) -> mx.array | None:
         """The padding mask [B,P] (bool, True = real token) that ``forward`` uses for this input, or None
@@ -535,46 +529,15 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             return None
         return self._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side, return_mask=True)[1]
 
-    def run_with_cache(self, *args, names_filter=None, incl_bwd: bool = False,
-                       metric: Callable[[Any], mx.array] | None = None, remove_batch_dim: bool = False,
-                       **kwargs):
-        """Forward, returning ``(output, ActivationCache)``.
-
-        names_filter: None (every hook), a name, a list of names, or fn(name) -> bool.
-        incl_bwd: also store d metric / d activation under ``NAME_grad``. ``metric(output)`` must return a
-        scalar; by default the output itself must be a scalar (``return_type="loss"``). MLX has no backward
-        hooks: the gradients are computed functionally, by adding a zero perturbation at every cached hook
-        and differentiating the metric with respect to the perturbations.
-
-        Padded batches: the cache's ``attention_mask`` [B,P] (True = real token; None when nothing is
-        padded) says which positions are real. Cached values at pad positions are neutral so that reductions
-        over positions need no mask: 0 for activations and patterns, -inf for attention scores (like causal
-        masking), 1 for norm scales.
-        """
-        names = self._names(names_filter)
-        store: dict[str, mx.array] = {}
-
-        def save(act, hook):
-            store[hook.name] = act
-
-        with self.hooks([(n, save) for n in names]):
-            out = self.forward(*args, **kwargs)
-        mx.eval(out, store)
-        if incl_bwd:
-            grads = self._activation_grads(store, metric, args, kwargs)
-            for n, g in grads.items():
-                store[n + "_grad"] = g
-            mx.eval(store)
+    def _finish_cache(self, store: dict[str, mx.array], args, kwargs):
+        """``run_with_cache``'s padding mask for this input, and the cached values with neutral pads."""
         input = args[0] if args else kwargs.get("input")
         mask = self.attention_mask(input, **{k: v for k, v in kwargs.items()
                                              if k in ("prepend_bos", "padding_side", "attention_mask")})
         if mask is not None:
             store = {k: _neutralise_pads(k, v, mask) for k, v in store.items()}
             mx.eval(store)
-        cache = ActivationCache(store, self, attention_mask=mask)
-        if remove_batch_dim:
-            cache.remove_batch_dim()
-        return out, cache
+        return store, mask
 
     # ------------------------------------------------------------------------------------------
     # generation and lenses
