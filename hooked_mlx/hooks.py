@@ -113,7 +113,10 @@ class HookedRootModule(nn.Module):
             if isinstance(module, HookPoint):
                 object.__setattr__(module, "name", name)
                 self.hook_dict[name] = module
-        # named_modules is not in forward order; sort blocks numerically for readable listings
+        self._sort_hook_dict()
+
+    def _sort_hook_dict(self) -> None:
+        """``hook_dict`` in forward order (``names.hook_order``; named_modules is not in forward order)."""
         object.__setattr__(self, "hook_dict", dict(sorted(self.hook_dict.items(), key=lambda kv: hook_order(kv[0]))))
 
     # -- resolving names -------------------------------------------------------------------------

@@ -83,8 +83,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         backend half-precision checkpoints default to float32, which MLX's CPU runs much faster).
         Quantized checkpoints (mlx-lm, GGUF): on the CPU backend they are dequantized by default, with a
         one-line message (MLX's CPU quantized matmul is ~30x slower: SmolLM2's Q4_1 GGUF, a 2x64-token
-        forward, 26.7 s against 0.89 s on a 2-core x86 machine); on a GPU they run quantized. ``keep_quantized=True`` keeps them quantized anywhere;
-        ``dequantize=True`` dequantizes anywhere.
+        forward, 26.7 s against 0.89 s on a 2-core x86 machine); on a GPU they run quantized.
+        ``keep_quantized=True`` keeps them quantized anywhere; ``dequantize=True`` dequantizes anywhere.
         Hub ids resolve through ``huggingface_hub`` (from the local cache when offline).
         """
         from .loading import read_checkpoint
@@ -223,7 +223,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     def to_tokens(self, input: str | Sequence[str], prepend_bos: bool | None = None,
                   padding_side: str = "right", truncate: bool = True, return_mask: bool = False):
         """Token ids [batch, pos] (int32). BOS as TransformerLens: prepended by default where the tokenizer
-        has a BOS token (``prepend_bos=False`` leaves it out; see ``_encode``). A list of texts of unequal length is padded on ``padding_side`` with the pad id.
+        has a BOS token (``prepend_bos=False`` leaves it out; see ``_encode``). A list of texts of unequal
+        length is padded on ``padding_side`` with the pad id.
 
         return_mask: also return the attention mask [batch, pos] (bool, True = real token), to pass to
         ``forward`` / ``run_with_cache`` / ``generate`` as ``attention_mask=`` with these tokens. (Text input

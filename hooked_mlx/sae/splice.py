@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from ..hooks import HookPoint
 from ..model import HookedTransformer
-from ..names import SAE_HOOKS, hook_order, hook_spec
+from ..names import SAE_HOOKS, hook_spec
 from .sae import SAE
 
 
@@ -83,18 +83,18 @@ class HookedSAETransformer(HookedTransformer):
     """A ``HookedTransformer`` with SAELens's SAE-splicing API (``run_with_saes``, ``run_with_cache_with_saes``,
     ``saes``, ``add_sae``, ``reset_saes``)."""
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        object.__setattr__(self, "_spliced", {})  # hook name -> SplicedSAE (outside the module tree)
+
     @property
     def acts_to_saes(self) -> dict[str, SAE]:
         """The attached SAEs by hook name."""
-        return {n: s.sae for n, s in self._spliced().items()}
+        return {n: s.sae for n, s in self._spliced.items()}
 
-    def _spliced(self) -> dict[str, SplicedSAE]:
-        if "_sae_splices" not in self.__dict__:
-            object.__setattr__(self, "_sae_splices", {})
-        return self.__dict__["_sae_splices"]
-
-    def add_sae(self, sae: SAE, use_error_term: bool = False, hook_name: str | None = None) -> None:
-        """Attach ``sae`` at ``hook_name`` (default: its ``cfg.hook_name``), replacing one already there."""
+    def add_sae(self, sae: SAE, use_error_term: bool = False, hook_name: str | None = None) -> str:
+        """Attach ``sae`` at ``hook_name`` (default: its ``cfg.hook_name``), replacing one already there;
+        returns the hook's full name."""
         name = hook_name or sae.cfg.hook_name
         if not name:
             raise ValueError("This SAE has no hook_name (sae.cfg.hook_name is empty): pass hook_name=... .")
@@ -105,16 +105,17 @@ class HookedSAETransformer(HookedTransformer):
                 f"Cannot attach the SAE at {name!r}: it reads d_in = {sae.d_in}, but that hook carries {width} "
                 f"features{' (heads flattened)' if flatten else ''}. Attach it at a hook of width {sae.d_in}, or use "
                 f"the SAE trained for this model and hook.")
-        if name in self._spliced():
+        if name in self._spliced:
             self._detach(name)
         splice = SplicedSAE(sae, name, use_error_term, flatten)
         self.hook_dict[name].add_hook(splice, level=-1, is_permanent=True, prepend=True)  # before user hooks
-        self._spliced()[name] = splice
+        self._spliced[name] = splice
         self.hook_dict.update({hp.name: hp for hp in splice.points.values()})
-        object.__setattr__(self, "hook_dict", dict(sorted(self.hook_dict.items(), key=lambda kv: hook_order(kv[0]))))
+        self._sort_hook_dict()
+        return name
 
     def _detach(self, name: str) -> None:
-        splice = self._spliced().pop(name)
+        splice = self._spliced.pop(name)
         hp = self.hook_dict[name]
         object.__setattr__(hp, "_hooks", [e for e in hp._hooks if e[0] is not splice])
         for p in splice.points.values():
@@ -122,31 +123,28 @@ class HookedSAETransformer(HookedTransformer):
 
     def reset_saes(self, hook_names: Sequence[str] | None = None) -> None:
         """Detach the SAEs at ``hook_names`` (default: all)."""
-        for name in list(self._spliced()) if hook_names is None else [self.resolve_hook_names(n)[0] for n in hook_names]:
-            if name in self._spliced():
+        names = list(self._spliced) if hook_names is None else [self.resolve_hook_names(n)[0] for n in hook_names]
+        for name in names:
+            if name in self._spliced:
                 self._detach(name)
 
     @contextlib.contextmanager
     def saes(self, saes: Iterable[SAE] = (), use_error_term: bool = False, reset_saes_end: bool = True):
         """Context: ``saes`` attached inside, detached on exit (SAEs attached before stay)."""
-        before = dict(self._spliced())
+        before = dict(self._spliced)
         added = []
         try:
             for sae in saes:
-                self.add_sae(sae, use_error_term=use_error_term)
-                added.append(self._spliced_name(sae))
+                added.append(self.add_sae(sae, use_error_term=use_error_term))
             yield self
         finally:
             if reset_saes_end:
                 for name in added:
-                    if name in self._spliced():
+                    if name in self._spliced:
                         self._detach(name)
                 for name, splice in before.items():  # put back an SAE that one of these replaced
-                    if name not in self._spliced():
+                    if name not in self._spliced:
                         self.add_sae(splice.sae, splice.use_error_term, name)
-
-    def _spliced_name(self, sae: SAE) -> str:
-        return next(n for n, s in self._spliced().items() if s.sae is sae)
 
     def run_with_saes(self, *args, saes: Iterable[SAE] = (), use_error_term: bool = False, **kwargs):
         """Forward with ``saes`` spliced in for this call only."""
