@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from functools import cache
 
 #: hooks that exist once per model: name -> (shape, meaning)
 TOP_HOOKS: dict[str, tuple[str, str]] = {
@@ -155,10 +156,15 @@ def _variants(shape: str) -> list[tuple[str, ...]]:
     return out
 
 
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@cache  # pure; interventions and pad handling ask it on every hooked call
 def hook_spec(name: str, ndim: int | None = None) -> HookSpec:
     """The ``HookSpec`` of a hook name (``blocks.3.attn.hook_z``, ``hook_embed``, or block-relative
-    ``attn.hook_z`` with layer None; ``_grad`` names are their activation's). ``ndim``: pick the shape variant of that rank where a family decides it (q/k norms
-    per head or over all heads); default the first. Unknown names raise the usual error."""
+    ``attn.hook_z`` with layer None; ``_grad`` names are their activation's). ``ndim``: pick the shape variant
+    of that rank where a family decides it (q/k norms per head or over all heads); default the first.
+    Unknown names raise the usual error."""
     base = name[: -len("_grad")] if name.endswith("_grad") else name
     parent, _, local = base.rpartition(".")
     if local in SAE_HOOKS:  # a spliced SAE's hook: the parent's axes, heads flattened, latents on the last
@@ -168,7 +174,7 @@ def hook_spec(name: str, ndim: int | None = None) -> HookSpec:
         if local in ("hook_sae_acts_pre", "hook_sae_acts_post"):
             axes = axes[:-1] + ("d_sae",)
         return HookSpec(base, spec.layer, axes, SAE_HOOKS[local])
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", base)
+    m = _BLOCK_NAME.match(base)
     if m:
         layer, rel = int(m.group(1)), m.group(2)
         entry = BLOCK_HOOKS.get(rel) or EXTRA_BLOCK_HOOKS.get(rel)
@@ -182,13 +188,14 @@ def hook_spec(name: str, ndim: int | None = None) -> HookSpec:
     return HookSpec(base, layer, axes, entry[1])
 
 
+@cache
 def hook_order(name: str) -> tuple:
     """Sort key of a full hook name in forward order (model-level input hooks, blocks by layer, the rest; a
     spliced SAE's hooks right after their hook)."""
     parent, _, local = name.rpartition(".")
     if local in SAE_HOOKS:
         return hook_order(parent) + (list(SAE_HOOKS).index(local),)
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    m = _BLOCK_NAME.match(name)
     if m:
         rel = m.group(2)
         i = BLOCK_FORWARD_ORDER.index(rel) if rel in BLOCK_FORWARD_ORDER else len(BLOCK_FORWARD_ORDER)
