@@ -67,6 +67,13 @@ def adam_pass(name: str, param: mx.array, grad: mx.array, opt_state: dict, hp: m
     return p
 
 
+def adam_passes(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict, hp: mx.array, *,
+                unit_norm: bool, ops) -> dict[str, mx.array]:
+    """``adam_pass`` for every parameter that has a gradient: the new parameters."""
+    return {name: adam_pass(name, params[name], g, opt_state, hp, unit_norm=unit_norm, ops=ops)
+            for name, g in grads.items()}
+
+
 def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict,
                       lr_fn: Callable, *, betas: tuple[float, float], eps: float, clip: float, unit_norm: bool,
                       ops, ok: mx.array | None = None) -> tuple[dict[str, mx.array], mx.array, mx.array, mx.array]:
@@ -85,6 +92,5 @@ def fused_adam_update(params: dict[str, mx.array], grads: dict[str, mx.array], o
     apart when it orders the passes for memory)."""
     grads, hp, gnorm, lr, applied = update_hparams(params, grads, opt_state, lr_fn, betas=betas, eps=eps, clip=clip,
                                                    unit_norm=unit_norm, ops=ops, ok=ok)
-    new_params = {name: adam_pass(name, params[name], g, opt_state, hp, unit_norm=unit_norm, ops=ops)
-                  for name, g in grads.items()}
+    new_params = adam_passes(params, grads, opt_state, hp, unit_norm=unit_norm, ops=ops)
     return new_params, gnorm, lr, applied

@@ -14,7 +14,7 @@ from . import distributed as D
 from . import metrics as M
 from .config import SAEConfig
 from .forward import geometric_median, lr_schedule, train_forward
-from .fused_update import adam_pass, update_hparams
+from .fused_update import adam_pass, adam_passes, update_hparams
 from .sae import SAE
 from .step_kernels import StepKernels
 
@@ -150,8 +150,7 @@ class SAETrainer:
                 if low_memory:
                     deferred = (grads, hp)  # the passes run after this step, one parameter at a time
                 else:
-                    sae.update({name: adam_pass(name, params[name], g, opt.state, hp, unit_norm=unit_norm,
-                                                ops=fused_ops) for name, g in grads.items()})
+                    sae.update(adam_passes(params, grads, opt.state, hp, unit_norm=unit_norm, ops=fused_ops))
             else:
                 old_sae = tree_map(lambda a: a, sae.parameters())
                 old_opt = tree_map(lambda a: a, opt.state)
