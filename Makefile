@@ -28,6 +28,7 @@ test: setup-dev
 
 lint: setup-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # the parity tests again under MLX's own reference BLAS (another GEMM code path than MKL / OpenBLAS)
 PARITY_TESTS := tests/test_core.py tests/test_architectures.py tests/test_padding.py tests/test_processing.py \

@@ -32,7 +32,8 @@ class HookedConfig:
     d_head: int
     d_mlp: int
     d_vocab: int
-    n_key_value_heads: int | None = None
+    # None (the default) is resolved in __post_init__: the fields below are never None on an instance
+    n_key_value_heads: int = None  # type: ignore[assignment]  # None: n_heads (no GQA)
     n_ctx: int = 2048
     # normalisation: "rms" (w * x/rms), "rms_offset" (Gemma: (1 + w) * x/rms), "ln" (LayerNorm with bias)
     normalization: Normalization = "rms"
@@ -45,14 +46,14 @@ class HookedConfig:
     attention_bias: bool = False  # q/k/v biases
     o_bias: bool = False
     qk_norm: QKNorm | None = None  # None, "head" (Qwen3, Gemma-3) or "full" (OLMo2)
-    attn_scale: float | None = None  # multiplier on q.k; default d_head ** -0.5
+    attn_scale: float = None  # type: ignore[assignment]  # multiplier on q.k; None: d_head ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_window: int | None = None
-    layer_types: list[LayerType] | None = None  # per layer "full_attention" / "sliding_attention"
+    layer_types: list[LayerType] = None  # type: ignore[assignment]  # None: all full; per layer "full_attention" / "sliding_attention"
     # positions
     positional: Positional = "rotary"  # "rotary" or "learned"
-    rotary_dim: int | None = None  # None: all of d_head
+    rotary_dim: int = None  # type: ignore[assignment]  # None: all of d_head
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     rope_traditional: bool = False
@@ -108,6 +109,14 @@ class HookedConfig:
                     f"HookedConfig.{f.name} = {value!r} is not valid: {bad[0]!r} is not one of "
                     f"{sorted(str(a) for a in allowed)}. Fix the value in the checkpoint's config (or the family's "
                     f"config mapping in hooked_mlx/models/).")
+
+    def moe_experts(self) -> tuple[int, int]:
+        """(num_experts, experts_per_token) of a mixture-of-experts config."""
+        if self.num_experts is None or self.experts_per_token is None:
+            raise ValueError(f"The {self.architecture} config has num_experts = {self.num_experts} and "
+                             f"experts_per_token = {self.experts_per_token}; a mixture-of-experts family needs both "
+                             f"(num_local_experts / num_experts and num_experts_per_tok in config.json).")
+        return self.num_experts, self.experts_per_token
 
     # TL names
     @property

@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from .host import to_float, to_ints
 from .outputs import check_output_dir, write_file_atomic
 
 #: what the demo writes into --out: a folder holding only these (an earlier demo's output) is reused
@@ -116,13 +117,13 @@ def run_demo(args) -> int:
     toks = model.to_tokens(prompt)
     logits, cache = model.run_with_cache(toks)
     probs = mx.softmax(logits[0, -1].astype(mx.float32))
-    top = mx.argsort(-probs)[:5].tolist()
+    top = to_ints(mx.argsort(-probs)[:5])
     print(f"  prompt {prompt!r}: {toks.shape[1]} tokens, {len(cache)} cached activations")
-    print("  next token: " + ", ".join(f"{model.to_string([i])!r} {probs[i].item():.3f}" for i in top))
+    print("  next token: " + ", ".join(f"{model.to_string([i])!r} {to_float(probs[i]):.3f}" for i in top))
     lens = model.logit_lens(toks, k=3)
     print(_indent(str(lens)))
     report["cache"] = {"prompt": prompt, "n_activations": len(cache),
-                       "top_next": [[model.to_string([i]), round(probs[i].item(), 4)] for i in top]}
+                       "top_next": [[model.to_string([i]), round(to_float(probs[i]), 4)] for i in top]}
     report["logit_lens"] = _lens_report(lens)
     del cache
 
@@ -400,8 +401,8 @@ def _live_features(sae, acts, n: int) -> list[int]:
         counts = (f > 0).sum(axis=0)
     else:
         counts = mx.zeros((sae.d_sae,)).at[idx.reshape(-1)].add((vals.reshape(-1) > 0).astype(mx.float32))
-    order = mx.argsort(-counts).tolist()
+    order = to_ints(mx.argsort(-counts))
     # features that fire often but not everywhere
     total = acts.shape[0]
-    picked = [i for i in order if 0 < counts[i].item() < 0.5 * total][:n]
+    picked = [i for i in order if 0 < to_float(counts[i]) < 0.5 * total][:n]
     return picked or order[:n]

@@ -228,8 +228,7 @@ class TunedLens(nn.Module):
     def save(self, path: str | os.PathLike, overwrite: bool = False, **metadata) -> Path:
         """Write the translators to a .safetensors file (atomically), with n_layers / d_model metadata. An
         existing file is refused unless ``overwrite=True``."""
-        from mlx.utils import tree_flatten
-
+        from .host import flat_items
         from .outputs import write_file_atomic
 
         path = Path(path)
@@ -237,17 +236,18 @@ class TunedLens(nn.Module):
             raise ValueError(f"A tuned lens is saved as .safetensors; got {path.name!r}.")
         meta = {"format": "hooked_mlx.tuned_lens", "n_layers": str(self.n_layers), "d_model": str(self.d_model),
                 "extra": json.dumps(metadata)}
-        weights = dict(tree_flatten(self.parameters()))
+        weights = dict(flat_items(self.parameters()))
         return write_file_atomic(path, lambda tmp: mx.save_safetensors(tmp, weights, metadata=meta),
                                  overwrite=overwrite, what="TunedLens.save", suffix=".safetensors")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> TunedLens:
         """Read a lens written by ``save`` (checked against ``model`` when given)."""
+        from .host import load_with_metadata
         from .readers import check_safetensors
 
         check_safetensors(path)
-        weights, meta = mx.load(str(path), return_metadata=True)
+        weights, meta = load_with_metadata(str(path))
         if meta.get("format") != "hooked_mlx.tuned_lens":
             raise ValueError(f"{path} is not a hooked_mlx tuned lens (metadata format {meta.get('format')!r}).")
         lens = cls(int(meta["n_layers"]), int(meta["d_model"]))

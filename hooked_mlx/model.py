@@ -7,14 +7,15 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .components import Embed, Norm, TransformerBlock, Unembed
-from .config import HookedConfig
+from .config import DType, HookedConfig
 from .hooks import HookedRootModule, HookPoint
+from .host import to_ints
 from .names import hook_spec
 from .weights_view import WeightsViewMixin
 
@@ -148,12 +149,12 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         return model
 
     def set_dtype_name(self, dt: mx.Dtype):
-        self.cfg.dtype = dtype_name(dt)
+        self.cfg.dtype = cast(DType, dtype_name(dt))
 
     def _load_weights_checked(self, weights: dict[str, mx.array], source):
-        from mlx.utils import tree_flatten
+        from .host import flat_items
 
-        expected = dict(tree_flatten(self.parameters()))
+        expected = dict(flat_items(self.parameters()))
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
         if missing or unexpected:
@@ -284,8 +285,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             ids = self._encode(input, prepend_bos)
         elif isinstance(input, mx.array):
             if input.ndim == 2:
-                return [self.to_str_tokens(row) for row in input]
-            ids = input.tolist()
+                return [cast(list[str], self.to_str_tokens(row)) for row in input]
+            ids = to_ints(input)
         else:
             ids = list(input)
         return [tok.decode([int(i)]) if not hasattr(tok, "convert_ids_to_tokens") else _piece(tok, int(i)) for i in ids]
@@ -305,14 +306,14 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             if toks.shape[0] != 1:
                 raise ValueError(f"get_token_position needs one sequence, got batch {toks.shape[0]}.")
             toks = toks[0]
-        hits = [i for i, t in enumerate(toks.tolist()) if t == tok_id]
+        hits = [i for i, t in enumerate(to_ints(toks)) if t == tok_id]
         if not hits:
             raise ValueError(f"Token {single_token!r} (id {tok_id}) does not occur in the input.")
         if mode not in ("first", "last"):
             raise ValueError(f"mode must be 'first' or 'last', got {mode!r}.")
         return hits[0] if mode == "first" else hits[-1]
 
-    def _as_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str = "right",
+    def _as_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str | None = "right",
                    return_mask: bool = False):
         """Token ids [B,P]; with ``return_mask`` also the padding mask (None unless text of unequal length)."""
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
@@ -407,17 +408,18 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         stop = n if stop_at_layer is None else _layer_index(stop_at_layer, n, "stop_at_layer")
         if start > 0 and residual is None:
             raise ValueError("start_at_layer needs the residual stream entering that layer as input.")
-        q_len = residual.shape[1] if residual is not None else tokens.shape[1]
+        if residual is None:
+            assert tokens is not None, "_run needs tokens or a residual"
+            q_len = tokens.shape[1]
+        else:
+            q_len = residual.shape[1]
         past = int(cache[0].offset) if cache is not None and cache[0] is not None else 0
         offset = positions = valid = None
         if attention_mask is not None:
             mask, offset, positions, valid = self._mask_setup(attention_mask, q_len, past)
         elif past and self.cfg.positional == "learned":
             positions = mx.arange(past, past + q_len)
-        if residual is None:
-            x = self.embed_tokens(tokens, positions, valid)
-        else:
-            x = residual
+        x = residual if residual is not None else self.embed_tokens(cast(mx.array, tokens), positions, valid)
         for i in range(start, stop):
             x = self.blocks[i](x, mask, cache[i] if cache is not None else None, offset)
         return x if stop_at_layer is not None else self._final(x)
@@ -426,7 +428,7 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         if not self.use_compile:
             return self._run(tokens)
         if self._compiled is None:
-            object.__setattr__(self, "_compiled", mx.compile(lambda t: self._run(t), inputs=self.state))
+            object.__setattr__(self, "_compiled", mx.compile(self._run, inputs=self.state))
         return self._compiled(tokens)
 
     def forward(
@@ -461,7 +463,7 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None; got {return_type!r}.")
         residual = None
         if start_at_layer is not None:
-            residual = input if isinstance(input, mx.array) else mx.array(input)
+            residual = input if isinstance(input, mx.array) else mx.array(cast(list, input))
             if residual.ndim != 3 or residual.shape[-1] != self.cfg.d_model:
                 raise ValueError(f"With start_at_layer the input is a residual [batch, pos, {self.cfg.d_model}]; "
                                  f"got shape {tuple(residual.shape)}.")
@@ -477,13 +479,17 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             attention_mask = mx.array(attention_mask).astype(mx.bool_)
             if attention_mask.ndim == 1:
                 attention_mask = attention_mask[None]
-        q_len = residual.shape[1] if residual is not None else toks.shape[1]
+        if residual is not None:
+            q_len = residual.shape[1]
+        else:
+            assert toks is not None
+            q_len = toks.shape[1]
         past = int(past_kv_cache[0].offset) if past_kv_cache is not None and past_kv_cache[0] is not None else 0
         self.check_context(past + q_len)
         fast = (start_at_layer is None and stop_at_layer is None and past_kv_cache is None
                 and attention_mask is None and not self.has_any_hooks)
         if fast:
-            out = self._fast_forward(toks)
+            out = self._fast_forward(cast(mx.array, toks))  # fast: no start_at_layer, so tokens
         else:
             out = self._run(toks, start_at_layer, stop_at_layer, residual, cache=past_kv_cache,
                             attention_mask=attention_mask)
@@ -491,6 +497,7 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             return out if stop_at_layer is not None else None
         if return_type == "logits":
             return out
+        assert toks is not None  # checked above: a loss needs tokens
         loss_mask = attention_mask
         if loss_mask is not None and loss_mask.shape[1] != toks.shape[1]:
             loss_mask = loss_mask[:, -toks.shape[1]:]
@@ -588,15 +595,15 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         """Every parameter by its dotted module path (``blocks.0.attn.q_proj.weight`` ...): the canonical
         names of ``save_canonical`` checkpoints, not TransformerLens's (its ``blocks.0.attn.W_Q`` is the view
         ``model.blocks[0].attn.W_Q`` here). ``model.load_weights(list(sd.items()))`` loads one back."""
-        from mlx.utils import tree_flatten
+        from .host import flat_items
 
-        return dict(tree_flatten(self.parameters()))
+        return dict(flat_items(self.parameters()))
 
     def num_params(self) -> int:
-        from mlx.utils import tree_flatten
+        from .host import flat_items
 
         total = 0
-        for name, v in tree_flatten(self.parameters()):
+        for name, v in flat_items(self.parameters()):
             if name.endswith(".scales") or name.endswith(".biases"):
                 continue
             if v.dtype == mx.uint32:
@@ -657,6 +664,7 @@ def _neutralise_pads(name: str, act: mx.array, mask: mx.array) -> mx.array:
     grad = name.endswith("_grad")
     spec = hook_spec(name, act.ndim)
     if spec.key_pos_axis is not None:  # pattern / scores [B, H, Pq, Pk]
+        assert spec.pos_axis is not None
         Pq, Pk = act.shape[spec.pos_axis], act.shape[spec.key_pos_axis]
         keep = mask[:, -Pq:][:, None, :, None] & mask[:, -Pk:][:, None, None, :]
         fill = -mx.inf if spec.name.endswith("hook_attn_scores") and not grad else 0

@@ -129,7 +129,7 @@ def staged_dir(out: PathLike, *, sources: Iterable[PathLike | None] = (), overwr
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_file_atomic(out: PathLike, write: Callable[[str], None], *, sources: Iterable[PathLike | None] = (),
+def write_file_atomic(out: PathLike, write: Callable[[str], object], *, sources: Iterable[PathLike | None] = (),
                       overwrite: bool = False, what: str = "output", suffix: str = "") -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``out`` (checked by ``check_output_file``).
 

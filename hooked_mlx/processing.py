@@ -97,6 +97,7 @@ def dequantize_model(model) -> None:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
     for name, m in list(model.named_modules()):
+        new: nn.Module
         if isinstance(m, QuantizedSwitchLinear):
             new = SwitchLinear(1, 1, 1)
             new.weight = switch_weight(m).astype(m.scales.dtype)
@@ -137,7 +138,7 @@ def untie(model) -> None:
 
 def _mlp_readers(mlp: nn.Module) -> list[nn.Module]:
     if isinstance(mlp, MoEMLP):
-        out = [mlp.gate, mlp.switch_mlp.gate_proj, mlp.switch_mlp.up_proj]
+        out: list[nn.Module] = [mlp.gate, mlp.switch_mlp.gate_proj, mlp.switch_mlp.up_proj]
         if "shared_expert" in mlp:
             out += [mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj, mlp.shared_expert_gate]
         return out

@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -94,6 +94,6 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, mx.array]:
         raise FileNotFoundError(f"{path} does not exist (expected a .safetensors file).")
     check_safetensors(path)
     try:
-        return mx.load(str(path))
+        return cast(dict, mx.load(str(path)))  # a .safetensors file loads as a dict
     except (RuntimeError, ValueError) as e:
         raise CorruptFileError(f"{path} could not be read as safetensors ({e}); the file is corrupt.") from None

@@ -7,13 +7,13 @@ docs/from-transformerlens.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from .factored_matrix import FactoredMatrix
+from .host import to_int
 from .model import lm_cross_entropy
 from .names import get_act_name
 
@@ -82,7 +82,7 @@ def test_prompt(prompt: str, answer: str | list[str], model, prepend_space_to_an
         probs = mx.softmax(logits, axis=-1)
         for j in range(n_answer):
             pos = n_prompt + j - 1  # the prediction of token n_prompt + j
-            target = int(tokens[0, n_prompt + j].item())
+            target = to_int(tokens[0, n_prompt + j])
             order = np.argsort(-np.array(logits[0, pos]), kind="stable")
             rank = int(np.nonzero(order == target)[0][0])
             ranks.append((answer_str[j], rank))
@@ -97,10 +97,10 @@ def test_prompt(prompt: str, answer: str | list[str], model, prepend_space_to_an
     return ranks
 
 
-test_prompt.__test__ = False  # a library function named test_*: not a pytest test
+test_prompt.__test__ = False  # type: ignore[attr-defined]  # a library function named test_*: not a pytest test
 
 
-def tokenize_and_concatenate(dataset: Iterable[str] | Any, tokenizer, streaming: bool = False, max_length: int = 1024,
+def tokenize_and_concatenate(dataset: Any, tokenizer, streaming: bool = False, max_length: int = 1024,
                              column_name: str = "text", add_bos_token: bool = True, num_proc: int = 10
                              ) -> dict[str, mx.array]:
     """TransformerLens's ``tokenize_and_concatenate``: join the texts with the EOS token, tokenize, cut

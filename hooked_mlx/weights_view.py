@@ -12,10 +12,15 @@ are the stored [L,Hkv,...] tensors.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import mlx.core as mx
 
 from .components import linear_weight
 from .factored_matrix import FactoredMatrix
+
+if TYPE_CHECKING:
+    from .config import HookedConfig
 
 
 def _bias(layer, n: int, dtype) -> mx.array:
@@ -25,6 +30,17 @@ def _bias(layer, n: int, dtype) -> mx.array:
 
 class WeightsViewMixin:
     """Adds TL's ``W_*`` / ``b_*`` properties and ``OV`` / ``QK`` to ``HookedTransformer``."""
+
+    if TYPE_CHECKING:  # what the mixin reads of the model it is mixed into
+        cfg: HookedConfig
+        blocks: list[Any]
+        embed: Any
+        pos_embed: Any
+        unembed: Any
+
+        def to_single_token(self, string: str) -> int: ...
+
+        def __contains__(self, key: object) -> bool: ...
 
     # -- helpers -----------------------------------------------------------------------------------
     def _dtype(self):

@@ -39,13 +39,15 @@ class SwitchLinear(nn.Linear):
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    # the expert indices make the signature differ from nn.Linear's (deliberately, see the class docstring)
+    def __call__(self, x: mx.array, indices: mx.array,  # type: ignore[override]
+                 sorted_indices: bool = False) -> mx.array:
         y = mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         if "bias" in self:
             y = y + mx.expand_dims(self["bias"][indices], -2)
         return y
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+    def to_quantized(self, group_size: int | None = 64, bits: int | None = 4, mode: str = "affine", **_):
         E, out, inp = self.weight.shape
         q = QuantizedSwitchLinear(inp, out, E, False, group_size, bits, mode=mode)
         q._quantize(self.weight)

@@ -199,11 +199,11 @@ def save_canonical(model, out_dir: str | os.PathLike, tokenizer_dir: Path | None
     Follows ``hooked_mlx.outputs``: an existing non-empty ``out_dir`` is refused unless ``overwrite``, which
     replaces only the files written here (config.json, model.safetensors, tokenizer files); ``out_dir`` may
     not be or lie inside any of ``sources`` (nor inside ``tokenizer_dir``)."""
-    from mlx.utils import tree_flatten
+    from ..host import flat_items
 
     srcs = (*sources, tokenizer_dir)
     with staged_dir(out_dir, sources=srcs, overwrite=overwrite, what="convert") as tmp:
-        weights = dict(tree_flatten(model.parameters()))
+        weights = dict(flat_items(model.parameters()))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         meta = {"hooked_mlx_format": FORMAT_VERSION, "config": model.cfg.to_dict()}
         if hf_config is not None:

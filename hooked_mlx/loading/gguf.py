@@ -46,7 +46,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -332,7 +332,7 @@ def load_gguf(path: str | Path, dequantize: bool = False, dtype: mx.Dtype | None
         )
 
     cfg = _config_from_metadata(metadata, infos)
-    raw = mx.load(str(path))
+    raw = cast(dict, mx.load(str(path)))  # a .gguf file loads as a dict of tensors
     if "rope_freqs.weight" in raw:
         _apply_rope_freqs(cfg, np.array(raw["rope_freqs.weight"].astype(mx.float32)), metadata)
     weights, quant = _convert_tensors(raw, infos, cfg, dequantize=dequantize, dtype=dtype)
@@ -597,7 +597,7 @@ def build_tokenizer(md: dict):
     if tokens is None:
         raise ValueError("GGUF metadata has no tokenizer.ggml.tokens; the tokenizer cannot be rebuilt.")
     types = md.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-    vocab = {}
+    vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
 

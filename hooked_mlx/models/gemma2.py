@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from ..config import HookedConfig, require, rope_settings, token_ids
+from ..config import HookedConfig, LayerType, require, rope_settings, token_ids
 from .base import LLAMA_LIKE_RULES, drop_tied_head, rename
 from .gemma import gemma_activation
 
@@ -26,7 +26,7 @@ GEMMA2_RULES = [
 ] + LLAMA_LIKE_RULES
 
 
-def layer_types(d: dict, n_layers: int, default_pattern: int) -> list[str]:
+def layer_types(d: dict, n_layers: int, default_pattern: int) -> list[LayerType]:
     """Per-layer attention kind: the config's ``layer_types``, else every ``pattern``-th layer is global."""
     if isinstance(d.get("layer_types"), list) and len(d["layer_types"]) == n_layers:
         return list(d["layer_types"])

@@ -21,6 +21,7 @@ import re
 import mlx.core as mx
 
 from ..config import HookedConfig, require, rope_settings, token_ids
+from ..host import to_float
 from .base import drop_tied_head, rename
 from .gemma import gemma_activation
 from .gemma2 import GEMMA2_RULES, layer_types
@@ -76,7 +77,7 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
         rope_scaling=scaling,
         rope_local_theta=float(local_theta if local_theta is not None else 10_000.0),
         post_norms=True,
-        embed_scale=float(mx.array(d_model**0.5, dtype=mx.bfloat16).astype(mx.float32).item()),
+        embed_scale=to_float(mx.array(d_model**0.5, dtype=mx.bfloat16).astype(mx.float32)),
         tie_word_embeddings=tied,
         **token_ids(d),
     )

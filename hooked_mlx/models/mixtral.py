@@ -29,7 +29,7 @@ RULES = [(r"^model\.layers\.(\d+)\.block_sparse_moe\.", r"blocks.\1.mlp.")] + LL
 
 class Block(TransformerBlock):
     def make_mlp(self, cfg: HookedConfig):
-        return MoEMLP(cfg.d_model, cfg.d_mlp, cfg.num_experts, cfg.experts_per_token, cfg.act_fn,
+        return MoEMLP(cfg.d_model, cfg.d_mlp, *cfg.moe_experts(), cfg.act_fn,
                       cfg.norm_topk_prob)
 
 
@@ -38,7 +38,9 @@ def stack_experts(weights: dict, pattern: str, names: dict[str, str], num_expert
     w = dict(weights)
     rx = re.compile(rf"^(.*)\.{pattern}\.0\.(\w+)\.(weight|scales|biases|bias)$")
     for key in [k for k in weights if rx.match(k)]:
-        prefix, src, suffix = rx.match(key).groups()
+        m = rx.match(key)
+        assert m is not None
+        prefix, src, suffix = m.groups()
         if src not in names:
             continue
         parts = [w.pop(f"{prefix}.{pattern}.{e}.{src}.{suffix}") for e in range(num_experts)]
@@ -69,5 +71,5 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
 
 def convert_weights(weights: dict, cfg: HookedConfig) -> dict:
     w = stack_experts(weights, "experts", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
-                      cfg.num_experts)
+                      cfg.moe_experts()[0])
     return drop_tied_head(rename(w, RULES), cfg.tie_word_embeddings)

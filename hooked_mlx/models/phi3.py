@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..config import HookedConfig, partial_rotary_factor, require, rope_settings, token_ids
+from ..host import to_ints
 from .base import LLAMA_LIKE_RULES, drop_tied_head, rename, tied_embeddings
 
 MODEL_TYPES = ("phi3",)
@@ -64,7 +65,7 @@ def _split_rows(weights: dict, key: str, names: list[str], sizes: list[int]) -> 
         t = weights.pop(f"{key}.{suffix}", None)
         if t is None:
             continue
-        parts = mx.split(t, list(mx.cumsum(mx.array(sizes[:-1])).tolist()), axis=0)
+        parts = mx.split(t, to_ints(mx.cumsum(mx.array(sizes[:-1]))), axis=0)
         for name, part in zip(names, parts):
             weights[f"{base}.{name}.{suffix}"] = part
 

@@ -36,7 +36,7 @@ class Block(TransformerBlock):
         if self.layer_idx not in cfg.extra["moe_layers"]:
             dense = HookedConfig.from_dict({**cfg.to_dict(), "d_mlp": cfg.extra["dense_d_mlp"]})
             return make_mlp(dense)
-        return MoEMLP(cfg.d_model, cfg.d_mlp, cfg.num_experts, cfg.experts_per_token, cfg.act_fn,
+        return MoEMLP(cfg.d_model, cfg.d_mlp, *cfg.moe_experts(), cfg.act_fn,
                       cfg.norm_topk_prob, cfg.extra.get("shared_expert_d_mlp"))
 
 
@@ -58,5 +58,5 @@ def config_from_hf(d: dict, weight_names: set[str] | None = None) -> HookedConfi
 
 def convert_weights(weights: dict, cfg: HookedConfig) -> dict:
     names = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
-    w = stack_experts(weights, "experts", names, cfg.num_experts)
+    w = stack_experts(weights, "experts", names, cfg.moe_experts()[0])
     return drop_tied_head(rename(w, LLAMA_LIKE_RULES), cfg.tie_word_embeddings)

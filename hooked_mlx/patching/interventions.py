@@ -66,15 +66,16 @@ def selection_mask(act: mx.array, hook_name: str | None, pos=None, head=None, in
     if pos is None and head is None:
         return None
     pa, ha = _axes(hook_name, act.ndim)
-    m = np.ones([1] * act.ndim, dtype=bool)
+    m = np.ones([1] * act.ndim, dtype=np.bool_)
     if pos is not None and pa is None:
         raise ValueError(f"{where}: pos= selects positions, but {hook_name!r} has no position axis of its own "
                          f"(axes {hook_spec(hook_name, act.ndim).axes}). Use index= on its axes, or a hook with "
                          f"positions.")
     if pos is not None:
+        assert pa is not None
         shape = [1] * act.ndim
         shape[pa] = act.shape[pa]
-        ind = np.zeros(act.shape[pa], dtype=bool)
+        ind = np.zeros(act.shape[pa], dtype=np.bool_)
         ind[_as_sel(pos, act.shape[pa], "position", where)] = True
         m = m & ind.reshape(shape)
     if head is not None:
@@ -83,7 +84,7 @@ def selection_mask(act: mx.array, hook_name: str | None, pos=None, head=None, in
                              f"per-head hook such as blocks.L.attn.hook_z, or drop head=.")
         shape = [1] * act.ndim
         shape[ha] = act.shape[ha]
-        ind = np.zeros(act.shape[ha], dtype=bool)
+        ind = np.zeros(act.shape[ha], dtype=np.bool_)
         ind[_as_sel(head, act.shape[ha], "head", where)] = True
         m = m & ind.reshape(shape)
     return mx.array(m)

@@ -59,13 +59,14 @@ class Metric:
     positions: tuple[int, ...] = (-1,)
 
     def __init__(self, pos: int | Sequence[int] = -1):
+        self._pos: int | list[int]
         if isinstance(pos, int):
             self._pos = pos
             self.positions = (pos,)
         else:
-            pos = [int(p) for p in pos]
-            self._pos = pos
-            self.positions = tuple(sorted(set(pos)))
+            pos_list = [int(p) for p in pos]
+            self._pos = pos_list
+            self.positions = tuple(sorted(set(pos_list)))
 
     def _last(self, sel: mx.array) -> mx.array:
         """[..., B, n, V] -> [..., B, V]: each prompt's own metric position."""

@@ -47,11 +47,13 @@ def plot_patching(result, path: str | os.PathLike = "patching.png", labels: Sequ
         raise ValueError(f"{len(ylabels)} ylabels for {a.shape[0]} rows.")
     plt = _require_matplotlib()
     finite = a[np.isfinite(a)]
+    vmin: float | None
+    vmax: float | None
     if center is not None and finite.size:
         r = max(float(np.abs(finite - center).max()), 1e-12)
         vmin, vmax = center - r, center + r
     else:
-        vmin = vmax = None
+        vmin = vmax = None  # matplotlib autoscales
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * a.shape[1] + 2), max(2.5, 0.4 * a.shape[0] + 1.5)))
     cm = plt.get_cmap(cmap).with_extremes(bad="#bbbbbb")
     im = ax.imshow(np.ma.masked_invalid(a), cmap=cm, vmin=vmin, vmax=vmax, aspect="auto")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from ..host import to_floats, to_ints, to_nested
 from .corpus import ContextBuilder, open_corpus
 from .model_io import stop_layer_for, validate_hooks
 from .sae import SAE
@@ -24,7 +26,7 @@ def _hook_acts(model, sae: SAE, tokens: mx.array, attention_mask: mx.array | Non
     if not hook:
         raise ValueError("The SAE has no hook_name, so the activations it reads are unknown; set sae.cfg.hook_name.")
     validate_hooks(model, [hook])
-    kw = {"names_filter": [hook]}
+    kw: dict[str, Any] = {"names_filter": [hook]}
     stop = stop_layer_for(model, [hook])
     if stop is not None:
         kw["stop_at_layer"] = stop
@@ -52,7 +54,7 @@ class TokenFeatures:
         """{latent: value} of the active top latents at one position."""
         idx = self.indices[position] if row is None else self.indices[row, position]
         val = self.values[position] if row is None else self.values[row, position]
-        return {int(i): float(v) for i, v in zip(idx.tolist(), val.tolist()) if v != 0}
+        return {int(i): float(v) for i, v in zip(to_ints(idx), to_floats(val)) if v != 0}
 
 
 def top_features(model, sae: SAE, text, k: int = 10, prepend_bos: bool | None = None) -> TokenFeatures:
@@ -75,7 +77,7 @@ def top_features(model, sae: SAE, text, k: int = 10, prepend_bos: bool | None = 
     strs = model.to_str_tokens(tokens)
     if single:
         return TokenFeatures(tokens[0], strs[0], idx[0], vals[0], mask[0])
-    lengths = mask.sum(axis=1).tolist()
+    lengths = to_ints(mask.sum(axis=1))
     strs = [s[: int(n)] for s, n in zip(strs, lengths)]
     return TokenFeatures(tokens, strs, idx, vals, mask)
 
@@ -125,8 +127,8 @@ def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 
             break
         toks, mask = block
         acts = _hook_acts(model, sae, mx.array(toks))
-        f = sae.encode(acts)[..., sel]  # [b, P, n_feats]
-        f = np.array(mx.where(mx.array(mask)[..., None], f, -mx.inf))
+        f_mx = sae.encode(acts)[..., sel]  # [b, P, n_feats]
+        f = np.array(mx.where(mx.array(mask)[..., None], f_mx, -mx.inf))
         for j, f_ in enumerate(feats):
             heap = heaps[f_]
             for r, p in zip(*np.nonzero(np.isfinite(f[..., j]))):
@@ -145,11 +147,11 @@ def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 
     for j, f_ in enumerate(feats):
         examples = []
         for value, d, p in sorted(heaps[f_], reverse=True):
-            toks, f = rows[d]
-            lo, hi = max(0, p - before), min(len(toks), p + after + 1)
-            ids = [int(t) for t in toks[lo:hi]]
-            acts = [float(a) if np.isfinite(a) else 0.0 for a in f[lo:hi, j]]
-            examples.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, acts))
+            row_toks, row_f = rows[d]
+            lo, hi = max(0, p - before), min(len(row_toks), p + after + 1)
+            ids = [int(t) for t in row_toks[lo:hi]]
+            window_acts = [float(a) if np.isfinite(a) else 0.0 for a in row_f[lo:hi, j]]
+            examples.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, window_acts))
         out[f_] = examples
     return out[feats[0]] if isinstance(feature, int) else out
 
@@ -196,5 +198,5 @@ def feature_logit_effects(model, sae: SAE, features: int | list[int], k: int = 1
     tv = mx.take_along_axis(L, top, axis=-1)
     bv = mx.take_along_axis(L, bottom, axis=-1)
     mx.eval(top, bottom, tv, bv)
-    return LogitEffects(feats, top, tv, bottom, bv, [model.to_str_tokens(r) for r in top.tolist()],
-                        [model.to_str_tokens(r) for r in bottom.tolist()])
+    return LogitEffects(feats, top, tv, bottom, bv, [model.to_str_tokens(r) for r in to_nested(top)],
+                        [model.to_str_tokens(r) for r in to_nested(bottom)])

@@ -9,6 +9,7 @@ import tempfile
 
 import mlx.core as mx
 
+from ..host import load_with_metadata
 from ..outputs import OutputExistsError
 from ..readers import CorruptFileError, check_safetensors
 from .config import FORMAT_VERSION
@@ -60,7 +61,7 @@ def load_checkpoint(path: str) -> tuple[dict[str, mx.array], dict]:
     if not os.path.exists(f):
         raise FileNotFoundError(f"No checkpoint at {f}; train with checkpoint_path set to create one.")
     check_safetensors(f)
-    tensors, metadata = mx.load(f, return_metadata=True)
+    tensors, metadata = load_with_metadata(f)
     if "hooked_mlx" not in metadata:
         raise CorruptFileError(f"{f} is a safetensors file but not a hooked_mlx training checkpoint (no "
                                f"'hooked_mlx' metadata). Point checkpoint_path at a folder written by train_saes.")

@@ -128,7 +128,7 @@ class ContextBuilder:
         self.tokenizer = tokenizer
         self.P = context_size
         self.bos = bos
-        self.pad = pad if pad is not None else (bos if bos is not None else 0)
+        self.pad: int = pad if pad is not None else (bos if bos is not None else 0)
         self.prepend_bos = prepend_bos and bos is not None
         self.packing = packing
         self.exclude_special = exclude_special
@@ -136,16 +136,20 @@ class ContextBuilder:
         self.epoch = 0
         self.docs_consumed = 0
         self.stream: list[int] = []
-        self._it = None
+        self._it: Iterator[str] | None = None
         self._warned = False
         self.exhausted = False
 
+    def _bos_prefix(self) -> list[int]:
+        return [self.bos] if self.prepend_bos and self.bos is not None else []
+
     def _next_doc(self) -> list[int] | None:
         if self._it is None:
-            self._it = self.corpus_fn()
+            self._it = iter(self.corpus_fn())
             for _ in range(self.docs_consumed):
                 next(self._it)
         while True:
+            assert self._it is not None
             try:
                 text = next(self._it)
             except StopIteration:
@@ -156,7 +160,7 @@ class ContextBuilder:
                     raise ValueError("The corpus is empty: no documents to tokenize.") from None
                 self.epoch += 1
                 self.docs_consumed = 0
-                self._it = self.corpus_fn()
+                self._it = iter(self.corpus_fn())
                 if not self._warned:
                     self._warned = True
                     warnings.warn(
@@ -169,12 +173,12 @@ class ContextBuilder:
             ids = encode_text(self.tokenizer, text)
             if not ids:
                 continue
-            return ([self.bos] if self.prepend_bos else []) + ids
+            return self._bos_prefix() + ids
 
     def next_block(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(tokens [m,P] int32, mask [m,P] bool) with 1 <= m <= n, or None at the end of a non-cycled corpus."""
-        rows = []
-        lengths = []
+        rows: list[list[int]] = []
+        lengths: list[int] = []
         while len(rows) < n:
             if self.packing:
                 need = self.P - (1 if self.prepend_bos else 0)
@@ -189,7 +193,7 @@ class ContextBuilder:
                     break
                 chunk = self.stream[:need]
                 self.stream = self.stream[need:]
-                row = ([self.bos] if self.prepend_bos else []) + chunk
+                row = self._bos_prefix() + chunk
             else:
                 doc = self._next_doc()
                 if doc is None:

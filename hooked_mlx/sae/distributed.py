@@ -35,8 +35,9 @@ import os
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
+from ..host import flat_items, to_ints
 from . import metrics as M
 
 #: gradients with at least this many elements get an all_sum of their own (see World.reduce_step)
@@ -78,7 +79,7 @@ class World:
             return tree
         keep = 1.0 if self.is_main else 0.0
         flat = [(k, mx.distributed.all_sum(v * keep, group=self.group).astype(v.dtype))
-                for k, v in tree_flatten(tree)]
+                for k, v in flat_items(tree)]
         return tree_unflatten(flat)
 
     def gather_bytes(self, blob: bytes) -> list[bytes]:
@@ -86,7 +87,7 @@ class World:
         if not self.distributed:
             return [blob]
         n = mx.distributed.all_gather(mx.array([len(blob)], dtype=mx.int32), group=self.group)
-        lengths = [int(v) for v in n.tolist()]
+        lengths = to_ints(n)
         pad = max(lengths)
         buf = np.zeros((1, pad), dtype=np.uint8)
         buf[0, : len(blob)] = np.frombuffer(blob, dtype=np.uint8)
@@ -118,7 +119,7 @@ class World:
         """
         wire = getattr(mx, big_dtype)
         n = self.size
-        flat = tree_flatten(grads)
+        flat = flat_items(grads)
         keys = list(mets)
         b = x.shape[0]
         sse = mets[M.MSE] * b  # sum over this slice of ||x - x_hat||^2

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import mlx.core as mx
 import numpy as np
 
+from ..host import to_float
 from . import metrics as M
 from .sae import SAE
 
@@ -72,7 +73,7 @@ def evaluate_reconstruction(sae: SAE, acts, batch_size: int = 4096) -> dict[str,
         M.L1_MAGNITUDE: l1 / n,
         M.L2_RATIO: ratio / n,
         M.REL_RECONSTRUCTION_BIAS: xhat_sq / x_dot if x_dot else float("nan"),
-        M.UNFIRED_FRACTION: 1.0 - float(mx.mean(fired.astype(mx.float32)).item()),
+        M.UNFIRED_FRACTION: 1.0 - to_float(mx.mean(fired.astype(mx.float32))),
     }
 
 
@@ -148,7 +149,7 @@ def evaluate_model(model, sae: SAE, texts, *, batch_size: int = 8, hook_name: st
         vals = [mx.sum(keep), ce_c, ce_s, ce_z, kl_s, kl_z]
         mx.eval(vals)
         for k, v in zip(sums, vals):
-            sums[k] += float(v.item())
+            sums[k] += to_float(v)
     n = sums["n"]
     if n == 0:
         raise ValueError("evaluate_model got no predicted positions (texts of at least 2 tokens are needed).")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import mlx.core as mx
 
@@ -45,7 +46,7 @@ SPARSIFY_HOOKPOINTS = {
 }
 
 
-def _atomic_write_dir(path: str, files: dict[str, object], *, overwrite: bool, what: str) -> None:
+def _atomic_write_dir(path: str, files: dict[str, Any], *, overwrite: bool, what: str) -> None:
     """Write {name: (arrays, metadata) (safetensors) | dict (json)} as folder ``path``, staged and renamed
     (``hooked_mlx.outputs``: a non-empty folder is refused unless ``overwrite``, which replaces only these
     files)."""
@@ -228,7 +229,7 @@ def load_saelens(path: str) -> SAE:
         decoder_unit_norm=False, normalize_activations="none",
         extra={"imported_from": "saelens", "path": os.path.abspath(path)},
     )
-    tensors = {k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k in t}
+    tensors: dict[str, mx.array] = {k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k in t}
     if ours == "jumprelu":
         if "threshold" in t:
             tensors["threshold"] = t["threshold"]

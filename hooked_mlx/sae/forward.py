@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from ..host import to_float
 from . import metrics as M
 from .config import TOPK_FAMILY, SAEConfig
 from .sae import SAE
@@ -23,9 +24,9 @@ def geometric_median(x: mx.array, iters: int = 50, eps: float = 1e-6, tol: float
     for _ in range(iters):
         w = 1.0 / mx.maximum(mx.linalg.norm(x - m, axis=-1), eps)
         new = mx.sum(w[:, None] * x, axis=0) / mx.sum(w)
-        shift = mx.linalg.norm(new - m).item()
+        shift = to_float(mx.linalg.norm(new - m))
         m = new
-        if shift <= tol * max(1.0, mx.linalg.norm(m).item()):
+        if shift <= tol * max(1.0, to_float(mx.linalg.norm(m))):
             break
     return m
 
@@ -34,7 +35,7 @@ def estimate_input_scale(batches: Iterable[mx.array], d_in: int) -> float:
     """SAELens ``expected_average_only_in``: s = sqrt(d_in) / E||x|| over the given batches."""
     total, n = 0.0, 0
     for x in batches:
-        total += mx.sum(mx.linalg.norm(x.astype(mx.float32), axis=-1)).item()
+        total += to_float(mx.sum(mx.linalg.norm(x.astype(mx.float32), axis=-1)))
         n += x.shape[0]
     if n == 0 or total <= 0 or not math.isfinite(total):
         raise ValueError(

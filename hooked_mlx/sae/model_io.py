@@ -3,6 +3,8 @@ hook, and one forward's activations at the hooks."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 
 from ..names import hook_spec
@@ -34,7 +36,7 @@ def stop_layer_for(model, hook_names: list[str]) -> int | None:
 
 def hook_activations(model, tokens: mx.array, hook_names: list[str], stop_at_layer: int | None):
     """{hook: [B,P,d]} from one forward of ``tokens`` [B,P]."""
-    kw = {"names_filter": list(hook_names)}
+    kw: dict[str, Any] = {"names_filter": list(hook_names)}
     if stop_at_layer is not None:
         kw["stop_at_layer"] = stop_at_layer
     _, cache = model.run_with_cache(tokens, **kw)

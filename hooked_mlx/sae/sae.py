@@ -20,6 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..host import to_float
 from .config import TOPK_FAMILY, SAEConfig
 from .kernels import reference as K
 
@@ -173,14 +174,14 @@ class SAE(nn.Module):
         kth = mx.min(mx.topk(acts, n_keep))
         # the largest value strictly below the cut, so that "pre > theta" keeps the cut entry itself
         below = mx.max(mx.where(acts < kth, acts, 0.0))
-        theta = float(((kth + below) / 2).item())
+        theta = to_float((kth + below) / 2)
         self.set_batchtopk_threshold(theta)
         return theta
 
     def num_params(self) -> int:
-        from mlx.utils import tree_flatten
+        from ..host import flat_items
 
-        return sum(v.size for _, v in tree_flatten(self.parameters()))
+        return sum(v.size for _, v in flat_items(self.parameters()))
 
     def __repr__(self) -> str:
         extra = f", k={self.cfg.k}" if self.cfg.architecture in TOPK_FAMILY else ""

@@ -102,7 +102,7 @@ def _safetensors_memmap(path: str) -> dict[str, np.ndarray]:
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -128,7 +128,7 @@ class ShardSource(ArraySource):
         missing = [h for h in hooks if h not in self.manifest["hook_names"]]
         if missing:
             raise ValueError(f"Hooks {missing} were not harvested in {path}; it holds {self.manifest['hook_names']}.")
-        arrays = {h: [] for h in hooks}
+        arrays: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
         for shard in self.manifest["shards"]:
             mm = _safetensors_memmap(os.path.join(path, shard["file"]))
             for h in hooks:

@@ -21,6 +21,7 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,7 +59,7 @@ class ActivationStore:
             prepend_bos=cfg.prepend_bos, packing=cfg.packing, exclude_special=cfg.exclude_special_tokens,
         )
         self.rng = np.random.default_rng(cfg.seed)
-        self._d_in = {}
+        self._d_in: dict[str, int] = {}
         self.buffers: dict[str, np.ndarray] | None = None
         self.filled = 0
         self.pending: deque = deque()  # of dicts {hook: np [n, d]}
@@ -127,7 +128,7 @@ class ActivationStore:
             have += next(iter(self.pending[-1].values())).shape[0]
         if have == 0:
             return None
-        parts = {h: [] for h in self.hook_names}
+        parts: dict[str, list[np.ndarray]] = {h: [] for h in self.hook_names}
         got = 0
         while got < n and self.pending:
             p = self.pending[0]
@@ -262,7 +263,8 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
         store.set_shard(w.rank, w.size)
         prefix = f"shard_r{w.rank:03d}_"
     os.makedirs(out_dir, exist_ok=True)
-    shards, written = [], 0
+    shards: list[dict] = []
+    written = 0
     bar = None
     if progress and w.is_main:
         from tqdm.auto import tqdm
@@ -274,7 +276,7 @@ def harvest(model, hook_names: str | list[str], corpus, out_dir: str, n_tokens: 
             n = min(n, limit - written)
             name = f"{prefix}{len(shards):05d}.safetensors"
             arrays = {h: mx.array(v[:n]).astype(getattr(mx, dtype)) for h, v in chunk.items()}
-            write_file_atomic(os.path.join(out_dir, name), lambda tmp, a=arrays: mx.save_safetensors(tmp, a),
+            write_file_atomic(os.path.join(out_dir, name), partial(mx.save_safetensors, arrays=arrays),
                               overwrite=overwrite, what="harvest", suffix=".safetensors")
             shards.append({"file": name, "n_tokens": int(n)})
             written += n

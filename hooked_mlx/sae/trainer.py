@@ -4,12 +4,14 @@ BatchTopK threshold, metric accumulators), and the compiled step that updates th
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
+from ..host import flat_items, to_float, to_floats, to_int
 from . import distributed as D
 from . import metrics as M
 from .config import SAEConfig
@@ -62,7 +64,7 @@ class SAETrainer:
         self.sae = sae if sae is not None else SAE(cfg)
         #: fused update only: run the Adam passes one parameter at a time after the step (lower peak memory,
         #: two more synchronisations per step); by default when the parameters take more than 2 GB
-        self.low_memory = 4 * sum(v.size for _, v in tree_flatten(self.sae.trainable_parameters())) > 2e9
+        self.low_memory = 4 * sum(v.size for _, v in flat_items(self.sae.trainable_parameters())) > 2e9
         self._fresh = sae is None  # b_dec is initialised from data only for a new SAE
         self.optimizer = optim.Adam(
             learning_rate=lr_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
@@ -70,7 +72,7 @@ class SAETrainer:
         )
         self.input_scale = 1.0
         F = self.sae.d_sae
-        self.aux = {
+        self.aux: dict[str, Any] = {
             "step": mx.array(0, dtype=mx.int32),
             "tokens_since_fired": mx.zeros((F,), dtype=mx.int64),
             "theta": mx.array(-1.0, dtype=mx.float32),  # BatchTopK running threshold; < 0 = unset
@@ -161,7 +163,7 @@ class SAETrainer:
                 if cfg.grad_clip_norm > 0:
                     grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
                 else:
-                    gnorm = mx.sqrt(sum(mx.sum(mx.square(v)) for _, v in tree_flatten(grads)))
+                    gnorm = mx.sqrt(sum(mx.sum(mx.square(v)) for _, v in flat_items(grads)))
                 opt.update(sae, grads)
                 lr = opt.learning_rate.astype(mx.float32)  # the rate this update used
                 if unit_norm:
@@ -243,17 +245,17 @@ class SAETrainer:
 
     @property
     def step_count(self) -> int:
-        return int(self.aux["step"].item())
+        return to_int(self.aux["step"])
 
     def has_non_finite_step(self) -> bool:
         """Whether a step since the last metrics read was non-finite (and skipped); one host read."""
-        return int(self.aux["bad_step"].item()) >= 0
+        return to_int(self.aux["bad_step"]) >= 0
 
     def read_metrics(self) -> dict[str, float]:
         """Averages of the metrics since the last read (one host sync); raises on a non-finite loss."""
         packed = mx.concatenate([mx.stack([self.aux["sums"][k] for k in M.TRAIN_KEYS]),
                                  mx.stack([self.aux["count"], self.aux["bad_step"]]).astype(mx.float32)])
-        values = packed.tolist()  # one device read
+        values = to_floats(packed)  # one device read
         count, bad = int(values[-2]), int(values[-1])
         if bad >= 0:
             # The compiled step skipped every update from step ``bad`` on: the state is the one before it.
@@ -261,7 +263,7 @@ class SAETrainer:
                 self.aux["sums"][k] = mx.array(0.0, dtype=mx.float32)
             self.aux["count"] = mx.array(0, dtype=mx.int32)
             self.aux["bad_step"] = mx.array(-1, dtype=mx.int32)
-            self._host_step = int(self.aux["step"].item())
+            self._host_step = to_int(self.aux["step"])
             raise NonFiniteLossError(
                 f"SAE training on {self.cfg.hook_name or 'the activations'} hit a non-finite loss or gradient at "
                 f"step {bad} (0-based). That update and any later ones were skipped, so the trainer state is the "
@@ -281,7 +283,7 @@ class SAETrainer:
         sae = SAE(self.cfg)
         sae.update(tree_map(lambda a: a, self.sae.parameters()))
         if self.cfg.architecture == "batchtopk":
-            sae.set_batchtopk_threshold(max(float(self.aux["theta"].item()), 0.0))
+            sae.set_batchtopk_threshold(max(to_float(self.aux["theta"]), 0.0))
         sae.fold_input_scale(self.input_scale)
         mx.eval(sae.parameters())
         return sae
@@ -289,11 +291,11 @@ class SAETrainer:
     # -- checkpoint tensors -------------------------------------------------------------------------------
     def tensors(self, prefix: str) -> dict[str, mx.array]:
         out = {}
-        for k, v in tree_flatten(self.sae.parameters()):
+        for k, v in flat_items(self.sae.parameters()):
             out[f"{prefix}sae.{k}"] = v
-        for k, v in tree_flatten(self.optimizer.state):
+        for k, v in flat_items(self.optimizer.state):
             out[f"{prefix}opt.{k}"] = v
-        for k, v in tree_flatten(self.aux):
+        for k, v in flat_items(self.aux):
             out[f"{prefix}aux.{k}"] = v
         return out
 
@@ -309,5 +311,5 @@ class SAETrainer:
         self.input_scale = float(input_scale)
         self.initialized = True
         mx.eval(self.sae.parameters(), self.optimizer.state, self.aux)
-        self._host_step = int(self.aux["step"].item())
+        self._host_step = to_int(self.aux["step"])
         self._build()

@@ -59,9 +59,11 @@ def _wandb_run(cfg: SAEConfig, cfgs):
 
 
 class TrainResult(dict):
-    """hook name -> trained SAE (raw-activation units), plus ``history``: list of (step, hook, metrics)."""
+    """hook name -> trained SAE (raw-activation units), plus ``history``: list of (step, hook, metrics), and
+    ``trainers``: the ``SAETrainer`` of each SAE (its state, optimizer included)."""
 
     history: list
+    trainers: list
 
 
 def train_saes(
@@ -236,7 +238,7 @@ def train_saes(
     except KeyboardInterrupt:
         # Ctrl-C between two steps leaves a consistent state: keep it, so that resume=True goes on from here.
         # (not with several ranks: writing it needs every rank, and they may not all have been interrupted)
-        if (ckpt_file and not in_step and completed > start and not w.distributed
+        if (ckpt_file and checkpoint_path and not in_step and completed > start and not w.distributed
                 and not any(t.has_non_finite_step() for t in trainers)):
             mx.eval([t.state_arrays() for t in trainers])
             save_checkpoint(checkpoint_path, trainers, source, completed)

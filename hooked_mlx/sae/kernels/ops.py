@@ -32,7 +32,7 @@ class ReferenceOps:
     """Pure-MLX primitives (any device). GPU back ends subclass this and override what they fuse."""
 
     name = "reference"
-    matmul_dtype = None  # None: the inputs' dtype (float32)
+    matmul_dtype: mx.Dtype | None = None  # None: the inputs' dtype (float32)
     #: True (GPU kernels): adam_rows is one pass per decoder row (projection, Adam, renorm), so the trainer's
     #: update runs as ``fused_update.fused_adam_update``. False (CPU): compiled MLX fuses the reference
     #: update's elementwise work already, and each extra reduction is a separate pass, so the trainer keeps it.

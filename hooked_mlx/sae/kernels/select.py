@@ -174,7 +174,7 @@ def get_ops(name: str | None = None) -> ReferenceOps:
                 f"hooked_mlx SAE kernels: the {name} back end failed its self-check against the pure-MLX "
                 f"reference ({'; '.join(fails[:4])}{' ...' if len(fails) > 4 else ''}). Falling back to the "
                 f"reference kernels (correct, slower). Please report this with your MLX version "
-                f"({mx.__version__}) and device.",
+                f"({getattr(mx, '__version__', '?')}) and device.",
                 RuntimeWarning,
                 stacklevel=3,
             )
