@@ -138,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .sae.cli import add_subcommands as add_sae
     except ImportError:
-        add_sae = None
-    if add_sae is not None:
+        pass
+    else:
         add_sae(sub)
     try:
         from .demo import add_subcommand as add_demo
     except ImportError:
-        add_demo = None
-    if add_demo is not None:
+        pass
+    else:
         add_demo(sub)
     return parser
 

@@ -222,7 +222,7 @@ def _patching(model, out: Path) -> dict:
     metric = P.LogitDiff(ta, tb)
     clean_logits, clean_cache = model.run_with_cache(ct)
     corrupt_logits = model(rt)
-    cl, co = metric(clean_logits).item(), metric(corrupt_logits).item()
+    cl, co = to_float(metric(clean_logits)), to_float(metric(corrupt_logits))
     norm = metric.normalized(clean_logits, corrupt_logits)
     print(f"  clean     {clean!r} -> logit diff {a!r} - {b!r} = {cl:.3f}")
     print(f"  corrupted {corrupt!r} -> {co:.3f}   ({ct.shape[1]} tokens each; 0 = corrupted, 1 = clean)")
@@ -396,7 +396,7 @@ def _live_features(sae, acts, n: int) -> list[int]:
     import mlx.core as mx
 
     vals, idx = sae.encode_sparse(acts) if hasattr(sae, "encode_sparse") else (None, None)
-    if vals is None:
+    if vals is None or idx is None:
         f = sae.encode(acts)
         counts = (f > 0).sum(axis=0)
     else:

@@ -47,9 +47,11 @@ class SwitchLinear(nn.Linear):
             y = y + mx.expand_dims(self["bias"][indices], -2)
         return y
 
-    def to_quantized(self, group_size: int | None = 64, bits: int | None = 4, mode: str = "affine", **_):
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False):
+        """mlx-lm's ``QuantizedSwitchLinear`` (group size 64 and 4 bits unless given)."""
         E, out, inp = self.weight.shape
-        q = QuantizedSwitchLinear(inp, out, E, False, group_size, bits, mode=mode)
+        q = QuantizedSwitchLinear(inp, out, E, False, group_size or 64, bits or 4, mode=mode)
         q._quantize(self.weight)
         if "bias" in self:
             q.bias = self.bias

@@ -308,6 +308,8 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         if ax in ("head_index", "head"):
             return 1 if info0.src_axis is None else 0
         if ax in ("pos", "dest_pos"):
+            if info0.pos_axis is None:
+                raise ValueError(f"{ax} does not apply to {names[0]!r}: it has no position axis.")
             return info0.pos_axis
         if ax == "src_pos":
             if info0.src_axis is None:
@@ -320,6 +322,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     if index_df is not None:
         rows = index_df.to_dict("records") if hasattr(index_df, "to_dict") else list(index_df)
     else:
+        assert index_axis_names is not None  # checked above
         for ax in index_axis_names:
             if ax not in _AXIS_NAMES:
                 raise ValueError(f"Unknown index axis {ax!r}; valid: {_AXIS_NAMES}.")
@@ -333,7 +336,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         if per_layer and "layer" not in r:
             raise ValueError("A per-layer activation name needs a 'layer' index axis.")
         name = names[int(r["layer"])] if per_layer else names[0]
-        index = [None] * len(act_dims)
+        index: list[int | None] = [None] * len(act_dims)
         for ax, v in r.items():
             if ax != "layer":
                 index[axis_of(ax)] = int(v)

@@ -38,6 +38,9 @@ def attribution_patch(model, corrupted_tokens, clean_cache, metric, names: Seque
     out = {}
     for n in names:
         info = hook_info(model, n)
+        if info.pos_axis is None:
+            raise ValueError(f"attribute: {n!r} has no position axis; attribution patching here reads hooks with "
+                             f"positions (residual stream, attention, MLP activations).")
         a = mx.broadcast_to(clean[n], (B,) + clean[n].shape[1:])
         Pc = a.shape[info.pos_axis + 1]
         pmap = require_lengths(model, Pc, P, align, clean_tokens, tokens, what=f"attribute {n}",

@@ -24,6 +24,7 @@ import ctypes
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -125,6 +126,8 @@ def blas_threads(n: int | None):
     if n is None or lib is None:
         yield
         return
+    get: Any
+    put: Any
     try:
         dll = ctypes.CDLL(lib)
         if hasattr(dll, "MKL_Set_Num_Threads"):
@@ -150,7 +153,9 @@ class _CaptureKV:
     """Records the full keys/values (prefix + new) an attention call produces."""
 
     def __init__(self, prefix: _PrefixKV | None, offset: int):
-        self.prefix, self.offset, self.k, self.v = prefix, offset, None, None
+        self.prefix, self.offset = prefix, offset
+        self.k: mx.array = mx.zeros((0,))  # set by the attention call
+        self.v: mx.array = mx.zeros((0,))
 
     def update_and_fetch(self, k, v):
         if self.prefix is not None:
@@ -210,7 +215,7 @@ def plan_chunks(items: list[tuple[int, int]], n_layers: int, P: int, cfg, max_ce
     lay = np.array([max(items[i][0], 0) for i in order])
     ps = np.array([items[i][1] for i in order]) if reuse_kv else np.zeros(n, dtype=int)
     js = np.arange(n_layers)
-    best, best_cost = None, math.inf
+    best, best_cost = 1, math.inf
     sizes = sorted({min(max_cells, math.ceil(n / k)) for k in range(1, min(n, 256) + 1)})
     for S in sizes:
         cost = 0.0
@@ -243,7 +248,9 @@ class PatchEngine:
             # on thread hand-off than on the work; large models gain from the threads on their big GEMMs
             small = _flops_per_token_layer(model.cfg, 1) < 1e6
             blas_threads = 1 if (mx.default_device() == mx.cpu and small) else None
-        self.blas_threads = blas_threads
+        elif isinstance(blas_threads, str):
+            raise ValueError(f"blas_threads must be an int, None or 'auto'; got {blas_threads!r}.")
+        self.blas_threads: int | None = None if isinstance(blas_threads, str) else blas_threads
         self.budget = (memory_budget_mb or MEMORY_BUDGET_MB) * 2 ** 20
         self.reuse_kv = reuse_kv
         self.bucket = (mx.default_device() != mx.cpu) if bucket is None else bucket
@@ -302,10 +309,10 @@ class PatchEngine:
         for group in (rest, last):
             sub = plan_chunks([items[i] for i in group], cfg.n_layers, P, cfg, max_cells, self.reuse_kv)
             chunks += [[group[k] for k in ch] for ch in sub]
-        out = [None] * len(cells)
+        results: list[mx.array | None] = [None] * len(cells)
         with blas_threads(self.blas_threads):
-            self._run_chunks(chunks, cells, items, infos, out)
-        return mx.stack(out) if out else mx.zeros((0,))
+            self._run_chunks(chunks, cells, items, infos, results)
+        return mx.stack(cast(list[mx.array], results)) if results else mx.zeros((0,))
 
     def _run_chunks(self, chunks, cells, items, infos, out):
         for chunk in chunks:
@@ -395,12 +402,14 @@ class PatchEngine:
                             x = mx.concatenate([x, mx.broadcast_to(
                                 corr.resid[j][:, p0:][None], (n_pad, B, Pn, x.shape[-1])).reshape(
                                 (n_pad * B, Pn, x.shape[-1]))], axis=0)
+                assert x is not None  # set at layers[0], where the first cell starts
                 cache = _PrefixKV(corr.k[j][:, :, :p0], corr.v[j][:, :, :p0], p0) if p0 > 0 else None
                 if j == L - 1 and split_last is not None:
                     x = self._last_layer(x, cache, p0, *split_last)
                     p0 = split_last[0]
                 else:
                     x = model.blocks[j](x, "causal", cache)
+        assert x is not None
         x = x[: n_total * B]
         return self._metric(x, n_total, p0)
 
@@ -444,7 +453,7 @@ def _scalar(v, metric=None) -> mx.array:
     """A metric's value as a 0-d array; anything else raises an error that names the metric."""
     name = metric_name(metric) if metric is not None else "the patching metric"
     if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
-        v = mx.array(v)
+        v = mx.array(float(v))
     if not isinstance(v, mx.array):
         raise TypeError(f"The patching metric {name} returned {type(v).__name__} {v!r:.60}; expected an mx.array "
                         f"scalar computed from the logits it is given (e.g. logits[:, -1, tok].mean()).")

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import typing
+from typing import Any
 
 from .config import (
     ARCHITECTURES,
@@ -73,7 +74,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args, hook: str) -> SAEConfig:
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(SAEConfig):
         if f.name in _SKIP:
             continue
@@ -152,7 +153,8 @@ def cmd_train_sae(args) -> int:
         probe = ShardSource(args.data, batch_size=1, hook_names=hooks)
         hooks = probe.hook_names
         cfgs = [_config_from_args(args, h) for h in hooks]
-        source = ShardSource(args.data, cfgs[0].train_batch_size_tokens, seed=cfgs[0].seed, hook_names=hooks)
+        source: ShardSource | ActivationStore = ShardSource(args.data, cfgs[0].train_batch_size_tokens,
+                                                            seed=cfgs[0].seed, hook_names=hooks)
         model_name = probe.manifest.get("model_name", "")
         cfgs = [c.replace(model_name=c.model_name or model_name,
                           context_size=probe.manifest.get("context_size", c.context_size)) for c in cfgs]

@@ -81,7 +81,7 @@ class SAETrainer:
             "count": mx.array(0, dtype=mx.int32),
         }
         self.initialized = False
-        self._step_fns = None
+        self._step_fns: dict[bool, Any] = {}
         self._host_step = 0  # mirrors aux["step"] without a device sync
 
     # -- setup ------------------------------------------------------------------------------------------
