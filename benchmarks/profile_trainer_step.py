@@ -7,6 +7,12 @@ a time: gradient clipping off (``grad_clip_norm=0``), the Adam passes in the ste
 as the back end's ``sq_norm`` kernel (time and peak memory).
 
     python benchmarks/profile_trainer_step.py --shapes S1 S2 --json benchmarks/results/profile_trainer_step.json
+
+``--batches B1 B2 ...``: instead, for each shape, the default trainer and the bare fused step at each batch
+size, and the back end's ops one at a time (encoder GEMM, row top-k, decode, gather_dot, latent_grads, the
+Adam pass), to find a batch size whose step is out of proportion (4 GPUs, S1, 1024 rows per GPU: 19 ms)::
+
+    python benchmarks/profile_trainer_step.py --shapes S1 --batches 512 1024 2048 4096 8192 --json ...
 """
 
 from __future__ import annotations
@@ -86,13 +92,72 @@ def norm_rows(s, reps=10):
     return out
 
 
+def _timed(fn, reps=10) -> float:
+    mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(fn())
+    mx.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / reps
+
+
+def op_rows(s, B) -> dict:
+    """ms of each op of the fused TopK step at batch B (the back end's ops, the step's operand shapes)."""
+    _fresh()
+    D, F, K = s["D"], s["F"], s["K"]
+    ops = FU.get_ops()
+    p = init_params(D, F)
+    x = make_data(B, D, n=1)[0]
+    W_lowp = p["W_enc"].astype(ops.matmul_dtype) if ops.matmul_dtype is not None else None
+    pre = ops.pre(x, p["W_enc"], p["b_enc"], W_lowp)
+    vals, idx = ops.row_topk(pre, K)
+    dY = mx.random.normal((B, D), key=mx.random.key(5))
+    mx.eval(pre, vals, idx, dY)
+    rows = mx.repeat(mx.arange(B, dtype=mx.uint32), K)
+    cols = idx.reshape(-1).astype(mx.uint32)
+    coef = vals.reshape(-1)
+    Yl, Xl = (dY.astype(mx.bfloat16), x.astype(mx.bfloat16)) if ops.lowp_backward else (dY, x)
+    g = mx.random.normal((D, F), key=mx.random.key(6))
+    m, v = mx.zeros_like(g), mx.zeros_like(g)
+    hp = FU.adam_hparams(1e-4, 0.9, 0.999, 1e-8, 1)
+    mx.eval(rows, g, m, v, hp)
+    out = {
+        "pre": _timed(lambda: ops.pre(x, p["W_enc"], p["b_enc"], W_lowp)),
+        "row_topk": _timed(lambda: ops.row_topk(pre, K)),
+        "decode": _timed(lambda: ops.decode(vals, idx, p["W_dec"])),
+        "gather_dot": _timed(lambda: ops.gather_dot(dY, idx, p["W_dec"])),
+        "latent_grads": _timed(lambda: ops.latent_grads(cols, rows, rows, coef, coef, Yl, Xl, F)),
+        "adam_W_enc": _timed(lambda: ops.adam(p["W_enc"], g, m, v, hp)),
+    }
+    return out
+
+
+def batch_main(a) -> None:
+    res = {}
+    for name in a.shapes:
+        for B in a.batches:
+            s = dict(SHAPES[name], B=B)
+            row = {"B": B, "fused_step": fused_step_row(s, a.steps, a.warmup),
+                   "trainer": trainer_row(s, a.steps, a.warmup), "ops_ms": op_rows(s, B)}
+            res[f"{name}_B{B}"] = row
+            print(name, B, json.dumps(row), flush=True)
+            if a.json:
+                with open(a.json, "w") as fh:
+                    json.dump({"mlx": mx.__version__, "rows": res}, fh, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=["S1", "S2"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--batches", nargs="*", type=int, default=None, help="batch sweep (see the docstring)")
     a = p.parse_args()
+    if a.batches:
+        batch_main(a)
+        return
     res = {}
     for name in a.shapes:
         s = SHAPES[name]
