@@ -55,6 +55,11 @@ class ActivationCache:
         name = self._key(key)
         if name not in self.cache_dict:
             valid = list(self.cache_dict)
+            if self.model is not None and name.removesuffix("_grad").endswith("attn.hook_result"):
+                raise KeyError(
+                    f"{name!r} was not cached: as in TransformerLens, per-head results are cached only after "
+                    f"model.set_use_attn_result(True), or when the hook is named in names_filter. "
+                    f"cache.compute_head_results() derives them from the cached hook_z.")
             if self.model is not None and name.removesuffix("_grad") in self.model.hook_dict:
                 raise KeyError(
                     f"{name!r} is a valid hook but was not cached in this run (names_filter excluded it, "

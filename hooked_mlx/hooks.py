@@ -120,8 +120,14 @@ class HookedRootModule(nn.Module):
         object.__setattr__(self, "hook_dict", dict(sorted(self.hook_dict.items(), key=lambda kv: hook_order(kv[0]))))
 
     # -- resolving names -------------------------------------------------------------------------
+    def opt_in_hooks_off(self) -> frozenset[str]:
+        """Hooks that exist but that a filter function or "every hook" (``names_filter=None``) leaves out until
+        switched on (TransformerLens's ``set_use_attn_result``); named explicitly, they always fire. None here."""
+        return frozenset()
+
     def resolve_hook_names(self, name_or_filter: NameOrFilter) -> list[str]:
-        """Names that ``name_or_filter`` selects. A string must be a valid name (TL shorthands allowed)."""
+        """Names that ``name_or_filter`` selects. A string must be a valid name (TL shorthands allowed); a filter
+        function skips ``opt_in_hooks_off()``."""
         if isinstance(name_or_filter, str):
             from .names import get_act_name
 
@@ -130,7 +136,8 @@ class HookedRootModule(nn.Module):
                 raise unknown_name_error(name_or_filter, self.hook_dict.keys())
             return [name]
         if callable(name_or_filter):
-            return [n for n in self.hook_dict if name_or_filter(n)]
+            off = self.opt_in_hooks_off()
+            return [n for n in self.hook_dict if name_or_filter(n) and n not in off]
         if isinstance(name_or_filter, (list, tuple, set)):
             out: list[str] = []
             for item in name_or_filter:
@@ -208,7 +215,11 @@ class HookedRootModule(nn.Module):
         """
         from .cache import ActivationCache
 
-        names = list(self.hook_dict) if names_filter is None else self.resolve_hook_names(names_filter)
+        if names_filter is None:
+            off = self.opt_in_hooks_off()
+            names = [n for n in self.hook_dict if n not in off]
+        else:
+            names = self.resolve_hook_names(names_filter)
         store: dict[str, mx.array] = {}
         with self.hooks([(n, lambda act, hook: store.__setitem__(hook.name, act)) for n in names]):
             out = self(*args, **kwargs)

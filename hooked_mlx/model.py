@@ -52,6 +52,7 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         object.__setattr__(self, "cfg", cfg)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "_compiled", None)
+        object.__setattr__(self, "_use_attn_result", False)  # TransformerLens's default (set_use_attn_result)
         object.__setattr__(self, "use_compile", os.environ.get("HOOKED_MLX_NO_COMPILE", "0") in ("", "0"))
         family = get_family(cfg.architecture)
         block_cls = getattr(family, "Block", TransformerBlock)
@@ -565,9 +566,17 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # misc
     # ------------------------------------------------------------------------------------------
-    # TransformerLens's switches for optional hooks: here every hook always exists
+    # TransformerLens's switches for optional hooks
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Accepted for TransformerLens code: ``attn.hook_result`` always exists (computed only when hooked)."""
+        """As TransformerLens: with it off (the default), "every hook" (``run_with_cache()``) and filter functions
+        leave ``attn.hook_result`` out, since materialising [B, P, H, d_model] per layer is costly; named
+        explicitly it is always computed, and ``cache.compute_head_results()`` derives it from ``hook_z``."""
+        object.__setattr__(self, "_use_attn_result", bool(use_attn_result))
+
+    def opt_in_hooks_off(self) -> frozenset[str]:
+        if self._use_attn_result:
+            return frozenset()
+        return frozenset(f"blocks.{l}.attn.hook_result" for l in range(self.cfg.n_layers))
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """Accepted for TransformerLens code: ``hook_mlp_in`` always exists."""

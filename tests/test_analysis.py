@@ -31,7 +31,7 @@ def model(request, tmp_path_factory, stories_path):
 
 @pytest.fixture(scope="module")
 def run(model):
-    logits, cache = model.run_with_cache(TOKENS)
+    logits, cache = model.run_with_cache(TOKENS, names_filter=list(model.hook_dict))  # hook_result included
     return logits, cache
 
 

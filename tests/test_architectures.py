@@ -240,7 +240,7 @@ def test_every_hook_is_documented_has_its_shape_and_fast_equals_hooked(ckpts, fa
             "dh": [c.d_head], "dm": [c.d_model], "V": [c.d_vocab], "E": [c.num_experts or 0],
             "k": [c.experts_per_token or 0], "dmlp": [c.d_mlp, c.extra.get("dense_d_mlp", c.d_mlp)],
             "dmlp_shared": [c.extra.get("shared_expert_d_mlp", 0)]}
-    logits, cache = model.run_with_cache(TOKENS)
+    logits, cache = model.run_with_cache(TOKENS, names_filter=list(model.hook_dict))  # every hook, by name
     assert set(cache.keys()) == set(model.hook_dict)
     for name in model.hook_dict:
         shape = tuple(cache[name].shape)
@@ -496,10 +496,10 @@ def test_hook_axes_are_data_and_hook_dict_is_forward_order(ckpts, family):
     size = {"batch": B, "pos": P, "query_pos": P, "key_pos": P, "head": c.n_heads, "kv_head": c.n_key_value_heads,
             "d_head": c.d_head, "d_model": c.d_model, "d_vocab": c.d_vocab, "one": 1, "batch*pos": B * P}
     fired = []
-    with model.hooks([(lambda n: True, lambda act, hook: fired.append(hook.name))]):
+    with model.hooks([(list(model.hook_dict), lambda act, hook: fired.append(hook.name))]):
         model(TOKENS)
     assert fired == list(model.hook_dict)
-    _, cache = model.run_with_cache(TOKENS)
+    _, cache = model.run_with_cache(TOKENS, names_filter=list(model.hook_dict))
     for name in model.hook_dict:
         act = cache[name]
         spec = hook_spec(name, act.ndim)

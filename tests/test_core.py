@@ -75,7 +75,7 @@ def test_parity_logits_and_residual_with_mlx_lm(family_pair):
 def test_every_hook_has_documented_shape(family_pair):
     name, _, model, _ = family_pair
     cfg = model.cfg
-    _, cache = model.run_with_cache(TOKENS)
+    _, cache = model.run_with_cache(TOKENS, names_filter=list(model.hook_dict))  # hook_result included
     B, P = TOKENS.shape
     dims = {"B": B, "P": P, "Pq": P, "Pk": P, "H": cfg.n_heads, "Hkv": cfg.n_key_value_heads, "dh": cfg.d_head,
             "dm": cfg.d_model, "dmlp": cfg.d_mlp, "V": cfg.d_vocab, "1": 1}
@@ -92,7 +92,7 @@ def test_every_hook_has_documented_shape(family_pair):
 
 def test_hook_values_are_consistent(stories):
     toks = stories.to_tokens("Once upon a time there was")
-    _, c = stories.run_with_cache(toks)
+    _, c = stories.run_with_cache(toks, names_filter=list(stories.hook_dict))  # hook_result included
     b = stories.blocks[1]
     # resid_mid = resid_pre + attn_out ; resid_post = resid_mid + mlp_out ; next resid_pre = resid_post
     assert_close(c["resid_mid", 1], c["resid_pre", 1] + c["attn_out", 1], tol=1e-5)

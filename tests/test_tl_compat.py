@@ -180,7 +180,6 @@ def test_hook_mlp_in_changes_the_mlp_input_only(stories):
     _, clean = stories.run_with_cache(toks, names_filter=names)
     assert np.array_equal(np.array(clean["blocks.1.hook_mlp_in"]), np.array(clean["blocks.1.hook_resid_mid"]))
     stories.set_use_hook_mlp_in(True)  # TransformerLens's switch: accepted, the hook always exists
-    stories.set_use_attn_result(True)
     with pytest.raises(NotImplementedError, match="hook_q_input"):
         stories.set_use_split_qkv_input(True)
     with stories.hooks([("blocks.1.hook_mlp_in", lambda a, hook: a + 1.0)]):  # (RMSNorm ignores a scale)
@@ -188,3 +187,28 @@ def test_hook_mlp_in_changes_the_mlp_input_only(stories):
     assert np.array_equal(np.array(c["blocks.1.hook_resid_mid"]), np.array(clean["blocks.1.hook_resid_mid"]))
     assert float(mx.abs(c["blocks.1.hook_mlp_out"] - clean["blocks.1.hook_mlp_out"]).max()) > 1e-3
     assert_close(c["blocks.1.hook_resid_post"], c["blocks.1.hook_resid_mid"] + c["blocks.1.hook_mlp_out"], 1e-6)
+
+
+def test_attn_result_is_opt_in_as_in_transformerlens(stories):
+    """hook_result ([B,P,H,d_model] per layer) is left out of "every hook" and of filter functions until
+    set_use_attn_result(True), as in TransformerLens; named explicitly it is computed; the cache can derive it."""
+    toks = stories.to_tokens("Once upon a time there was")
+    name = "blocks.1.attn.hook_result"
+    logits, c = stories.run_with_cache(toks)
+    assert name not in c and "blocks.1.attn.hook_z" in c
+    with pytest.raises(KeyError, match="set_use_attn_result"):
+        c[name]
+    assert not [n for n in stories.resolve_hook_names(lambda n: True) if n.endswith("attn.hook_result")]
+    c.compute_head_results()
+    _, named = stories.run_with_cache(toks, names_filter=name)
+    assert_close(named[name], c[name], 1e-5)
+    stories.set_use_attn_result(True)
+    try:
+        logits_on, on = stories.run_with_cache(toks)
+        assert name in on
+        assert_close(on[name], c[name], 1e-5)
+        assert_close(logits_on, logits, 1e-5)
+    finally:
+        stories.set_use_attn_result(False)
+    _, off = stories.run_with_cache(toks)
+    assert name not in off

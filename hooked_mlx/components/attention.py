@@ -10,6 +10,7 @@ tensor materialised. ``hook_result`` ([B,P,H,dm]) is computed only when hooked.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import mlx.core as mx
@@ -28,6 +29,34 @@ def linear_weight(layer: nn.Module) -> mx.array:
         return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
                              mode=getattr(layer, "mode", "affine"))
     return layer.weight
+
+
+@cache
+def _scores_fn(scale: float, softcap: float, bool_mask: bool):
+    """Compiled: raw q.k -> scaled, soft-capped, masked scores (-inf where a bool mask is False; an additive
+    mask is added)."""
+
+    def fn(raw, mask):
+        s = raw * mx.array(scale, raw.dtype)
+        if softcap:
+            s = mx.tanh(s / softcap) * softcap
+        if bool_mask:
+            return mx.where(mask, s, mx.array(-mx.inf, s.dtype))
+        return s + mask.astype(s.dtype)
+
+    return mx.compile(fn)
+
+
+@cache
+def _pattern_fn(padded: bool):
+    """Compiled softmax over keys in the scores' dtype (float32 accumulation); with a padding mask, rows
+    with no key (all -inf: NaN) become 0."""
+
+    def fn(scores):
+        p = mx.softmax(scores, axis=-1, precise=True)
+        return mx.where(mx.isnan(p), mx.array(0.0, p.dtype), p) if padded else p
+
+    return mx.compile(fn)
 
 
 def causal_mask(q_len: int, k_len: int, window: int | None = None) -> mx.array:
@@ -204,26 +233,25 @@ class Attention(nn.Module):
         return self.o_proj(z.reshape(B, P, H * dh))
 
     def _manual_attention(self, q, k, v, mask):
-        """Explicit softmax(q k^T) v, materialising scores and pattern for the hooks."""
-        H, Hkv = self.n_heads, self.n_kv_heads
-        if Hkv != H:
-            k = mx.repeat(k, H // Hkv, axis=1)
-            v = mx.repeat(v, H // Hkv, axis=1)
-        scores = (q * self.scale) @ k.swapaxes(-1, -2)  # [B,H,Pq,Pk]
-        if self.softcap:
-            scores = mx.tanh(scores / self.softcap) * self.softcap
-        Pq, Pk = scores.shape[-2:]
+        """Explicit softmax(q k^T) v, materialising scores and pattern for the hooks.
+
+        GQA without copying K/V: the G query heads of each KV head are stacked along the query axis
+        ([B, Hkv, G*Pq, dh] @ [B, Hkv, dh, Pk]), then viewed as [B, H, Pq, Pk]. The elementwise work on either
+        side of the hooks runs compiled (one pass each), and the softmax reads the scores in their own dtype
+        with float32 accumulation (``precise``), so no float32 copy of [B, H, Pq, Pk] is made."""
+        B, H, Pq, dh = q.shape
+        Hkv, Pk = k.shape[1], k.shape[2]
+        G = H // Hkv
+        scores = (q.reshape(B, Hkv, G * Pq, dh) @ k.swapaxes(-1, -2)).reshape(B, H, Pq, Pk)
         if isinstance(mask, str):
-            mask = causal_mask(Pq, Pk, self.window)
-        elif mask is not None and self.window is not None:
-            mask = mask & causal_mask(Pq, Pk, self.window)
-        if mask is not None:
-            if mask.dtype == mx.bool_:
-                scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
-            else:
-                scores = scores + mask.astype(scores.dtype)
+            mask, padded = causal_mask(Pq, Pk, self.window), False  # the diagonal is never masked
+        else:
+            padded = mask is not None  # a padding mask can leave a query row with no key at all
+            if mask is not None and self.window is not None:
+                mask = mask & causal_mask(Pq, Pk, self.window)
+        scores = _scores_fn(float(self.scale), float(self.softcap or 0.0), mask is not None and mask.dtype == mx.bool_)(
+            scores, mask if mask is not None else mx.array(0.0, scores.dtype))
         scores = self.hook_attn_scores(scores)
-        pattern = mx.softmax(scores.astype(mx.float32), axis=-1)
-        pattern = mx.where(mx.isnan(pattern), 0.0, pattern).astype(q.dtype)  # fully masked rows
+        pattern = _pattern_fn(padded)(scores)
         pattern = self.hook_pattern(pattern)
-        return pattern @ v  # [B,H,Pq,dh]
+        return (pattern.reshape(B, Hkv, G * Pq, Pk) @ v).reshape(B, H, Pq, dh)
