@@ -220,9 +220,7 @@ class HookedRootModule(nn.Module):
             names = [n for n in self.hook_dict if n not in off]
         else:
             names = self.resolve_hook_names(names_filter)
-        store: dict[str, mx.array] = {}
-        with self.hooks([(n, lambda act, hook: store.__setitem__(hook.name, act)) for n in names]):
-            out = self(*args, **kwargs)
+        out, store = self._forward_storing(names, args, kwargs)
         mx.eval(out, store)
         if incl_bwd:
             for n, g in self._activation_grads(store, metric, args, kwargs).items():
@@ -233,6 +231,14 @@ class HookedRootModule(nn.Module):
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, cache
+
+    def _forward_storing(self, names: list[str], args, kwargs) -> tuple[Any, dict[str, mx.array]]:
+        """(the module's output, {name: activation}) of one call with a storing hook on each of ``names``
+        (lazy). Models may run it compiled."""
+        store: dict[str, mx.array] = {}
+        with self.hooks([(n, lambda act, hook: store.__setitem__(hook.name, act)) for n in names]):
+            out = self(*args, **kwargs)
+        return out, store
 
     def _finish_cache(self, store: dict[str, mx.array], args, kwargs) -> tuple[dict[str, mx.array], Any]:
         """(the cached values, the padding mask) of a run: here as they are, with no mask; models with padded

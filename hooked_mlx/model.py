@@ -53,6 +53,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_use_attn_result", False)  # TransformerLens's default (set_use_attn_result)
+        object.__setattr__(self, "_cache_fns", {})  # run_with_cache's compiled forwards (_forward_storing)
+        object.__setattr__(self, "_tracing_checked_tokens", False)
         object.__setattr__(self, "use_compile", os.environ.get("HOOKED_MLX_NO_COMPILE", "0") in ("", "0"))
         family = get_family(cfg.architecture)
         block_cls = getattr(family, "Block", TransformerBlock)
@@ -342,7 +344,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         if input.size == 0:
             raise ValueError(f"The token input is empty (shape {tuple(input.shape)}); expected at least one token "
                              f"per row. Pass non-empty text or token ids.")
-        if input.size and (int(input.max()) >= self.cfg.d_vocab or int(input.min()) < 0):
+        # (skipped while _forward_storing traces: it checked these very tokens before, and a trace cannot read)
+        if not self._tracing_checked_tokens and (int(input.max()) >= self.cfg.d_vocab or int(input.min()) < 0):
             raise ValueError(f"Token ids must lie in [0, {self.cfg.d_vocab}); got min {int(input.min())}, "
                              f"max {int(input.max())}.")
         return input
@@ -537,6 +540,51 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         if isinstance(input, mx.array) and input.ndim == 3:
             return None
         return self._as_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side, return_mask=True)[1]
+
+    #: run_with_cache keywords the compiled caching forward takes as constants (any other: the hooked path)
+    _COMPILED_CACHE_KWARGS = frozenset({"return_type", "stop_at_layer", "loss_per_token", "prepend_bos",
+                                        "padding_side"})
+
+    def _forward_storing(self, names, args, kwargs):
+        """``run_with_cache``'s forward, compiled when nothing else is hooked: the hooked forward with a
+        storing hook on each name is traced once per (names, keywords, input shape) and replayed as one fused
+        graph (as the no-hook fast path is), instead of running op by op. The hooked path runs instead for
+        padded batches, other hooks attached, ``return_type=None``, residual inputs and other keywords."""
+        fallback = (not self.use_compile or self.has_any_hooks or len(args) != 1
+                    or not set(kwargs) <= self._COMPILED_CACHE_KWARGS or kwargs.get("return_type", "logits") is None)
+        if not fallback:
+            try:
+                static = tuple(sorted(kwargs.items()))
+                hash(static)
+            except TypeError:
+                fallback = True
+        if fallback:
+            return super()._forward_storing(names, args, kwargs)
+        toks, mask = self._as_tokens(args[0], prepend_bos=kwargs.get("prepend_bos"),
+                                     padding_side=kwargs.get("padding_side"), return_mask=True)
+        if mask is not None or toks.ndim not in (1, 2) or not mx.issubdtype(toks.dtype, mx.integer):
+            return super()._forward_storing(names, args, kwargs)
+        key = (tuple(names), static)
+        fns = self._cache_fns
+        fn = fns.pop(key, None)
+        if fn is None:
+            fwd_kwargs = {k: v for k, v in kwargs.items() if k not in ("prepend_bos", "padding_side")}
+
+            def run(tokens):
+                store: dict[str, mx.array] = {}
+                object.__setattr__(self, "_tracing_checked_tokens", True)
+                try:
+                    with self.hooks([(n, lambda act, hook: store.__setitem__(hook.name, act)) for n in names]):
+                        out = self.forward(tokens, **fwd_kwargs)
+                finally:
+                    object.__setattr__(self, "_tracing_checked_tokens", False)
+                return out, store
+
+            fn = mx.compile(run, inputs=self.state)
+        fns[key] = fn  # most recently used last
+        while len(fns) > 8:
+            fns.pop(next(iter(fns)))
+        return fn(toks)
 
     def _finish_cache(self, store: dict[str, mx.array], args, kwargs):
         """``run_with_cache``'s padding mask for this input, and the cached values with neutral pads."""

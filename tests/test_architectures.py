@@ -485,6 +485,50 @@ def test_moe_routing_can_be_patched(ckpts):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_cache_equals_the_hooked_path(ckpts, family):
+    """run_with_cache replays a compiled trace of the hooked forward when nothing else is hooked: the same
+    activations as the op-by-op hooked path, for every hook; weights changed after the first call are seen;
+    a user's hook attached around the call still runs; bad token ids are still refused."""
+    model = ckpts.ours(family)
+    names = list(model.hook_dict)
+    logits, cache = model.run_with_cache(TOKENS, names_filter=names)
+    assert model._cache_fns, "the compiled path did not run"
+    model.use_compile = False
+    try:
+        ref_logits, ref = model.run_with_cache(TOKENS, names_filter=names)
+    finally:
+        model.use_compile = True
+    assert set(cache.keys()) == set(ref.keys())
+    assert rel_maxdiff(logits, ref_logits) <= 1e-5, family
+    for n in names:
+        a, b = np.array(cache[n].astype(mx.float32)), np.array(ref[n].astype(mx.float32))
+        fin = np.isfinite(b)
+        assert np.array_equal(np.isfinite(a), fin) and np.array_equal(a[~fin], b[~fin]), (family, n)  # -inf scores
+        assert rel_maxdiff(a[fin], b[fin]) <= 1e-5, (family, n)
+    # a weight edited after the trace: the replay reads the current parameters
+    old = model.blocks[0].attn.o_proj.weight
+    # (a per-row scale: a post-attention norm, Gemma-2/3, OLMo2, would undo a global one)
+    model.blocks[0].attn.o_proj.weight = old * mx.linspace(0.2, 1.8, old.shape[0])[:, None].astype(old.dtype)
+    try:
+        l2, c2 = model.run_with_cache(TOKENS, names_filter=names)
+        model.use_compile = False
+        l3, c3 = model.run_with_cache(TOKENS, names_filter=names)
+        model.use_compile = True
+        assert rel_maxdiff(c2["blocks.0.hook_attn_out"], c3["blocks.0.hook_attn_out"]) <= 1e-5
+        assert rel_maxdiff(c2["blocks.0.hook_attn_out"], cache["blocks.0.hook_attn_out"]) > 1e-3  # it took effect
+        assert rel_maxdiff(l2, l3) <= 1e-5
+    finally:
+        model.blocks[0].attn.o_proj.weight = old
+        model.use_compile = True
+    # another hook attached: the hooked path runs it
+    with model.hooks([("blocks.0.hook_resid_post", lambda a, hook: a * 0.0)]):
+        _, c4 = model.run_with_cache(TOKENS, names_filter=["blocks.0.hook_resid_post"])
+    assert float(mx.abs(c4["blocks.0.hook_resid_post"]).max()) == 0.0
+    with pytest.raises(ValueError, match="Token ids"):
+        model.run_with_cache(TOKENS + model.cfg.d_vocab, names_filter=names)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_hook_axes_are_data_and_hook_dict_is_forward_order(ckpts, family):
     """names.hook_spec gives every hook's axes (their count is the activation's rank, the named axes have the
     config's sizes) and layer; hook_dict lists hooks in the order the forward pass reaches them."""
