@@ -4,7 +4,8 @@ Notation: B batch, P pos, H n_heads, Hkv n_key_value_heads, dh d_head, dm d_mode
 V d_vocab, E num_experts, k experts per token.
 
 The names and shapes follow TransformerLens (TL). Differences from TL, on purpose:
-* every hook always exists; no config flag gates one (``hook_result`` included);
+* every hook always exists (``hook_mlp_in`` included). ``attn.hook_result`` too, but as in TL "every hook"
+  (``run_with_cache()``) and filter functions leave it out until ``set_use_attn_result(True)``; named, it fires;
 * ``ln1`` runs once per block, so its hooks fire once;
 * per-head q/k norms (Qwen3, Gemma-3) keep the 4-D shape [B,P,H,dh] (TL flattens to 2-D).
 """
