@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
+from einops import rearrange
 
 from .names import get_act_name, hook_spec, unknown_name_error
+from .shapes import ComponentAttrs, ResidStack
 
 
 class ActivationCache:
@@ -175,9 +177,9 @@ class ActivationCache:
             return self[("resid_mid", layer)]
         return self[("resid_pre", layer)]
 
-    def apply_ln_to_stack(self, residual_stack: mx.array, layer: int | None = None, mlp_input: bool = False,
+    def apply_ln_to_stack(self, residual_stack: ResidStack, layer: int | None = None, mlp_input: bool = False,
                           pos_slice=None, batch_slice=None, has_batch_dim: bool = True,
-                          recompute_ln: bool = False) -> mx.array:
+                          recompute_ln: bool = False) -> ResidStack:
         """Normalise each component of a residual stack as the norm at ``layer`` would normalise the sum.
 
         layer None / -1 / n_layers: ``ln_final``; else ``ln1`` of that layer (``ln2`` with ``mlp_input``).
@@ -218,7 +220,8 @@ class ActivationCache:
         return x / scale
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice=None, mlp_input: bool = False, return_labels: bool = False):
+                          pos_slice=None, mlp_input: bool = False, return_labels: bool = False
+                          ) -> ResidStack | tuple[ResidStack, list[str]]:
         """The residual stream before each layer up to ``layer``: [n, ..., d_model].
 
         Components ``{l}_pre`` for l in 0..layer (resid_pre of ``layer`` included), ``{l}_mid`` with
@@ -246,7 +249,7 @@ class ActivationCache:
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
                         apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,
-                        return_labels: bool = False):
+                        return_labels: bool = False) -> ResidStack | tuple[ResidStack, list[str]]:
         """The residual stream at ``layer`` as the sum of its writers: [n, ..., d_model].
 
         Components: ``embed``, ``pos_embed`` (learned positions), ``{l}_attn_out`` and ``{l}_mlp_out`` for
@@ -293,7 +296,8 @@ class ActivationCache:
             if name not in self.cache_dict:
                 raise KeyError(f"compute_head_results needs {name!r} in the cache.")
             z = self.cache_dict[name]
-            w_o = linear_weight(block.attn.o_proj).T.reshape(H, dh, -1).astype(z.dtype)  # [H,dh,dm]
+            w_o = rearrange(linear_weight(block.attn.o_proj), "d_model (head d_head) -> head d_head d_model",
+                            head=H, d_head=dh).astype(z.dtype)
             self.cache_dict[f"blocks.{l}.attn.hook_result"] = mx.einsum("...hd,hdm->...hm", z, w_o)
 
     def _post_norm_linear(self, layer: int, which: str, x: mx.array, pos_slice) -> mx.array:
@@ -315,7 +319,7 @@ class ActivationCache:
         return mx.concatenate([stack, rem[None].astype(stack.dtype)]), labels + ["remainder"]
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
-                           pos_slice=None, apply_ln: bool = False):
+                           pos_slice=None, apply_ln: bool = False) -> ResidStack | tuple[ResidStack, list[str]]:
         """Every head's direct write to the residual stream for layers < ``layer``: [L*H, ..., d_model],
         labels ``L{l}H{h}``. Head results are computed from ``hook_z`` when not cached; in post-norm models
         (Gemma-2/3) they pass the linear part of ``ln1_post`` (cached scale, weight), so they are what each
@@ -366,7 +370,8 @@ class ActivationCache:
         return post[..., None] * w_out.astype(post.dtype)
 
     def stack_neuron_results(self, layer: int, pos_slice=None, neuron_slice=None, return_labels: bool = False,
-                             incl_remainder: bool = False, apply_ln: bool = False):
+                             incl_remainder: bool = False, apply_ln: bool = False
+                             ) -> ResidStack | tuple[ResidStack, list[str]]:
         """Every neuron's direct write to the residual stream for layers < ``layer``: [L*d_mlp, ..., d_model],
         labels ``L{l}N{n}`` (through ``ln2_post``'s linear part in post-norm models). Gated and plain MLPs;
         mixture-of-experts blocks have no single W_out and raise."""
@@ -423,7 +428,7 @@ class ActivationCache:
 
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
                                      expand_neurons: bool = True, apply_ln: bool = False, pos_slice=None,
-                                     return_labels: bool = False):
+                                     return_labels: bool = False) -> ResidStack | tuple[ResidStack, list[str]]:
         """The residual at ``layer`` as heads + neurons (or whole MLPs) + embeddings + biases.
 
         Components: ``L{l}H{h}`` for every head before ``layer`` (and of ``layer`` itself with
@@ -433,14 +438,15 @@ class ActivationCache:
         model = self._require_model("get_full_resid_decomposition")
         layer = self._layer_arg(layer, "get_full_resid_decomposition")
         extra = 1 if mlp_input and layer < model.cfg.n_layers and not self._parallel() else 0
-        heads, labels = self.stack_head_results(layer + extra, pos_slice=pos_slice, return_labels=True)
+        Labelled = tuple[ResidStack, list[str]]  # what return_labels=True gives
+        heads, labels = cast(Labelled, self.stack_head_results(layer + extra, pos_slice=pos_slice, return_labels=True))
         comps = [heads]
         if layer > 0:
             if expand_neurons:
-                st, lb = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
+                st, lb = cast(Labelled, self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True))
             else:
-                st, lb = self.decompose_resid(layer, mode="mlp", incl_embeds=False, pos_slice=pos_slice,
-                                              return_labels=True)
+                st, lb = cast(Labelled, self.decompose_resid(layer, mode="mlp", incl_embeds=False,
+                                                             pos_slice=pos_slice, return_labels=True))
             comps.append(st)
             labels = labels + lb
         for name, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
@@ -457,8 +463,8 @@ class ActivationCache:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def logit_attrs(self, residual_stack: mx.array, tokens, incorrect_tokens=None, pos_slice=None,
-                    batch_slice=None, has_batch_dim: bool = True) -> mx.array:
+    def logit_attrs(self, residual_stack: ResidStack, tokens, incorrect_tokens=None, pos_slice=None,
+                    batch_slice=None, has_batch_dim: bool = True) -> ComponentAttrs:
         """Each component's direct contribution to the logit of ``tokens`` (minus ``incorrect_tokens``).
 
         residual_stack: [n, ..., d_model] from the methods above, *without* apply_ln (the final norm's

@@ -13,6 +13,7 @@ import fnmatch
 import re
 import sys
 from pathlib import Path
+from typing import cast
 
 SAMPLE_PROMPT = "Once upon a time, there was a little girl named Lily."
 
@@ -82,8 +83,8 @@ def cmd_convert(args) -> int:
                                                   revision=args.revision, **processing)
     new_model = HookedTransformer.from_pretrained(out, keep_quantized=not args.dequantize)
     toks = _sample_tokens(src_model)
-    a = src_model(toks).astype(mx.float32)
-    b = new_model(toks).astype(mx.float32)
+    a = cast(mx.array, src_model(toks)).astype(mx.float32)  # logits (the default return_type)
+    b = cast(mx.array, new_model(toks)).astype(mx.float32)
     if processing:  # processing may shift logits by a per-position constant (center_unembed): compare log-probs
         import mlx.nn as nn
 

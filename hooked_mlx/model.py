@@ -17,6 +17,7 @@ from .config import DType, HookedConfig
 from .hooks import HookedRootModule, HookPoint
 from .host import to_ints
 from .names import hook_spec
+from .shapes import AttentionMask, Logits, Loss, Residual
 from .weights_view import WeightsViewMixin
 
 Input = str | Sequence[str] | mx.array | Sequence[int] | Sequence[Sequence[int]]
@@ -446,8 +447,8 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         stop_at_layer: int | None = None,
         tokens: mx.array | None = None,
         past_kv_cache: Any = None,
-        attention_mask: mx.array | None = None,
-    ):
+        attention_mask: AttentionMask | None = None,
+    ) -> Logits | Loss | tuple[Logits, Loss] | Residual | None:
         """Run the model.
 
         input: text, list of texts, token ids [B,P]; with ``start_at_layer`` a residual [B,P,dm].

@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from einops import rearrange
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..config import HookedConfig
@@ -118,7 +119,7 @@ class Attention(nn.Module):
     # ``_W_K`` / ``_W_V`` / ``_b_K`` / ``_b_V`` are the stored [Hkv, ...] tensors. Quantized: dequantized.
     def _heads_in(self, proj: nn.Module, n: int) -> mx.array:
         """[n*dh, dm] stored weight -> [n, dm, dh]."""
-        return linear_weight(proj).reshape(n, self.d_head, -1).transpose(0, 2, 1)
+        return rearrange(linear_weight(proj), "(head d_head) d_model -> head d_model d_head", head=n)
 
     def _bias(self, proj: nn.Module, n: int) -> mx.array:
         b = proj.get("bias")
@@ -154,7 +155,7 @@ class Attention(nn.Module):
     @property
     def W_O(self) -> mx.array:
         """Output weights [H, d_head, d_model]."""
-        return linear_weight(self.o_proj).T.reshape(self.n_heads, self.d_head, -1)
+        return rearrange(linear_weight(self.o_proj), "d_model (head d_head) -> head d_head d_model", head=self.n_heads)
 
     @property
     def b_Q(self) -> mx.array:

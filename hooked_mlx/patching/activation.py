@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..names import hook_spec
+from ..shapes import PatchResult
 from .align import align_positions, check_align, require_lengths
 from .engine import Cell, CorruptedRun, PatchEngine, _scalar, hook_info, run_cells_loop
 
@@ -155,7 +156,7 @@ def _heads(model, hook: str) -> int:
 
 # -- [L, P] ------------------------------------------------------------------------------------------
 def _by_pos(hook):
-    def f(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+    def f(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
         def shape(s):
             nd = s.clean[f"blocks.0.{hook}"].ndim - 2
             return (s.tokens.shape[1],), (lambda p: (p,) + (None,) * nd)
@@ -176,7 +177,7 @@ get_act_patch_resid_post = _by_pos("hook_resid_post")
 
 # -- heads -------------------------------------------------------------------------------------------
 def _head_by_pos(hook):
-    def f(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+    def f(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
         def shape(s):
             return (s.tokens.shape[1], _heads(model, hook)), (lambda p, h: (p, h, None))
 
@@ -188,7 +189,7 @@ def _head_by_pos(hook):
 
 
 def _head_all_pos(hook):
-    def f(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+    def f(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
         def shape(s):
             return (_heads(model, hook),), (lambda h: (None, h, None))
 
@@ -209,7 +210,7 @@ get_act_patch_attn_head_k_all_pos = _head_all_pos("attn.hook_k")
 get_act_patch_attn_head_v_all_pos = _head_all_pos("attn.hook_v")
 
 
-def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
     """Patch each head's whole attention pattern: float32 [n_layers, heads]."""
     def shape(s):
         return (model.cfg.n_heads,), (lambda h: (h, None, None))
@@ -217,7 +218,7 @@ def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache
     return _grid(model, corrupted_tokens, clean_cache, patching_metric, "attn.hook_pattern", shape, kw)
 
 
-def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
     """Patch each head's pattern row at each destination position: float32 [n_layers, heads, dest_pos]."""
     def shape(s):
         return (model.cfg.n_heads, s.tokens.shape[1]), (lambda h, d: (h, d, None))
@@ -225,7 +226,7 @@ def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache,
     return _grid(model, corrupted_tokens, clean_cache, patching_metric, "attn.hook_pattern", shape, kw)
 
 
-def get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+def get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
     """Patch single pattern entries: float32 [n_layers, heads, dest_pos, src_pos]."""
     def shape(s):
         P = s.tokens.shape[1]
@@ -242,7 +243,7 @@ def _pad_heads(x: mx.array, H: int, axis: int) -> mx.array:
     return mx.pad(x, pad)
 
 
-def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
     """[5, n_layers, heads]: head output (z), q, k, v, pattern, all positions (k/v zero-padded to H)."""
     H = model.cfg.n_heads
     parts = [get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos,
@@ -251,7 +252,7 @@ def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, 
     return mx.stack([_pad_heads(f(model, corrupted_tokens, clean_cache, patching_metric, **kw), H, 1) for f in parts])
 
 
-def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
     """[5, n_layers, pos, heads]: z, q, k, v by position, and pattern by destination (k/v zero-padded)."""
     H = model.cfg.n_heads
     parts = [get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos,
@@ -262,7 +263,7 @@ def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, p
     return mx.stack(out)
 
 
-def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_metric, **kw):
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> PatchResult:
     """[3, n_layers, pos]: resid_pre, attn_out, mlp_out, each patched per (layer, position) -- in one sweep."""
     L = model.cfg.n_layers
     kinds = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
@@ -277,7 +278,7 @@ def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_met
 # -- generic -----------------------------------------------------------------------------------------
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
                              index_axis_names: Sequence[str] | None = None, index_df=None,
-                             return_index_df: bool = False, patch_setter=None, **kw):
+                             return_index_df: bool = False, patch_setter=None, **kw) -> PatchResult | tuple[PatchResult, Any]:
     """Patch any hook over an index set, batched.
 
     activation_name: a per-layer shorthand (``"resid_pre"``, ``"z"``, ``"pattern"``, ``"post"``...) or a

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..host import to_float
+from ..shapes import SAEInput, SAELatents, SparseIndices, SparseValues
 from .config import TOPK_FAMILY, SAEConfig
 from .kernels import reference as K
 
@@ -73,7 +74,7 @@ class SAE(nn.Module):
             )
         return x.astype(mx.float32) if x.dtype != mx.float32 else x
 
-    def encode_pre(self, x: mx.array) -> mx.array:
+    def encode_pre(self, x: SAEInput) -> SAELatents:
         """Pre-activations [..., d_sae]."""
         x = self._check(x)
         return K.encode_pre(x, self.W_enc, self.b_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None)
@@ -91,11 +92,11 @@ class SAE(nn.Module):
         # jumprelu and batchtopk (JumpReLU with the learned / running threshold)
         return mx.where(pre > self.threshold, mx.maximum(pre, 0), 0)
 
-    def encode(self, x: mx.array) -> mx.array:
+    def encode(self, x: SAEInput) -> SAELatents:
         """Latents f [..., d_sae] (dense, mostly zeros)."""
         return self.activation(self.encode_pre(x))
 
-    def encode_sparse(self, x: mx.array, k: int | None = None) -> tuple[mx.array, mx.array]:
+    def encode_sparse(self, x: SAEInput, k: int | None = None) -> tuple[SparseValues, SparseIndices]:
         """The k largest latents per token: (values [..., k], indices [..., k]) sorted by value, descending.
 
         ``k`` defaults to ``cfg.k``. For non-TopK architectures entries beyond the active ones are zeros.
@@ -107,11 +108,11 @@ class SAE(nn.Module):
         idx = mx.argsort(-f, axis=-1)[..., :k]
         return mx.take_along_axis(f, idx, axis=-1), idx
 
-    def decode(self, f: mx.array) -> mx.array:
+    def decode(self, f: SAELatents) -> SAEInput:
         """Reconstruction [..., d_in] = f @ W_dec + b_dec."""
         return f @ self.W_dec + self.b_dec
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: SAEInput) -> SAEInput:
         """Reconstruction x_hat [..., d_in] of x [..., d_in]."""
         x = self._check(x)
         if self.cfg.architecture == "topk":
