@@ -53,7 +53,9 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         object.__setattr__(self, "cfg", cfg)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "_compiled", None)
-        object.__setattr__(self, "_use_attn_result", False)  # TransformerLens's default (set_use_attn_result)
+        object.__setattr__(self, "_use_attn_result", False)  # TransformerLens's defaults (set_use_*)
+        object.__setattr__(self, "_use_attn_in", False)
+        object.__setattr__(self, "_use_split_qkv_input", False)
         object.__setattr__(self, "_cache_fns", {})  # run_with_cache's compiled forwards (_forward_storing)
         object.__setattr__(self, "_tracing_checked_tokens", False)
         object.__setattr__(self, "use_compile", os.environ.get("HOOKED_MLX_NO_COMPILE", "0") in ("", "0"))
@@ -623,24 +625,27 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         object.__setattr__(self, "_use_attn_result", bool(use_attn_result))
 
     def opt_in_hooks_off(self) -> frozenset[str]:
-        if self._use_attn_result:
-            return frozenset()
-        return frozenset(f"blocks.{l}.attn.hook_result" for l in range(self.cfg.n_layers))
+        """The TransformerLens hooks that are switched off: ``attn.hook_result`` (``set_use_attn_result``),
+        ``hook_attn_in`` (``set_use_attn_in``), ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input``
+        (``set_use_split_qkv_input``)."""
+        off = ([] if self._use_attn_result else ["attn.hook_result"]) + ([] if self._use_attn_in else ["hook_attn_in"])
+        if not self._use_split_qkv_input:
+            off += ["hook_q_input", "hook_k_input", "hook_v_input"]
+        return frozenset(f"blocks.{l}.{n}" for l in range(self.cfg.n_layers) for n in off)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """Accepted for TransformerLens code: ``hook_mlp_in`` always exists."""
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        if use_split_qkv_input:
-            raise NotImplementedError(
-                "Per-head q/k/v inputs (hook_q_input / hook_k_input / hook_v_input) are not available in hooked_mlx "
-                "yet. Hook blocks.L.attn.hook_q / hook_k / hook_v (per head) or blocks.L.ln1.hook_normalized instead.")
+        """As TransformerLens: with it on, "every hook" and filter functions include ``blocks.L.hook_q_input`` /
+        ``hook_k_input`` / ``hook_v_input`` (each head's own copy of the residual, before ln1: patch one head's
+        query input without touching the others). Named explicitly they fire anyway."""
+        object.__setattr__(self, "_use_split_qkv_input", bool(use_split_qkv_input))
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
-        if use_attn_in:
-            raise NotImplementedError(
-                "Per-head attention inputs (hook_attn_in) are not available in hooked_mlx yet. Hook "
-                "blocks.L.ln1.hook_normalized (the attention input) or blocks.L.attn.hook_q / hook_k / hook_v.")
+        """As TransformerLens: with it on, "every hook" and filter functions include ``blocks.L.hook_attn_in``
+        [B, P, H, d_model] (the residual repeated per head, before ln1)."""
+        object.__setattr__(self, "_use_attn_in", bool(use_attn_in))
 
     def loss_fn(self, logits: mx.array, tokens: mx.array, attention_mask: mx.array | None = None,
                 per_token: bool = False) -> mx.array:

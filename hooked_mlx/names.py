@@ -32,6 +32,11 @@ BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "hook_resid_pre": ("[B,P,dm]", "residual stream entering the block"),
     "ln1.hook_scale": ("[B,P,1]", "attention-input norm scale"),
     "ln1.hook_normalized": ("[B,P,dm]", "attention-input norm output before its weight"),
+    "hook_attn_in": ("[B,P,H,dm]", "the residual repeated per query head, before ln1 (set_use_attn_in; computed "
+                     "only when hooked)"),
+    "hook_q_input": ("[B,P,H,dm]", "each query head's own input, before ln1 (set_use_split_qkv_input)"),
+    "hook_k_input": ("[B,P,Hkv,dm]", "each key head's own input, before ln1 (set_use_split_qkv_input)"),
+    "hook_v_input": ("[B,P,Hkv,dm]", "each value head's own input, before ln1 (set_use_split_qkv_input)"),
     "attn.hook_q": ("[B,P,H,dh]", "queries, before any q norm and rotary"),
     "attn.hook_k": ("[B,P,Hkv,dh]", "keys of the new positions, before any k norm and rotary (n_kv heads under GQA)"),
     "attn.hook_v": ("[B,P,Hkv,dh]", "values of the new positions (n_kv heads under GQA)"),
@@ -78,7 +83,8 @@ EXTRA_BLOCK_HOOKS: dict[str, tuple[str, str]] = {
 #: every block hook, relative to ``blocks.{l}.``, in the order the forward pass reaches it (family-specific
 #: hooks included; a family has a subset). ``hooks.HookedRootModule`` lists ``hook_dict`` in this order.
 BLOCK_FORWARD_ORDER: tuple[str, ...] = (
-    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "hook_attn_in", "hook_q_input", "hook_k_input",
+    "hook_v_input", "attn.hook_q", "attn.hook_k", "attn.hook_v",
     "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",
     "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
     "attn.hook_result", "ln1_post.hook_scale", "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid",

@@ -180,8 +180,6 @@ def test_hook_mlp_in_changes_the_mlp_input_only(stories):
     _, clean = stories.run_with_cache(toks, names_filter=names)
     assert np.array_equal(np.array(clean["blocks.1.hook_mlp_in"]), np.array(clean["blocks.1.hook_resid_mid"]))
     stories.set_use_hook_mlp_in(True)  # TransformerLens's switch: accepted, the hook always exists
-    with pytest.raises(NotImplementedError, match="hook_q_input"):
-        stories.set_use_split_qkv_input(True)
     with stories.hooks([("blocks.1.hook_mlp_in", lambda a, hook: a + 1.0)]):  # (RMSNorm ignores a scale)
         _, c = stories.run_with_cache(toks, names_filter=names)
     assert np.array_equal(np.array(c["blocks.1.hook_resid_mid"]), np.array(clean["blocks.1.hook_resid_mid"]))
@@ -212,3 +210,56 @@ def test_attn_result_is_opt_in_as_in_transformerlens(stories):
         stories.set_use_attn_result(False)
     _, off = stories.run_with_cache(toks)
     assert name not in off
+
+
+def test_split_qkv_input_and_attn_in(stories):
+    """TransformerLens's per-head attention inputs: off by default and left out of every-hook caches; switched
+    on they are cached with TL's shapes and change nothing by themselves; a patch of one head's input changes
+    that head only; patching every head's q, k and v input with another run's residual gives that run's
+    attention output."""
+    clean = stories.to_tokens("Once upon a time there was a little girl")
+    corrupt = mx.concatenate([clean[:, :3], mx.array([[42]], dtype=clean.dtype), clean[:, 4:]], axis=1)
+    B, P = clean.shape
+    H, Hkv, dm = stories.cfg.n_heads, stories.cfg.n_key_value_heads, stories.cfg.d_model
+    logits, base = stories.run_with_cache(clean)
+    assert "blocks.1.hook_q_input" not in base and "blocks.1.hook_attn_in" not in base
+    stories.set_use_split_qkv_input(True)
+    stories.set_use_attn_in(True)
+    try:
+        split_logits, c = stories.run_with_cache(clean)
+        assert c["blocks.1.hook_attn_in"].shape == (B, P, H, dm)
+        assert c["blocks.1.hook_q_input"].shape == (B, P, H, dm)
+        assert c["blocks.1.hook_k_input"].shape == c["blocks.1.hook_v_input"].shape == (B, P, Hkv, dm)
+        assert_close(split_logits, logits, 1e-5)
+        assert_close(c["blocks.1.attn.hook_q"], base["blocks.1.attn.hook_q"], 1e-5)
+    finally:
+        stories.set_use_split_qkv_input(False)
+        stories.set_use_attn_in(False)
+    _, corr = stories.run_with_cache(corrupt)
+    other = corr["blocks.1.hook_resid_pre"]  # [B, P, dm]
+
+    def patch_head(h):
+        def fn(act, hook):
+            return mx.concatenate([act[:, :, :h], other[:, :, None], act[:, :, h + 1:]], axis=2)
+        return fn
+
+    names = ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.1.hook_attn_out"]
+    with stories.hooks([("blocks.1.hook_q_input", patch_head(2))]):
+        _, p = stories.run_with_cache(clean, names_filter=names)
+    # (the per-head path sums in another order than the fused projection: "unchanged" is to 1e-5 of scale)
+    tol = 1e-5 * max(1.0, float(mx.abs(base["blocks.1.attn.hook_q"]).max()))
+    dq = mx.abs(p["blocks.1.attn.hook_q"] - base["blocks.1.attn.hook_q"]).max(axis=(0, 1, 3))
+    assert float(dq[2]) > 1e-3 and float(mx.concatenate([dq[:2], dq[3:]]).max()) <= tol
+    assert_close(p["blocks.1.attn.hook_k"], base["blocks.1.attn.hook_k"], 1e-5)
+    # head 1's copy of attn_in feeds its query only (KV heads read their group's first head)
+    with stories.hooks([("blocks.1.hook_attn_in", patch_head(1))]):
+        _, a = stories.run_with_cache(clean, names_filter=names)
+    dq = mx.abs(a["blocks.1.attn.hook_q"] - base["blocks.1.attn.hook_q"]).max(axis=(0, 1, 3))
+    assert float(dq[1]) > 1e-3 and float(mx.concatenate([dq[:1], dq[2:]]).max()) <= tol
+    # every head's q, k and v input from the other run: the other run's attention output at that layer
+    every = [(f"blocks.1.hook_{x}_input", lambda act, hook: mx.broadcast_to(other[:, :, None], act.shape))
+             for x in "qkv"]
+    with stories.hooks(every):
+        _, f = stories.run_with_cache(clean, names_filter=names)
+    assert_close(f["blocks.1.hook_attn_out"], corr["blocks.1.hook_attn_out"], 1e-5)
+    assert float(mx.abs(f["blocks.1.hook_attn_out"] - base["blocks.1.hook_attn_out"]).max()) > 1e-3

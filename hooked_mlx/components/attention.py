@@ -189,14 +189,30 @@ class Attention(nn.Module):
     def needs_manual(self) -> bool:
         return bool(self.softcap) or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
 
-    def __call__(self, x: mx.array, mask: Any = "causal", cache: Any = None, offset: Any = None) -> mx.array:
-        B, P, _ = x.shape
+    def _per_head_projection(self, x: mx.array, proj: nn.Module, n: int) -> mx.array:
+        """x [B, P, n, d_model] (one input per head) -> [B, P, n, d_head]: head i's input times head i's weights."""
+        y = mx.einsum("bpnm,nmd->bpnd", x, self._heads_in(proj, n).astype(x.dtype))
+        b = proj.get("bias")
+        return y if b is None else y + b.reshape(n, self.d_head).astype(y.dtype)
+
+    def __call__(self, x: mx.array | None, mask: Any = "causal", cache: Any = None, offset: Any = None,
+                 split_inputs: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
+        """x [B, P, d_model] (normalised); or ``split_inputs``: one (normalised) input per head for the
+        queries [B, P, H, d_model], keys and values [B, P, Hkv, d_model] (TransformerLens's split q/k/v input)."""
         H, Hkv, dh = self.n_heads, self.n_kv_heads, self.d_head
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if split_inputs is None:
+            assert x is not None
+            B, P, _ = x.shape
+            q, k, v = (self.q_proj(x).reshape(B, P, H, dh), self.k_proj(x).reshape(B, P, Hkv, dh),
+                       self.v_proj(x).reshape(B, P, Hkv, dh))
+        else:
+            xq, xk, xv = split_inputs
+            B, P = xq.shape[:2]
+            q = self._per_head_projection(xq, self.q_proj, H)
+            k = self._per_head_projection(xk, self.k_proj, Hkv)
+            v = self._per_head_projection(xv, self.v_proj, Hkv)
         # hook_q / hook_k are the projections before any q/k norm, in every family (as TransformerLens)
-        q = self.hook_q(q.reshape(B, P, H, dh))
-        k = self.hook_k(k.reshape(B, P, Hkv, dh))
-        v = self.hook_v(v.reshape(B, P, Hkv, dh))
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.qk_norm == "full":  # OLMo2: one norm over all heads' features
             q = self.q_norm(q.reshape(B, P, H * dh)).reshape(B, P, H, dh)
             k = self.k_norm(k.reshape(B, P, Hkv * dh)).reshape(B, P, Hkv, dh)

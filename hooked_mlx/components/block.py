@@ -46,6 +46,12 @@ class TransformerBlock(nn.Module):
         if cfg.post_norms:
             self.ln2_post = Norm(cfg.d_model, cfg.normalization, cfg.norm_eps)
         self.hook_resid_pre = HookPoint()
+        # TransformerLens's per-head attention inputs (set_use_attn_in / set_use_split_qkv_input): computed only
+        # when hooked
+        self.hook_attn_in = HookPoint()
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
         self.hook_attn_out = HookPoint()
         if not self.parallel:
             self.hook_resid_mid = HookPoint()
@@ -57,8 +63,29 @@ class TransformerBlock(nn.Module):
         return make_mlp(cfg)
 
     def _attn(self, x, mask, cache, offset):
-        h = self.attn(self.ln1(x) if self.pre_norms else x, mask, cache, offset)
+        if any(p.has_hooks for p in (self.hook_attn_in, self.hook_q_input, self.hook_k_input, self.hook_v_input)):
+            h = self.attn(None, mask, cache, offset, split_inputs=self._split_inputs(x))
+        else:
+            h = self.attn(self.ln1(x) if self.pre_norms else x, mask, cache, offset)
         return self.hook_attn_out(self.ln1_post(h) if "ln1_post" in self else h)
+
+    def _split_inputs(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """TransformerLens's per-head attention inputs: the residual [B, P, d_model] repeated per head
+        (``hook_attn_in`` [B, P, H, d_model]; ``hook_q_input`` from it; ``hook_k_input`` / ``hook_v_input``
+        [B, P, Hkv, d_model], each KV head reading the ``attn_in`` copy of the first query head of its group),
+        then ln1 on each copy. ln1's own hooks fire once, on the unsplit residual (their documented shapes):
+        with split inputs, change the inputs through these hooks, not through ln1's."""
+        B, P, dm = x.shape
+        H, Hkv = self.attn.n_heads, self.attn.n_kv_heads
+        if self.pre_norms:
+            self.ln1(x)  # ln1's hooks (lazy: computed only if a hook keeps the value)
+        attn_in = self.hook_attn_in(mx.broadcast_to(x[:, :, None], (B, P, H, dm)))
+        q_in = self.hook_q_input(attn_in)
+        kv = attn_in[:, :, :: H // Hkv] if self.hook_attn_in.has_hooks else mx.broadcast_to(x[:, :, None],
+                                                                                              (B, P, Hkv, dm))
+        k_in, v_in = self.hook_k_input(kv), self.hook_v_input(kv)
+        norm = self.ln1.unhooked if self.pre_norms else (lambda t: t)
+        return norm(q_in), norm(k_in), norm(v_in)
 
     def _mlp(self, x):
         x = self.hook_mlp_in(x)

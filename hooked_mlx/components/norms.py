@@ -35,11 +35,15 @@ class Norm(nn.Module):
         """The multiplier applied after normalising: w, or 1 + w for Gemma's offset norm."""
         return 1.0 + self.weight if self.kind == "rms_offset" else self.weight
 
+    def unhooked(self, x: mx.array) -> mx.array:
+        """The norm without its hooks (the fast kernels), for inputs the hooks do not describe."""
+        if self.kind == "ln":
+            return mx.fast.layer_norm(x, self.weight, self.get("bias"), self.eps)
+        return mx.fast.rms_norm(x, self.effective_weight().astype(x.dtype), self.eps)
+
     def __call__(self, x: mx.array) -> mx.array:
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
-            if self.kind == "ln":
-                return mx.fast.layer_norm(x, self.weight, self.get("bias"), self.eps)
-            return mx.fast.rms_norm(x, self.effective_weight().astype(x.dtype), self.eps)
+            return self.unhooked(x)
         x32 = x.astype(mx.float32)
         if self.kind == "ln":
             x32 = x32 - x32.mean(axis=-1, keepdims=True)
