@@ -6,14 +6,13 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .components import Embed, Norm, TransformerBlock, Unembed
-from .config import DType, HookedConfig
+from .config import HookedConfig
 from .hooks import HookedRootModule, HookPoint
 from .host import to_ints
 from .names import hook_spec
@@ -21,22 +20,6 @@ from .shapes import AttentionMask, Logits, Loss, Residual
 from .weights_view import WeightsViewMixin
 
 Input = str | Sequence[str] | mx.array | Sequence[int] | Sequence[Sequence[int]]
-
-_DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
-           "float16": mx.float16, "fp16": mx.float16, "half": mx.float16}
-
-
-def parse_dtype(dtype) -> mx.Dtype | None:
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("mx.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("mx.")]
-    raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or an mx.Dtype.")
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    return {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, str(dtype))
-
 
 class HookedTransformer(WeightsViewMixin, HookedRootModule):
     """A decoder-only transformer whose every intermediate activation is a named ``HookPoint``.
@@ -94,88 +77,20 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
         ``keep_quantized=True`` keeps them quantized anywhere; ``dequantize=True`` dequantizes anywhere.
         Hub ids resolve through ``huggingface_hub`` (from the local cache when offline).
         """
-        from .loading import read_checkpoint
+        from .loading import load  # loading builds models; the model itself knows nothing of checkpoints
 
-        ck = read_checkpoint(path_or_repo, revision=revision)
-        return cls.from_checkpoint(ck, dtype=dtype, dequantize=dequantize, keep_quantized=keep_quantized,
-                                   **processing)
+        return load(path_or_repo, dtype=dtype, dequantize=dequantize, revision=revision,
+                    keep_quantized=keep_quantized, model_cls=cls, **processing)
 
     @classmethod
     def from_checkpoint(cls, ck, dtype=None, dequantize: bool | None = None, keep_quantized: bool = False,
                         **processing) -> HookedTransformer:
-        from .loading import dequantize_weights, quantization_params
+        """A model from a ``loading.Checkpoint`` already read (``hooked_mlx.loading.build_model``)."""
+        from .loading import build_model
 
-        if dequantize and keep_quantized:
-            raise ValueError("dequantize=True and keep_quantized=True contradict each other; pass one of them.")
-        cfg, weights = ck.cfg, dict(ck.weights)
-        dt = parse_dtype(dtype)
-        model = cls(cfg)
-        in_features = {name: m.weight.shape[-1] for name, m in model.named_modules()
-                       if isinstance(m, (nn.Linear, nn.Embedding))}
-        if dt is None:
-            dt = _default_dtype(weights)
-        quantized = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
-        if quantized and dequantize is None and not keep_quantized and mx.default_device() == mx.cpu:
-            dequantize = True
-            print(f"hooked_mlx: {ck.source} is quantized; dequantized to {dtype_name(dt)} for the CPU backend "
-                  f"(MLX's CPU quantized matmul is ~30x slower). Pass keep_quantized=True to keep it quantized.",
-                  file=sys.stderr)
-        if quantized and dequantize:
-            weights = dequantize_weights(weights, in_features, cfg.quantization, dt)
-            cfg.quantization = None
-            quantized = []
-        if quantized:
-            unknown = [p for p in quantized if p not in in_features]
-            if unknown:
-                raise ValueError(f"Quantized tensors for unknown modules {unknown[:5]} in {ck.source}.")
-            params = {p: quantization_params(weights, p, in_features[p], cfg.quantization) for p in quantized}
-            nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
-            model.setup()  # mod_dict must hold the quantized modules
-        weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-        model._load_weights_checked(weights, ck.source)
-        model.set_dtype_name(dt)
-        tok = ck.tokenizer
-        if tok is None and ck.tokenizer_dir is not None:
-            tok = _load_tokenizer(ck.tokenizer_dir, cfg)
-        elif tok is not None:
-            from mlx_lm.tokenizer_utils import TokenizerWrapper
+        return build_model(ck, dtype=dtype, dequantize=dequantize, keep_quantized=keep_quantized, model_cls=cls,
+                           **processing)
 
-            if not isinstance(tok, TokenizerWrapper):
-                eos = cfg.eos_token_id
-                tok = TokenizerWrapper(tok, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-        object.__setattr__(model, "tokenizer", tok)
-        object.__setattr__(model, "source", ck.source)
-        object.__setattr__(model, "hf_config", ck.hf_config)
-        object.__setattr__(model, "metadata", ck.metadata)
-        if processing:
-            from .processing import process_weights  # added by the weight-processing work
-
-            process_weights(model, **processing)
-        mx.eval(model.parameters())
-        return model
-
-    def set_dtype_name(self, dt: mx.Dtype):
-        self.cfg.dtype = cast(DType, dtype_name(dt))
-
-    def _load_weights_checked(self, weights: dict[str, mx.array], source):
-        from .host import flat_items
-
-        expected = dict(flat_items(self.parameters()))
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"Checkpoint {source} does not match the {self.cfg.architecture} model built from its config: "
-                f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected "
-                f"{unexpected[:6]}{'...' if len(unexpected) > 6 else ''}. Is config.json from the same model?"
-            )
-        bad = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
-               if tuple(weights[k].shape) != tuple(v.shape)]
-        if bad:
-            k, got, exp = bad[0]
-            raise ValueError(f"Checkpoint {source}: {k} has shape {got}, the config implies {exp} "
-                             f"({len(bad)} mismatched tensors).")
-        self.load_weights(list(weights.items()), strict=True)
 
     # ------------------------------------------------------------------------------------------
     # tokens
@@ -685,20 +600,6 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
                 f"{c.dtype}{q}, {len(self.hook_dict)} hooks)")
 
 
-def _default_dtype(weights: dict) -> mx.Dtype:
-    """The checkpoint's float dtype (its embedding's, or its scales' when quantized); float32 for half
-    precision on the CPU backend, where MLX runs half-precision matmuls through a slow generic GEMM."""
-    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
-    dt = floats[0] if floats else mx.float32
-    if "embed.weight" in weights and mx.issubdtype(weights["embed.weight"].dtype, mx.floating):
-        dt = weights["embed.weight"].dtype
-    elif "embed.scales" in weights:
-        dt = weights["embed.scales"].dtype
-    if dt in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu:
-        dt = mx.float32
-    return dt
-
-
 def lm_cross_entropy(logits: mx.array, tokens: mx.array, per_token: bool = False,
                      attention_mask: mx.array | None = None) -> mx.array:
     """Next-token cross-entropy in float32: [B,P-1] per token, or its mean.
@@ -769,18 +670,3 @@ def _piece(tok, i: int) -> str:
     if piece.startswith("Ġ"):
         return text if text.startswith(" ") else " " + text
     return text
-
-
-def _load_tokenizer(path: Path, cfg: HookedConfig):
-    files = [f for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-             if (Path(path) / f).exists()]
-    if not files:
-        return None
-    from mlx_lm.utils import load_tokenizer
-
-    eos = cfg.eos_token_id
-    eos = [eos] if isinstance(eos, int) else eos
-    try:
-        return load_tokenizer(Path(path), eos_token_ids=eos)
-    except Exception as e:
-        raise ValueError(f"Could not load the tokenizer in {path}: {type(e).__name__}: {e}") from e
