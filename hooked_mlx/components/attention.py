@@ -259,15 +259,24 @@ class Attention(nn.Module):
         B, H, Pq, dh = q.shape
         Hkv, Pk = k.shape[1], k.shape[2]
         G = H // Hkv
-        scores = (q.reshape(B, Hkv, G * Pq, dh) @ k.swapaxes(-1, -2)).reshape(B, H, Pq, Pk)
+        qg, kt = q.reshape(B, Hkv, G * Pq, dh), k.swapaxes(-1, -2)
         if isinstance(mask, str):
             mask, padded = causal_mask(Pq, Pk, self.window), False  # the diagonal is never masked
         else:
             padded = mask is not None  # a padding mask can leave a query row with no key at all
             if mask is not None and self.window is not None:
                 mask = mask & causal_mask(Pq, Pk, self.window)
-        scores = _scores_fn(float(self.scale), float(self.softcap or 0.0), mask is not None and mask.dtype == mx.bool_)(
-            scores, mask if mask is not None else mx.array(0.0, scores.dtype))
+        if not self.softcap and mask is not None and mask.dtype == mx.bool_:
+            # scale and mask in the GEMM's epilogue: one write of [B, H, Pq, Pk]. The mask as 0 / -inf, its
+            # query rows repeated for the G stacked query heads (row g * Pq + p is query p of head g).
+            bias = mx.where(mask, mx.array(0.0, q.dtype), mx.array(-mx.inf, q.dtype))
+            bias = mx.tile(bias, (1,) * (bias.ndim - 2) + (G, 1)) if G > 1 else bias
+            scores = mx.addmm(bias, qg, kt, alpha=float(self.scale)).reshape(B, H, Pq, Pk)
+        else:
+            scores = (qg @ kt).reshape(B, H, Pq, Pk)
+            scores = _scores_fn(float(self.scale), float(self.softcap or 0.0),
+                                mask is not None and mask.dtype == mx.bool_)(
+                scores, mask if mask is not None else mx.array(0.0, scores.dtype))
         scores = self.hook_attn_scores(scores)
         pattern = _pattern_fn(padded)(scores)
         pattern = self.hook_pattern(pattern)
