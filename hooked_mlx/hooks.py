@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .names import hook_order, unknown_name_error
+
+if TYPE_CHECKING:
+    from .cache import ActivationCache
 
 HookFn = Callable[[mx.array, "HookPoint"], mx.array | None]
 NameOrFilter = str | Callable[[str], bool]
@@ -199,8 +202,9 @@ class HookedRootModule(nn.Module):
     # -- running with hooks and caches (``HookedTransformer`` adds padding masks to its cache) ------------
     def run_with_cache(self, *args, names_filter=None, incl_bwd: bool = False,
                        metric: Callable[[Any], mx.array] | None = None, remove_batch_dim: bool = False,
-                       **kwargs):
-        """Call the module, returning ``(output, ActivationCache)``.
+                       **kwargs) -> tuple[Any, ActivationCache]:
+        """Call the module, returning ``(output, ActivationCache)`` (output: what the module returns; for
+        ``HookedTransformer`` ``shapes.Logits`` by default, see its ``forward``).
 
         names_filter: None (every hook), a name, a list of names, or fn(name) -> bool.
         incl_bwd: also store d metric / d activation under ``NAME_grad``. ``metric(output)`` must return a
