@@ -34,7 +34,7 @@ from hooked_mlx.sae.fused_update import grad_norm
 from hooked_mlx.sae.kernels import fused as FU
 from hooked_mlx.sae.kernels.step import FusedTopKStep
 import mlx.core as mx
-from sae_kernels import SHAPES, init_params, lr_for, make_data
+from sae_kernels import SHAPES, init_params, lr_for, make_data, timed_ms
 from sae_trainer import time_trainer
 
 
@@ -93,13 +93,7 @@ def norm_rows(s, reps=10):
 
 
 def _timed(fn, reps=10) -> float:
-    mx.eval(fn())
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        mx.eval(fn())
-    mx.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / reps
+    return timed_ms(fn, reps, warmup=1)
 
 
 def op_rows(s, B) -> dict:

@@ -46,6 +46,18 @@ SHAPES = {
 GOALS = {"S1": 650_000, "S2": 125_000}
 
 
+def timed_ms(fn, reps: int, warmup: int = 2) -> float:
+    """Milliseconds per evaluated ``fn()`` (after ``warmup`` calls), synchronised before and after."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def lr_for(F):
     return 2e-4 / math.sqrt(F / 2**14)
 
@@ -314,14 +326,7 @@ def profile(shape, reps=10):
     }
     out = {}
     for name, fn in items.items():
-        for _ in range(2):
-            mx.eval(fn())
-        mx.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            mx.eval(fn())
-        mx.synchronize()
-        out[name] = (time.perf_counter() - t0) / reps * 1e3
+        out[name] = timed_ms(fn, reps)
         print(f"  {name:42s} {out[name]:8.3f} ms", flush=True)
     step = None
     gc.collect()
