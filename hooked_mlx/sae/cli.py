@@ -42,7 +42,8 @@ from .config import (
     SAEConfig,
 )
 
-_SKIP = {"d_in", "hook_name", "extra"}
+#: SAEConfig fields without a train-sae flag (set from the data, or transcoder fields: training them is not supported)
+_SKIP = {"d_in", "hook_name", "extra", "d_out", "hook_name_out", "skip_connection"}
 #: short aliases of SAEConfig flags (the form of the train-sae examples)
 _ALIASES = {"architecture": "--arch", "expansion_factor": "--expansion", "training_tokens": "--tokens"}
 

@@ -88,6 +88,9 @@ FIELD_HELP: dict[str, str] = {
     "decoder_init_norm": "decoder row norm at init when rows are not kept at unit norm",
     "b_dec_init": "decoder-bias init from the first batch: " + ", ".join(B_DEC_INITS),
     "hook_name": "canonical hook name, e.g. blocks.2.hook_resid_post",
+    "d_out": "transcoders: output width (0: d_in, an SAE)",
+    "hook_name_out": "transcoders: the hook the output replaces ('': hook_name, an SAE)",
+    "skip_connection": "transcoders: add a linear skip term x @ W_skip.T",
     "model_name": "model name or path recorded in saved files",
     "context_size": "tokens per context",
     "prepend_bos": "start each context with BOS",
@@ -121,6 +124,10 @@ class SAEConfig:
     k: int = 32  # active latents per token (TopK, BatchTopK: average per token)
     apply_b_dec_to_input: bool = True
     dtype: str = "float32"
+    # transcoders (inference: loaded, spliced; not trained yet): read hook_name, write hook_name_out
+    d_out: int = 0  # output width; 0 = d_in (an SAE)
+    hook_name_out: str = ""  # where the output goes; "" = hook_name (an SAE)
+    skip_connection: bool = False  # add x @ W_skip.T (W_skip [d_out, d_in]): a skip transcoder
 
     # --- losses ------------------------------------------------------------------------------------
     l1_coefficient: float = 1.0  # ReLU: lambda in lambda * sum_i |f_i| * ||W_dec,i||
@@ -175,6 +182,16 @@ class SAEConfig:
         self.validate()
 
     # -- derived values --------------------------------------------------------------------------------
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether this maps one activation to another (a transcoder) rather than reconstructing its input."""
+        return (self.d_out not in (0, self.d_in) or self.hook_name_out not in ("", self.hook_name)
+                or self.skip_connection)
+
+    @property
+    def resolved_d_out(self) -> int:
+        return self.d_out or self.d_in
+
     @property
     def resolved_d_sae(self) -> int:
         return self.d_sae if self.d_sae else self.expansion_factor * self.d_in
@@ -232,6 +249,10 @@ class SAEConfig:
         one_of("normalize_activations", tuple(NORMALIZATIONS))
         int_at_least("d_in", 0)
         int_at_least("d_sae", 0)
+        int_at_least("d_out", 0)
+        if self.is_transcoder and self.apply_b_dec_to_input:
+            raise ValueError("SAEConfig: a transcoder (d_out, hook_name_out or skip_connection set) cannot have "
+                             "apply_b_dec_to_input=True: b_dec lives in the output space. Set it to False.")
         int_at_least("expansion_factor", 1)
         int_at_least("k", 1)
         int_at_least("aux_k", 0)
@@ -265,7 +286,7 @@ class SAEConfig:
                 bad(name, "True or False")
         if self.decoder_unit_norm is not None and not isinstance(self.decoder_unit_norm, bool):
             bad("decoder_unit_norm", "None (architecture default), True or False")
-        for name in ("hook_name", "model_name", "wandb_project", "wandb_run_name"):
+        for name in ("hook_name", "hook_name_out", "model_name", "wandb_project", "wandb_run_name"):
             if not isinstance(getattr(self, name), str):
                 bad(name, "a string")
         if not isinstance(self.extra, dict):

@@ -63,6 +63,8 @@ def _weights(sae: SAE) -> dict[str, mx.array]:
     w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if "threshold" in sae:
         w["threshold"] = sae.threshold
+    if "W_skip" in sae:
+        w["W_skip"] = sae.W_skip
     return {k: v.astype(mx.float32) for k, v in w.items()}
 
 
@@ -72,17 +74,19 @@ def _load_tensors(path: str) -> dict[str, mx.array]:
 
 def _build(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
     sae = SAE(cfg)
-    D, F = cfg.d_in, cfg.resolved_d_sae
-    expected = {"W_enc": (D, F), "b_enc": (F,), "W_dec": (F, D), "b_dec": (D,)}
+    D, F, Do = cfg.d_in, cfg.resolved_d_sae, cfg.resolved_d_out
+    expected = {"W_enc": (D, F), "b_enc": (F,), "W_dec": (F, Do), "b_dec": (Do,)}
     if "threshold" in sae:
         expected["threshold"] = (F,)
+    if cfg.skip_connection:
+        expected["W_skip"] = (Do, D)
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ValueError(f"{source}: missing tensors {missing}; found {sorted(tensors)}.")
     for k, shape in expected.items():
         if tuple(tensors[k].shape) != shape:
             raise ValueError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {shape} "
-                             f"(d_in {D}, d_sae {F}).")
+                             f"(d_in {D}, d_sae {F}{f', d_out {Do}' if Do != D else ''}).")
     sae.update({k: tensors[k].astype(mx.float32) for k in expected})
     mx.eval(sae.parameters())
     return sae
@@ -151,7 +155,7 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
     cfg = sae.cfg
     arch = cfg.architecture
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    extra = {}
+    extra: dict = {}
     if arch == "relu":
         sl_arch = "standard"
     elif arch == "topk":
@@ -160,6 +164,15 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
     else:  # jumprelu, and batchtopk as a jumprelu with one threshold
         sl_arch = "jumprelu"
         tensors["threshold"] = sae.threshold
+    if cfg.is_transcoder:
+        if arch not in ("relu", "jumprelu"):
+            raise ValueError(f"SAELens has no {arch} transcoder (it has transcoder, skip_transcoder, "
+                             f"jumprelu_transcoder, jumprelu_skip_transcoder); export a relu or jumprelu one.")
+        sl_arch = {"relu": "", "jumprelu": "jumprelu_"}[arch] + ("skip_transcoder" if cfg.skip_connection
+                                                                 else "transcoder")
+        extra["d_out"] = sae.d_out
+        if cfg.skip_connection:
+            tensors["W_skip"] = sae.W_skip
     out_cfg = {
         "architecture": sl_arch,
         "d_in": sae.d_in,
@@ -188,6 +201,7 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
             "exported_by": "hooked_mlx",
             "hooked_mlx_architecture": arch,
             "hooked_mlx_k": cfg.k if arch in ("topk", "batchtopk") else None,
+            "hooked_mlx_hook_name_out": cfg.hook_name_out or None,
         },
     }
     _atomic_write_dir(path, {SAELENS_WEIGHTS: ({k: v.astype(mx.float32) for k, v in tensors.items()}, None),
@@ -195,8 +209,27 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
     return path
 
 
-def load_saelens(path: str) -> SAE:
-    """Load a SAELens folder (v6 or legacy cfg) of architecture standard / topk / jumprelu."""
+#: SAELens architecture -> (ours, transcoder, skip connection)
+SAELENS_ARCHITECTURES = {
+    "standard": ("relu", False, False), "topk": ("topk", False, False), "jumprelu": ("jumprelu", False, False),
+    "transcoder": ("relu", True, False), "skip_transcoder": ("relu", True, True),
+    "jumprelu_transcoder": ("jumprelu", True, False), "jumprelu_skip_transcoder": ("jumprelu", True, True),
+}
+
+
+def transcoder_output_hook(hook_name: str) -> str:
+    """Where a transcoder reading ``hook_name`` writes: an MLP's input (``blocks.L.ln2.hook_normalized``,
+    ``blocks.L.hook_mlp_in`` or ``blocks.L.hook_resid_mid``) predicts that block's ``hook_mlp_out``; "" if
+    the input hook says nothing."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(ln2\.hook_normalized|hook_mlp_in|hook_resid_mid)", hook_name)
+    return f"blocks.{m.group(1)}.hook_mlp_out" if m else ""
+
+
+def load_saelens(path: str, hook_name_out: str | None = None) -> SAE:
+    """Load a SAELens folder (v6 or legacy cfg): SAEs of architecture standard / topk / jumprelu, and
+    transcoders (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder). SAELens does not
+    record where a transcoder writes: ``hook_name_out`` says it, by default the ``hook_mlp_out`` of the block
+    whose MLP input the transcoder reads."""
     d = read_json(os.path.join(path, SAELENS_CONFIG), "SAE config")
     t = _load_tensors(os.path.join(path, SAELENS_WEIGHTS))
     meta = d.get("metadata") or {}
@@ -210,26 +243,30 @@ def load_saelens(path: str) -> SAE:
         )
     if d.get("reshape_activations", "none") not in ("none", None):
         raise ValueError(f"{path}: reshape_activations = {d['reshape_activations']!r} is not supported.")
-    if arch == "standard":
-        ours = "relu"
-    elif arch == "topk":
-        ours = "topk"
-    elif arch == "jumprelu":
-        ours = "jumprelu"
-    else:
-        raise ValueError(f"{path}: SAELens architecture {arch!r} is not supported; supported: standard, topk, "
-                         f"jumprelu.")
+    if arch not in SAELENS_ARCHITECTURES:
+        raise ValueError(f"{path}: SAELens architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(SAELENS_ARCHITECTURES)}.")
+    ours, transcoder, skip = SAELENS_ARCHITECTURES[arch]
     hook = meta.get("hook_name", d.get("hook_name", "")) or ""
     d_in = int(d["d_in"])
     d_sae = int(d["d_sae"])
+    out_hook = ""
+    if transcoder:
+        out_hook = (hook_name_out if hook_name_out is not None
+                    else meta.get("hooked_mlx_hook_name_out") or transcoder_output_hook(hook))
+        if not out_hook:
+            raise ValueError(f"{path}: a SAELens {arch} reading {hook or 'an unnamed hook'!r}; SAELens does not "
+                             f"record where it writes. Pass hook_name_out=... (e.g. 'blocks.3.hook_mlp_out').")
     cfg = SAEConfig(
         architecture=ours, d_in=d_in, d_sae=d_sae, k=int(d.get("k", SAEConfig.defaults()["k"])),
         apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)), hook_name=hook,
+        d_out=int(d.get("d_out", 0)) if transcoder else 0, hook_name_out=out_hook, skip_connection=skip,
         model_name=meta.get("model_name", d.get("model_name", "")) or "",
         decoder_unit_norm=False, normalize_activations="none",
         extra={"imported_from": "saelens", "path": os.path.abspath(path)},
     )
-    tensors: dict[str, mx.array] = {k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k in t}
+    keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if skip else ())
+    tensors: dict[str, mx.array] = {k: t[k] for k in keys if k in t}
     if ours == "jumprelu":
         if "threshold" in t:
             tensors["threshold"] = t["threshold"]

@@ -37,15 +37,20 @@ class SAE(nn.Module):
                 "fill it in from the model or the file)."
             )
         object.__setattr__(self, "cfg", cfg)
-        D, F = cfg.d_in, cfg.resolved_d_sae
+        D, F, Do = cfg.d_in, cfg.resolved_d_sae, cfg.resolved_d_out
         key = mx.random.key(cfg.seed) if key is None else key
         W = mx.random.normal((F, D), key=key)
         norm = 1.0 if cfg.resolved_decoder_unit_norm else cfg.decoder_init_norm
         W = W * (norm / mx.linalg.norm(W, axis=-1, keepdims=True))
-        self.W_dec = W
         self.W_enc = mx.array(W.T)
+        if Do != D:  # a transcoder's decoder writes another width
+            W = mx.random.normal((F, Do), key=mx.random.split(key)[1])
+            W = W * (norm / mx.linalg.norm(W, axis=-1, keepdims=True))
+        self.W_dec = W
         self.b_enc = mx.zeros((F,))
-        self.b_dec = mx.zeros((D,))
+        self.b_dec = mx.zeros((Do,))
+        if cfg.skip_connection:
+            self.W_skip = mx.zeros((Do, D))
         if cfg.architecture == "jumprelu":
             self.threshold = mx.full((F,), cfg.jumprelu_init_threshold, dtype=mx.float32)
         elif cfg.architecture == "batchtopk":
@@ -60,6 +65,11 @@ class SAE(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        """The output width: d_in for an SAE, the target activation's for a transcoder."""
+        return self.W_dec.shape[1]
 
     @property
     def architecture(self) -> str:
@@ -109,18 +119,24 @@ class SAE(nn.Module):
         return mx.take_along_axis(f, idx, axis=-1), idx
 
     def decode(self, f: SAELatents) -> SAEInput:
-        """Reconstruction [..., d_in] = f @ W_dec + b_dec."""
+        """Reconstruction [..., d_out] = f @ W_dec + b_dec (d_out = d_in for an SAE; a skip transcoder's
+        skip term needs the input: see ``__call__``)."""
         return f @ self.W_dec + self.b_dec
 
     def __call__(self, x: SAEInput) -> SAEInput:
-        """Reconstruction x_hat [..., d_in] of x [..., d_in]."""
+        """Reconstruction x_hat [..., d_in] of x [..., d_in]; a transcoder's prediction [..., d_out] of its
+        target activation (plus x @ W_skip.T for a skip transcoder)."""
         x = self._check(x)
         if self.cfg.architecture == "topk":
             lead = x.shape[:-1]
             vals, idx = K.topk_encode(x.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
                                       self.cfg.apply_b_dec_to_input)
-            return K.topk_decode(vals, idx, self.W_dec, self.b_dec).reshape(*lead, self.d_in)
-        return self.decode(self.encode(x))
+            out = K.topk_decode(vals, idx, self.W_dec, self.b_dec).reshape(*lead, self.d_out)
+        else:
+            out = self.decode(self.encode(x))
+        if "W_skip" in self:
+            out = out + x @ self.W_skip.T
+        return out
 
     # -- weight surgery ---------------------------------------------------------------------------------
     def fold_input_scale(self, scale: float) -> None:

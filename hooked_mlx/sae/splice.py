@@ -15,7 +15,8 @@ Each attached SAE adds SAELens's hook points under its hook name (``{hook}.hook_
 the output is the activation itself plus (reconstruction - clean reconstruction) plus (error - clean error): exactly
 the model's output when nothing is changed inside the SAE, and the changed reconstruction plus the error
 otherwise. SAEs on attention ``hook_z`` ([B, P, H, d_head]) read the heads flattened (d_in = H * d_head), as
-SAELens does. A model with no SAE attached runs its usual (compiled) path.
+SAELens does. A transcoder (``cfg.hook_name_out``) replaces its output hook with its prediction from its input
+hook, its hook points under the output hook. A model with no SAE attached runs its usual (compiled) path.
 """
 
 from __future__ import annotations
@@ -27,25 +28,45 @@ import mlx.core as mx
 
 from ..hooks import HookPoint
 from ..model import HookedTransformer
-from ..names import SAE_HOOKS, hook_spec
+from ..names import SAE_HOOKS, hook_order, hook_spec
 from .sae import SAE
 
 
 class SplicedSAE:
-    """One SAE at one hook: its hook points, and the function that replaces the activation."""
+    """One SAE at one hook: its hook points, and the function that replaces the activation.
 
-    def __init__(self, sae: SAE, hook_name: str, use_error_term: bool, flatten_heads: bool):
+    A transcoder (``sae.cfg.is_transcoder``) is spliced at its output hook (``hook_name``, here the one it
+    replaces); ``record`` runs at its input hook and keeps the activation it reads there (the input hook fires
+    first in the forward pass)."""
+
+    def __init__(self, sae: SAE, hook_name: str, use_error_term: bool, flatten_heads: bool,
+                 input_hook: str | None = None):
         self.sae, self.hook_name, self.use_error_term, self.flatten_heads = sae, hook_name, use_error_term, flatten_heads
+        self.input_hook = input_hook
+        self._input: mx.array | None = None
         self.points = {}
         for local in SAE_HOOKS:
             hp = HookPoint()
             object.__setattr__(hp, "name", f"{hook_name}.{local}")
             self.points[local] = hp
 
+    def record(self, act: mx.array, hook=None) -> mx.array:
+        """At a transcoder's input hook: keep what it reads; the activation passes unchanged."""
+        self._input = act
+        return act
+
     def __call__(self, act: mx.array, hook=None) -> mx.array:
         shape, dtype = act.shape, act.dtype
-        x = act.reshape(*shape[:-2], shape[-2] * shape[-1]) if self.flatten_heads else act
-        x = x.astype(mx.float32)
+        target = act.astype(mx.float32)
+        if self.input_hook is not None:
+            if self._input is None:
+                raise RuntimeError(f"The transcoder at {self.hook_name!r} found no input: its input hook "
+                                   f"{self.input_hook!r} did not run before it (a forward that starts past it?).")
+            x, self._input = self._input.astype(mx.float32), None
+        else:
+            x = act.reshape(*shape[:-2], shape[-2] * shape[-1]) if self.flatten_heads else act
+            x = x.astype(mx.float32)
+            target = x
         sae, p = self.sae, self.points
         # each stage is recomputed only where a hook replaced its input, so that an unchanged SAE gives the
         # clean reconstruction itself (bit-for-bit: BLAS results may depend on buffer alignment)
@@ -54,14 +75,19 @@ class SplicedSAE:
         pre = p["hook_sae_acts_pre"](pre0 if h is x else sae.encode_pre(h))
         post0 = sae.activation(pre0)
         post = p["hook_sae_acts_post"](post0 if pre is pre0 else sae.activation(pre))
-        clean = sae.decode(post0)
-        rec = p["hook_sae_recons"](clean if post is post0 else sae.decode(post))
+        skip = h @ sae.W_skip.T if "W_skip" in sae else None  # a skip transcoder's linear term
+        clean = sae.decode(post0) if skip is None else sae.decode(post0) + skip
+        if post is post0:
+            rec = p["hook_sae_recons"](clean)
+        else:
+            rec = p["hook_sae_recons"](sae.decode(post) if skip is None else sae.decode(post) + skip)
         if self.use_error_term:
             clean_sg = mx.stop_gradient(clean)
-            err0 = x - clean_sg
+            err0 = target - clean_sg
             err = p["hook_sae_error"](err0)
-            # == x exactly when nothing inside the SAE changed; else the changed reconstruction plus the error
-            out = x + (rec - clean_sg) + (err - err0)
+            # == the activation exactly when nothing inside the SAE changed; else the changed reconstruction
+            # plus the error
+            out = target + (rec - clean_sg) + (err - err0)
         else:
             out = rec
         out = p["hook_sae_output"](out)
@@ -94,30 +120,55 @@ class HookedSAETransformer(HookedTransformer):
 
     def add_sae(self, sae: SAE, use_error_term: bool = False, hook_name: str | None = None) -> str:
         """Attach ``sae`` at ``hook_name`` (default: its ``cfg.hook_name``), replacing one already there;
-        returns the hook's full name."""
-        name = hook_name or sae.cfg.hook_name
+        returns the hook's full name. A transcoder reads ``cfg.hook_name`` and replaces ``cfg.hook_name_out``
+        (``hook_name`` then names the output hook); its hook points live under the output hook."""
+        transcoder = sae.cfg.is_transcoder
+        name = hook_name or (sae.cfg.hook_name_out if transcoder else sae.cfg.hook_name)
         if not name:
-            raise ValueError("This SAE has no hook_name (sae.cfg.hook_name is empty): pass hook_name=... .")
+            raise ValueError(f"This {'transcoder' if transcoder else 'SAE'} has no "
+                             f"{'hook_name_out' if transcoder else 'hook_name'} (empty in sae.cfg): pass hook_name=... .")
         name = self.resolve_hook_names(name)[0]
-        width, flatten = _width(self, name)
-        if width is not None and width != sae.d_in:
-            raise ValueError(
-                f"Cannot attach the SAE at {name!r}: it reads d_in = {sae.d_in}, but that hook carries {width} "
-                f"features{' (heads flattened)' if flatten else ''}. Attach it at a hook of width {sae.d_in}, or use "
-                f"the SAE trained for this model and hook.")
+        in_name = None
+        if transcoder:
+            if not sae.cfg.hook_name:
+                raise ValueError("This transcoder has no input hook (sae.cfg.hook_name is empty); set it.")
+            in_name = self.resolve_hook_names(sae.cfg.hook_name)[0]
+            if not hook_order(in_name) < hook_order(name):
+                raise ValueError(f"A transcoder reading {in_name!r} cannot write {name!r}: the output hook must "
+                                 f"come later in the forward pass.")
+            self._check_width(in_name, sae.d_in, "reads d_in")
+            self._check_width(name, sae.d_out, "writes d_out")
+            flatten = False
+        else:
+            flatten = self._check_width(name, sae.d_in, "reads d_in")
         if name in self._spliced:
             self._detach(name)
-        splice = SplicedSAE(sae, name, use_error_term, flatten)
+        splice = SplicedSAE(sae, name, use_error_term, flatten, input_hook=in_name)
+        if in_name is not None:
+            self.hook_dict[in_name].add_hook(splice.record, level=-1, is_permanent=True)  # after user hooks
         self.hook_dict[name].add_hook(splice, level=-1, is_permanent=True, prepend=True)  # before user hooks
         self._spliced[name] = splice
         self.hook_dict.update({hp.name: hp for hp in splice.points.values()})
         self._sort_hook_dict()
         return name
 
+    def _check_width(self, name: str, width: int, what: str) -> bool:
+        """Whether the hook's heads are flattened for the SAE; raises if the widths differ."""
+        have, flatten = _width(self, name)
+        if have is not None and have != width:
+            raise ValueError(
+                f"Cannot attach at {name!r}: the SAE {what} = {width}, but that hook carries {have} "
+                f"features{' (heads flattened)' if flatten else ''}. Attach it at a hook of width {width}, or use "
+                f"the SAE trained for this model and hook.")
+        return flatten
+
     def _detach(self, name: str) -> None:
         splice = self._spliced.pop(name)
         hp = self.hook_dict[name]
         object.__setattr__(hp, "_hooks", [e for e in hp._hooks if e[0] is not splice])
+        if splice.input_hook is not None:
+            ip = self.hook_dict[splice.input_hook]
+            object.__setattr__(ip, "_hooks", [e for e in ip._hooks if e[0] != splice.record])
         for p in splice.points.values():
             self.hook_dict.pop(p.name, None)
 

@@ -46,6 +46,10 @@ class SAETrainer:
                  world: D.World | None = None):
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
+        if cfg.is_transcoder:
+            raise NotImplementedError(
+                "Training transcoders (d_out, hook_name_out or skip_connection set) is not supported yet: the trainer "
+                "reconstructs its input. Transcoders load (load_saelens) and splice (HookedSAETransformer) already.")
         self.cfg = cfg
         self.world = world if world is not None and world.distributed else None
         #: what the step computes with (the step all_sums the gradients before the update, so on N ranks the

@@ -9,7 +9,7 @@ weights (every parameter drawn, so that biases, thresholds and decoder norms all
 SAELens's own writer (``save_model``; ``save_inference_model`` for the BatchTopK training SAE, which SAELens
 turns into a JumpReLU with one threshold), and writes ``expected.safetensors``: inputs ``x`` [N, d_in] and
 SAELens's ``feature_acts`` (``encode``) and ``sae_out`` (``forward``) for them, float32. The files are small
-(d_in 24, d_sae 40) and committed; tests/sae/test_sae_saelens_fixtures.py loads them with hooked_mlx.
+(d_in 24, d_sae 40; the transcoders read ``blocks.1.ln2.hook_normalized``) and committed; tests/sae/test_sae_saelens_fixtures.py loads them with hooked_mlx.
 """
 
 import json
@@ -44,7 +44,14 @@ def cases():
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
+    from sae_lens.saes.transcoder import (
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
+        Transcoder,
+        TranscoderConfig,
+    )
 
     common = dict(d_in=D_IN, d_sae=D_SAE, dtype="float32", device="cpu")
     yield "standard", StandardSAE(StandardSAEConfig(**common)), "save_model"
@@ -54,10 +61,13 @@ def cases():
     yield "topk_rescaled", TopKSAE(TopKSAEConfig(**common, k=6, rescale_acts_by_decoder_norm=True)), "save_model"
     bt = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=6))
     yield "batchtopk_inference", bt, "save_inference_model"
-    # not loadable by hooked_mlx yet: the tests check that each is refused with a message naming it
+    # not loadable by hooked_mlx yet: the tests check that it is refused with a message naming it
     yield "gated", GatedSAE(GatedSAEConfig(**common)), "save_model"
-    skip = dict(common, apply_b_dec_to_input=False, d_out=D_IN + 8)
-    yield "skip_transcoder", SkipTranscoder(SkipTranscoderConfig(**skip)), "save_model"
+    # transcoders: read an MLP's input (this hook), predict its output
+    tc = dict(common, apply_b_dec_to_input=False)
+    yield "transcoder", Transcoder(TranscoderConfig(**tc, d_out=D_IN)), "save_model"
+    yield "skip_transcoder", SkipTranscoder(SkipTranscoderConfig(**tc, d_out=D_IN + 8)), "save_model"
+    yield "jumprelu_transcoder", JumpReLUTranscoder(JumpReLUTranscoderConfig(**tc, d_out=D_IN)), "save_model"
 
 
 def main() -> int:
@@ -69,6 +79,8 @@ def main() -> int:
         if name == "batchtopk_inference":
             with torch.no_grad():
                 sae.topk_threshold.fill_(0.4)  # the running threshold the inference model keeps
+        if "transcoder" in name:
+            sae.cfg.metadata.hook_name = "blocks.1.ln2.hook_normalized"
         sae.eval()
         folder = os.path.join(OUT, name)
         getattr(sae, writer)(folder)

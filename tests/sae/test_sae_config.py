@@ -95,5 +95,5 @@ def test_every_field_has_help_and_a_cli_flag():
     add_subcommands(p.add_subparsers())
     text = p._subparsers._group_actions[0].choices["train-sae"].format_help()
     for name in SAEConfig.field_names():
-        if name not in ("d_in", "hook_name", "extra"):
+        if name not in ("d_in", "hook_name", "extra", "d_out", "hook_name_out", "skip_connection"):
             assert "--" + name.replace("_", "-") in text

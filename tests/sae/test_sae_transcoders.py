@@ -1,0 +1,100 @@
+"""Transcoders: read one activation, predict another (``SAEConfig.d_out`` / ``hook_name_out`` /
+``skip_connection``). SAELens-written transcoders load with SAELens's outputs (test_sae_saelens_fixtures.py);
+here: spliced into stories260K (the MLP output replaced by the transcoder's prediction from the MLP input, the
+error term restoring the model exactly), files round trips, and what is refused."""
+
+from __future__ import annotations
+
+from hooked_mlx.sae import SAE, SAEConfig, SAETrainer, export_saelens, load_sae, load_saelens, save_sae
+from hooked_mlx.sae.splice import HookedSAETransformer
+import mlx.core as mx
+import numpy as np
+import pytest
+from tolerance import assert_close
+
+IN, OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(scope="module")
+def smodel(stories_path):
+    return HookedSAETransformer.from_pretrained(stories_path)
+
+
+def _transcoder(d, arch="relu", skip=False, seed=0):
+    cfg = SAEConfig(architecture=arch, d_in=d, d_sae=4 * d, k=8, apply_b_dec_to_input=False, hook_name=IN,
+                    hook_name_out=OUT, skip_connection=skip, decoder_unit_norm=False)
+    tc = SAE(cfg)
+    ks = mx.random.split(mx.random.key(seed), 5)
+    tc.b_enc = 0.1 * mx.random.normal(tc.b_enc.shape, key=ks[0])
+    tc.b_dec = 0.1 * mx.random.normal(tc.b_dec.shape, key=ks[1])
+    if skip:
+        tc.W_skip = 0.1 * mx.random.normal(tc.W_skip.shape, key=ks[2])
+    if arch == "jumprelu":
+        tc.threshold = 0.05 * mx.abs(mx.random.normal(tc.threshold.shape, key=ks[3]))
+    mx.eval(tc.parameters())
+    return tc
+
+
+@pytest.mark.parametrize("arch,skip", [("relu", False), ("relu", True), ("topk", False), ("jumprelu", True)])
+def test_transcoder_spliced_replaces_the_mlp_output(smodel, arch, skip):
+    d = smodel.cfg.d_model
+    tc = _transcoder(d, arch, skip)
+    assert tc.cfg.is_transcoder and tc.d_out == d
+    toks = smodel.to_tokens("Once upon a time there was a little girl")
+    logits, clean = smodel.run_with_cache(toks, names_filter=[IN, OUT])
+    name = smodel.add_sae(tc)
+    assert name == OUT and OUT + ".hook_sae_acts_post" in smodel.hook_dict
+    try:
+        out_logits, c = smodel.run_with_cache(toks, names_filter=[IN, OUT, OUT + ".hook_sae_acts_post"])
+        # the MLP output is the transcoder's prediction from the MLP input of the same run
+        assert_close(c[OUT], tc(c[IN]), 1e-5)
+        assert_close(c[OUT + ".hook_sae_acts_post"], tc.encode(c[IN]), 1e-5)
+        assert float(mx.abs(out_logits - logits).max()) > 1e-3
+    finally:
+        smodel.reset_saes()
+    # with the error term the model is unchanged, and a latent edit moves the output by its decoder row
+    with smodel.saes([tc], use_error_term=True):
+        same = smodel(toks)
+        f = tc.encode(clean[IN])
+        j = int(mx.argmax(f[0, -1]).item())
+
+        def zero(act, hook):
+            return act * (mx.arange(act.shape[-1]) != j)
+
+        with smodel.hooks([(OUT + ".hook_sae_acts_post", zero)]):
+            _, edited = smodel.run_with_cache(toks, names_filter=[OUT, IN])
+    assert np.array_equal(np.array(same), np.array(logits))
+    # (at layer 1's last position, before any later change reaches it) the output moved by -f_j * W_dec[j]
+    moved = edited[OUT][0, -1] - clean[OUT][0, -1]
+    assert_close(moved, -f[0, -1, j] * tc.W_dec[j], 1e-4)
+    assert not smodel._spliced
+
+
+def test_transcoder_attach_checks(smodel):
+    d = smodel.cfg.d_model
+    tc = _transcoder(d)
+    wide = SAE(SAEConfig(d_in=d, d_sae=32, d_out=d + 1, apply_b_dec_to_input=False, hook_name=IN, hook_name_out=OUT))
+    with pytest.raises(ValueError, match="writes d_out"):
+        smodel.add_sae(wide)
+    backwards = SAE(tc.cfg.replace(hook_name="blocks.2.hook_resid_pre"))
+    with pytest.raises(ValueError, match="later in the forward pass"):
+        smodel.add_sae(backwards)
+    assert not smodel._spliced
+    with pytest.raises(ValueError, match="apply_b_dec_to_input"):
+        SAEConfig(d_in=d, hook_name=IN, hook_name_out=OUT)
+    with pytest.raises(NotImplementedError, match="[Tt]ranscoders"):
+        SAETrainer(tc.cfg)
+
+
+@pytest.mark.parametrize("arch,skip", [("relu", False), ("relu", True), ("jumprelu", False), ("jumprelu", True)])
+def test_transcoder_files_round_trip(tmp_path, arch, skip):
+    tc = _transcoder(16, arch, skip, seed=3)
+    x = mx.random.normal((5, 16), key=mx.random.key(9))
+    want = np.array(tc(x))
+    native = load_sae(save_sae(tc, str(tmp_path / "native")))
+    assert native.cfg.hook_name_out == OUT and native.cfg.skip_connection == skip
+    assert np.array_equal(np.array(native(x)), want)
+    export_saelens(tc, str(tmp_path / "sl"))
+    back = load_saelens(str(tmp_path / "sl"))
+    assert back.cfg.hook_name_out == OUT and back.cfg.is_transcoder
+    assert_close(back(x), want, 1e-6)
