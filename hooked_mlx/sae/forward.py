@@ -96,13 +96,14 @@ def _ghost_grad_loss(pre, x, x_hat, W_dec, dead):
 
 
 def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array,
-                  kernels: StepKernels | None = None, use_dead: bool = True):
+                  kernels: StepKernels | None = None, use_dead: bool = True, target: mx.array | None = None):
     """The training-time forward of one batch: (loss, (metrics dict, fired [F] bool, extras)).
 
     x [B,D] already normalised. ``dead`` [F] bool marks dead latents (AuxK / ghost grads);
     ``sparsity_scale`` in [0,1] is the sparsity warm-up factor. ``extras`` holds the BatchTopK minimum kept
     value. ``use_dead=False`` skips the dead-latent losses entirely (valid while fewer tokens than the dead
-    window have been seen, when no latent can be dead).
+    window have been seen, when no latent can be dead). ``target`` [B, d_out]: what a transcoder predicts
+    (default: x itself, an SAE); a skip transcoder's output adds x @ W_skip.T.
     """
     kernels = kernels if kernels is not None else StepKernels("reference")
     cfg = sae.cfg
@@ -114,11 +115,13 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
-    fused_topk = arch == "topk" and kernels.fused_topk
+    # (the fully fused TopK step assumes one width in and out: a transcoder with d_out != d_in takes the per-op
+    # path, whose decode and latent sums live in the decoder's width alone)
+    fused_topk = arch == "topk" and kernels.fused_topk and sae.d_out == sae.d_in
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
         # never a dense [B,F] gradient (AuxK normalised by the global batch's variance on N ranks)
-        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead)
+        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead, target)
     else:
         vals = idx = None
     if arch == "topk":
@@ -147,14 +150,17 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
         sparsity = cfg.l0_coefficient * sparsity_scale * l0_ste
     else:  # pragma: no cover - SAEConfig validates
         raise ValueError(arch)
-    mse = M.mse(x, x_hat)
+    t = x if target is None else target
+    if "W_skip" in sae and not fused_topk:  # (the fused branch adds it itself)
+        x_hat = x_hat + x @ sae.W_skip.T
+    mse = M.mse(t, x_hat)
     if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not fused_topk:
         n_dead = mx.sum(dead)
-        aux = mx.where(n_dead > 0, _auxk_loss(pre, x, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
+        aux = mx.where(n_dead > 0, _auxk_loss(pre, t, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
         aux = cfg.aux_k_coefficient * aux
     elif use_dead and arch == "relu" and cfg.ghost_grads:
         n_dead = mx.sum(dead)
-        aux = mx.where(n_dead > 0, _ghost_grad_loss(pre, x, x_hat, sae.W_dec, dead), 0.0)
+        aux = mx.where(n_dead > 0, _ghost_grad_loss(pre, t, x_hat, sae.W_dec, dead), 0.0)
     loss = mse + sparsity + aux
     if f is not None:
         fs = mx.stop_gradient(f)
@@ -164,7 +170,7 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     metrics = {
         M.LOSS: loss,
         M.MSE: mse,
-        M.FVU: M.fvu(x, mx.stop_gradient(x_hat)),
+        M.FVU: M.fvu(t, mx.stop_gradient(x_hat)),
         M.L0: l0,
         M.L0_SPARSITY: l0 / sae.d_sae,
         M.L1_MAGNITUDE: l1,

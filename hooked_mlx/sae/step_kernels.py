@@ -64,19 +64,21 @@ class StepKernels:
         """Whether TopK runs ``topk_forward`` (the fused ops' sparse forward and backward, AuxK included)."""
         return self.ops is not None
 
-    def topk_forward(self, sae, x, dead, use_dead: bool):
+    def topk_forward(self, sae, x, dead, use_dead: bool, target=None):
         """The trainer's TopK branch on the fused ops: (x_hat [B,D], vals [B,k], idx [B,k], aux) where aux
         is the AuxK term (raw dead pre-activations, no decoder bias, normalised by ``total_variance`` of the
-        residual, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False)."""
+        residual, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False). ``target``:
+        what a transcoder predicts (default x); a skip transcoder's x_hat includes x @ W_skip.T."""
         cfg = sae.cfg
         aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
         out = self.module.topk_sae_forward(
             x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
             cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_relu=False,
             ops=self.ops)
+        x_hat = out.x_hat + x @ sae.W_skip.T if "W_skip" in sae else out.x_hat
         aux = mx.array(0.0)
         if aux_on:
-            e = mx.stop_gradient(x - out.x_hat)
+            e = mx.stop_gradient((x if target is None else target) - x_hat)
             loss = mx.sum(mx.square(out.e_hat - e)) / mx.maximum(self.total_variance(e), 1e-12)
             aux = cfg.aux_k_coefficient * mx.where(mx.sum(dead) > 0, loss, 0.0)
-        return out.x_hat, out.vals, out.idx, aux
+        return x_hat, out.vals, out.idx, aux

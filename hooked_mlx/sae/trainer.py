@@ -3,7 +3,6 @@ BatchTopK threshold, metric accumulators), and the compiled step that updates th
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -46,10 +45,6 @@ class SAETrainer:
                  world: D.World | None = None):
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
-        if cfg.is_transcoder:
-            raise NotImplementedError(
-                "Training transcoders (d_out, hook_name_out or skip_connection set) is not supported yet: the trainer "
-                "reconstructs its input. Transcoders load (load_saelens) and splice (HookedSAETransformer) already.")
         self.cfg = cfg
         self.world = world if world is not None and world.distributed else None
         #: what the step computes with (the step all_sums the gradients before the update, so on N ranks the
@@ -89,9 +84,16 @@ class SAETrainer:
         self._host_step = 0  # mirrors aux["step"] without a device sync
 
     # -- setup ------------------------------------------------------------------------------------------
-    def initialize(self, first_batch: mx.array, input_scale: float = 1.0) -> None:
-        """Input scale, b_dec init from the first (scaled) batch, optimizer state, compiled step."""
+    def initialize(self, first_batch: mx.array, input_scale: float = 1.0, first_target: mx.array | None = None
+                   ) -> None:
+        """Input scale, b_dec init from the first (scaled) batch (a transcoder's: from its first targets),
+        optimizer state, compiled step."""
         self.input_scale = float(input_scale)
+        if self.cfg.is_transcoder:
+            if first_target is None:
+                raise ValueError(f"A transcoder ({self.cfg.hook_name} -> {self.cfg.hook_name_out}) needs its first "
+                                 f"targets too: initialize(x, scale, first_target=...).")
+            first_batch = first_target
         if self.world is not None:
             first_batch = self.world.gather_rows(first_batch)  # b_dec from the global first batch
         x = first_batch.astype(mx.float32) * self.input_scale
@@ -127,19 +129,20 @@ class SAETrainer:
         reduce_dtype = self.grad_reduce_dtype
         lr_fn = lr_schedule(cfg)
         loss_and_grad = nn.value_and_grad(
-            sae, lambda x, dead, sp: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead))
+            sae, lambda x, dead, sp, t: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead, target=t))
 
-        @partial(mx.compile, inputs=self._state(), outputs=self._state())
-        def step(x_raw):
+        def body(x_raw, t_raw):
             x = x_raw.astype(mx.float32) * scale
+            # a transcoder's target, in the same units (the scale folds out of W_enc, W_dec, b_dec; W_skip keeps it)
+            t = x if t_raw is None else t_raw.astype(mx.float32) * scale
             B = x.shape[0]
             step_i = aux["step"]
             sp = mx.minimum((step_i + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
             dead = aux["tokens_since_fired"] >= window
-            (loss, (mets, fired, extras)), grads = loss_and_grad(x, dead, sp)
+            (loss, (mets, fired, extras)), grads = loss_and_grad(x, dead, sp, None if t_raw is None else t)
             deferred = None
             if world is not None:  # all_sums: averaged gradients, global metrics / fired mask / FVU
-                loss, mets, fired, grads = world.reduce_step(x, loss, mets, fired, grads, reduce_dtype)
+                loss, mets, fired, grads = world.reduce_step(t, loss, mets, fired, grads, reduce_dtype)
                 B = B * world.size
                 if "min_kept" in extras:
                     extras["min_kept"] = world.global_min(extras["min_kept"])
@@ -212,7 +215,9 @@ class SAETrainer:
             aux["step"] = mx.where(ok, aux["step"], old_aux[2])
             return deferred if deferred is not None else ()
 
-        return step
+        if cfg.is_transcoder:
+            return mx.compile(body, inputs=self._state(), outputs=self._state())
+        return mx.compile(lambda x_raw: body(x_raw, None), inputs=self._state(), outputs=self._state())
 
     def _deferred_update(self, grads: dict[str, mx.array], hp: mx.array) -> None:
         """``low_memory``: the fused Adam passes after the compiled step, largest parameter first, each
@@ -230,16 +235,24 @@ class SAETrainer:
             mx.eval(new, self.optimizer.state[name])
 
     # -- running ----------------------------------------------------------------------------------------
-    def step(self, x: mx.array) -> None:
-        """One update on a raw batch x [B, d_in] (lazy: evaluate with ``mx.eval(trainer.state_arrays())``)."""
+    def step(self, x: mx.array, target: mx.array | None = None) -> None:
+        """One update on a raw batch x [B, d_in] (a transcoder: and its targets [B, d_out]); lazy: evaluate with
+        ``mx.eval(trainer.state_arrays())``."""
+        transcoder = self.cfg.is_transcoder
+        if transcoder and target is None:
+            raise ValueError(f"A transcoder ({self.cfg.hook_name} -> {self.cfg.hook_name_out}) trains on (input, "
+                             f"target) pairs: step(x, target).")
         if not self.initialized:
-            self.initialize(x, 1.0)
+            self.initialize(x, 1.0, target)
         if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise ValueError(f"Training batch has shape {tuple(x.shape)}; expected [B, {self.sae.d_in}].")
+        if target is not None and (not transcoder or target.shape != (x.shape[0], self.sae.d_out)):
+            raise ValueError(f"Training targets have shape {tuple(target.shape)}; expected [{x.shape[0]}, "
+                             f"{self.sae.d_out}] for a transcoder (an SAE takes none).")
         # No latent can be dead before dead_tokens_window tokens were seen: skip the dead-latent losses then.
         n_ranks = self.world.size if self.world is not None else 1
         use_dead = self._host_step * x.shape[0] * n_ranks >= self.cfg.dead_tokens_window
-        deferred = self._step_fns[use_dead](x)
+        deferred = self._step_fns[use_dead](x, target) if transcoder else self._step_fns[use_dead](x)
         if deferred:
             self._deferred_update(*deferred)
         self._host_step += 1

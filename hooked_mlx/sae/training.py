@@ -115,7 +115,17 @@ def train_saes(
         d_in = source.d_in(hook)
         if c.d_in and c.d_in != d_in:
             raise ValueError(f"SAEConfig.d_in = {c.d_in} but the activations at {hook} have width {d_in}.")
-        resolved.append(c.replace(hook_name=hook, d_in=d_in))
+        out_fields = {}
+        if c.hook_name_out and c.hook_name_out != hook:  # a transcoder: its targets come from the same source
+            if c.hook_name_out not in source.hook_names:
+                raise ValueError(f"The transcoder's hook_name_out {c.hook_name_out!r} is not produced by the "
+                                 f"source; it yields {source.hook_names}. Give the source both hooks.")
+            d_out = source.d_in(c.hook_name_out)
+            if c.d_out and c.d_out != d_out:
+                raise ValueError(f"SAEConfig.d_out = {c.d_out} but the activations at {c.hook_name_out} have "
+                                 f"width {d_out}.")
+            out_fields = {"d_out": d_out}
+        resolved.append(c.replace(hook_name=hook, d_in=d_in, **out_fields))
     cfgs = resolved
     _check_configs(cfgs)
     c0 = cfgs[0]
@@ -198,9 +208,10 @@ def train_saes(
             batch = source.next_batch()
             for t in trainers:
                 x = batch[t.cfg.hook_name]
+                target = batch[t.cfg.hook_name_out] if t.cfg.is_transcoder else None
                 if not t.initialized:
-                    t.initialize(x, scales[trainers.index(t)])
-                t.step(x)
+                    t.initialize(x, scales[trainers.index(t)], target)
+                t.step(x, target)
             mx.async_eval([t.state_arrays() for t in trainers])
             done = step + 1
             completed, in_step = done, False
