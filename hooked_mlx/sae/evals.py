@@ -35,6 +35,10 @@ def _batches(acts, batch_size: int) -> Iterable[mx.array]:
 
 def evaluate_reconstruction(sae: SAE, acts, batch_size: int = 4096) -> dict[str, float]:
     """Reconstruction metrics of ``sae`` over held-out activations [N, d_in] (an array or batches of rows)."""
+    if sae.cfg.is_transcoder:
+        raise ValueError(f"evaluate_reconstruction compares an SAE's output with its own input; this is a transcoder "
+                         f"({sae.cfg.hook_name} -> {sae.cfg.hook_name_out}). Compare sae(inputs) with the targets, or "
+                         f"splice it in with evaluate_model.")
     D, F = sae.d_in, sae.d_sae
     n = 0
     sum_x = np.zeros(D)

@@ -303,6 +303,9 @@ def sparsify_hook_name(hookpoint: str) -> str:
 def export_sparsify(sae: SAE, path: str, hookpoint: str | None = None, *, overwrite: bool = False) -> str:
     """Write a sparsify folder (TopK SAEs only). ``hookpoint``: a subfolder name (e.g. ``layers.3``). The
     folder written must be new or empty unless ``overwrite``."""
+    if sae.cfg.is_transcoder:
+        raise ValueError("export_sparsify writes SAEs; this is a transcoder. Use export_saelens (SAELens has "
+                         "transcoder formats).")
     if sae.cfg.architecture != "topk":
         raise ValueError(f"sparsify stores TopK SAEs only; this SAE is {sae.cfg.architecture!r} (use export_saelens).")
     if not sae.cfg.apply_b_dec_to_input:

@@ -84,6 +84,12 @@ def test_transcoder_attach_checks(smodel):
         SAEConfig(d_in=d, hook_name=IN, hook_name_out=OUT)
     with pytest.raises(ValueError, match="step\\(x, target\\)"):
         SAETrainer(tc.cfg).step(mx.zeros((4, d)))
+    from hooked_mlx.sae import evaluate_reconstruction, export_sparsify
+
+    with pytest.raises(ValueError, match="transcoder"):
+        evaluate_reconstruction(tc, mx.zeros((4, d)))
+    with pytest.raises(ValueError, match="transcoder"):
+        export_sparsify(tc, "/nonexistent/never-written")
 
 
 @pytest.mark.parametrize("arch,skip", [("relu", False), ("relu", True), ("jumprelu", False), ("jumprelu", True)])
