@@ -33,21 +33,28 @@ def _batches(acts, batch_size: int) -> Iterable[mx.array]:
             yield mx.array(b)
 
 
-def evaluate_reconstruction(sae: SAE, acts, batch_size: int = 4096) -> dict[str, float]:
-    """Reconstruction metrics of ``sae`` over held-out activations [N, d_in] (an array or batches of rows)."""
-    if sae.cfg.is_transcoder:
-        raise ValueError(f"evaluate_reconstruction compares an SAE's output with its own input; this is a transcoder "
-                         f"({sae.cfg.hook_name} -> {sae.cfg.hook_name_out}). Compare sae(inputs) with the targets, or "
-                         f"splice it in with evaluate_model.")
-    D, F = sae.d_in, sae.d_sae
+def evaluate_reconstruction(sae: SAE, acts, batch_size: int = 4096, targets=None) -> dict[str, float]:
+    """Reconstruction metrics of ``sae`` over held-out activations [N, d_in] (an array or batches of rows).
+    A transcoder's are against ``targets`` [N, d_out] (the activations at its output hook, row for row)."""
+    if sae.cfg.is_transcoder and targets is None:
+        raise ValueError(f"This is a transcoder ({sae.cfg.hook_name} -> {sae.cfg.hook_name_out}): its output is "
+                         f"compared with the activations at its output hook. Pass targets= (row for row).")
+    if targets is not None and not sae.cfg.is_transcoder:
+        raise ValueError("targets= is for transcoders; an SAE's reconstruction is compared with its input.")
+    D, Do, F = sae.d_in, sae.d_out, sae.d_sae
     n = 0
-    sum_x = np.zeros(D)
+    sum_x = np.zeros(Do)
     sum_sq = sse = l0 = l1 = ratio = xhat_sq = x_dot = 0.0
     fired = mx.zeros((F,), dtype=mx.bool_)
-    for x in _batches(acts, batch_size):
-        x = x.reshape(-1, D).astype(mx.float32)
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
+    pairs = zip(_batches(acts, batch_size), _batches(targets, batch_size)) if targets is not None else (
+        (a, a) for a in _batches(acts, batch_size))
+    for inp, tgt in pairs:
+        inp = inp.reshape(-1, D).astype(mx.float32)
+        x = tgt.reshape(-1, Do).astype(mx.float32)  # what the output is compared with
+        if x.shape[0] != inp.shape[0]:
+            raise ValueError(f"targets have {x.shape[0]} rows where the inputs have {inp.shape[0]}.")
+        f = sae.encode(inp)
+        x_hat = sae(inp) if "W_skip" in sae else sae.decode(f)
         xn = mx.linalg.norm(x, axis=-1)
         hn = mx.linalg.norm(x_hat, axis=-1)
         stats = [mx.sum(x, axis=0), mx.sum(x * x), mx.sum(mx.square(x_hat - x)), mx.sum(f != 0),
@@ -109,15 +116,18 @@ def evaluate_model(model, sae: SAE, texts, *, batch_size: int = 8, hook_name: st
     """CE loss recovered and KL score of ``sae`` spliced into ``model`` at its hook, over ``texts``.
 
     ``texts``: a string, a list of strings (padded per batch; pad positions are excluded), or token ids
-    [B,P]. Returns the ``metrics.MODEL_KEYS``.
+    [B,P]. Returns the ``metrics.MODEL_KEYS``. A transcoder replaces its output hook (``hook_name`` overrides
+    ``cfg.hook_name_out``) with its prediction from its input hook; zero ablation zeroes the output hook.
     """
-    hook = hook_name or sae.cfg.hook_name
+    transcoder = sae.cfg.is_transcoder
+    hook = hook_name or (sae.cfg.hook_name_out if transcoder else sae.cfg.hook_name)
     if not hook:
         raise ValueError("The SAE has no hook_name; pass hook_name= (e.g. 'blocks.2.hook_resid_post').")
-    if hook not in model.hook_dict:
-        from ..names import unknown_name_error
+    for name in [hook] + ([sae.cfg.hook_name] if transcoder else []):
+        if name not in model.hook_dict:
+            from ..names import unknown_name_error
 
-        raise unknown_name_error(hook, list(model.hook_dict))
+            raise unknown_name_error(name, list(model.hook_dict))
     exclude = sae.cfg.exclude_special_tokens if exclude_special is None else exclude_special
     if isinstance(texts, str):
         texts = [texts]
@@ -136,8 +146,15 @@ def evaluate_model(model, sae: SAE, texts, *, batch_size: int = 8, hook_name: st
             continue
         where = splice_positions(model, toks, mask, exclude)[..., None]
 
-        def with_sae(act, hook_point, where=where):
-            x_hat = sae(act.reshape(-1, act.shape[-1])).reshape(act.shape)
+        seen: dict[str, mx.array] = {}
+
+        def record(act, hook_point, seen=seen):  # a transcoder's input
+            seen["x"] = act
+            return act
+
+        def with_sae(act, hook_point, where=where, seen=seen):
+            x = seen["x"] if transcoder else act
+            x_hat = sae(x.reshape(-1, x.shape[-1])).reshape(act.shape)
             return mx.where(where, x_hat, act).astype(act.dtype)
 
         def zero(act, hook_point, where=where):
@@ -145,7 +162,8 @@ def evaluate_model(model, sae: SAE, texts, *, batch_size: int = 8, hook_name: st
 
         keep = (mask[:, 1:] & mask[:, :-1]).astype(mx.float32)
         lp_clean = _log_softmax(model(toks, attention_mask=mask))
-        lp_sae = _log_softmax(model.run_with_hooks(toks, fwd_hooks=[(hook, with_sae)], attention_mask=mask))
+        spliced = ([(sae.cfg.hook_name, record)] if transcoder else []) + [(hook, with_sae)]
+        lp_sae = _log_softmax(model.run_with_hooks(toks, fwd_hooks=spliced, attention_mask=mask))
         lp_zero = _log_softmax(model.run_with_hooks(toks, fwd_hooks=[(hook, zero)], attention_mask=mask))
         ce_c, _ = _ce_kl(lp_clean, lp_clean, toks, keep)
         ce_s, kl_s = _ce_kl(lp_sae, lp_clean, toks, keep)

@@ -86,7 +86,7 @@ def test_transcoder_attach_checks(smodel):
         SAETrainer(tc.cfg).step(mx.zeros((4, d)))
     from hooked_mlx.sae import evaluate_reconstruction, export_sparsify
 
-    with pytest.raises(ValueError, match="transcoder"):
+    with pytest.raises(ValueError, match="targets="):
         evaluate_reconstruction(tc, mx.zeros((4, d)))
     with pytest.raises(ValueError, match="transcoder"):
         export_sparsify(tc, "/nonexistent/never-written")
@@ -129,12 +129,21 @@ def test_transcoder_trains_on_the_mlp_and_splices(stories_path, corpus_docs):
     x, y = c[IN].reshape(-1, 64), c[OUT].reshape(-1, 64)
     pred = tc(x)
     fvu = float(mx.sum(mx.square(pred - y)) / mx.sum(mx.square(y - y.mean(axis=0))))
+    from hooked_mlx.sae import evaluate_reconstruction
+
+    assert evaluate_reconstruction(tc, x, targets=y)[M.FVU] == pytest.approx(fvu, rel=1e-4)
     print(f"\ntranscoder {IN} -> {OUT}: train FVU {first:.3f} -> {last:.3f}, held-out FVU {fvu:.3f}")
     assert last < first and fvu < 0.35
     # spliced in: the MLP output is the trained transcoder's prediction
     with model.saes([tc]):
         _, s = model.run_with_cache(toks, names_filter=[IN, OUT])
     assert_close(s[OUT], tc(s[IN]), 1e-5)
+    from hooked_mlx.sae import evaluate_model
+
+    r = evaluate_model(model, tc, corpus_docs[350:354])
+    print(f"CE clean {r[M.CE_LOSS_CLEAN]:.3f}, with the transcoder {r[M.CE_LOSS_SAE]:.3f}, MLP zeroed "
+          f"{r[M.CE_LOSS_ZERO_ABLATION]:.3f}: recovered {r[M.CE_LOSS_RECOVERED]:.3f}")
+    assert r[M.CE_LOSS_RECOVERED] > 0.5
 
 
 @pytest.mark.parametrize("arch,d_out", [("topk", 16), ("topk", 24), ("relu", 16), ("jumprelu", 16),
