@@ -1,4 +1,4 @@
-"""``hooked-mlx train-sae`` and ``hooked-mlx harvest`` (registered by ``add_subcommands``).
+"""``hooked-mlx train-sae``, ``hooked-mlx train-transcoders`` and ``hooked-mlx harvest`` (``add_subcommands``).
 
 Every ``SAEConfig`` field is a flag of ``train-sae`` (``--expansion-factor``, ``--lr`` ...), generated from
 the dataclass, so defaults and help live in one place; ``--arch``, ``--expansion`` and ``--tokens`` are
@@ -13,6 +13,11 @@ be given as the first argument. Examples::
     hooked-mlx train-sae --model ../shared/models/stories260K --hook blocks.1.hook_resid_post \\
         --hook blocks.3.hook_resid_post --data stories.txt --training-tokens 2000000 --out saes/ \\
         --checkpoint-dir ckpt/ --checkpoint-every-steps 100 --export saelens
+    hooked-mlx train-transcoders ../shared/models/stories260K --hook blocks.1.ln2.hook_normalized \
+        --skip-connection --arch relu --data stories.txt --tokens 1000000 --out tc/ --export saelens
+
+``train-transcoders`` takes the same flags plus ``--hook-out`` (the hook each ``--hook`` predicts; default: the
+block's ``hook_mlp_out`` for an MLP input) and ``--skip-connection``.
 
 Data-parallel (one process per rank; see hooked_mlx/sae/distributed.py)::
 
@@ -88,6 +93,38 @@ def _config_from_args(args, hook: str) -> SAEConfig:
     return SAEConfig(hook_name=hook, **values)
 
 
+def _transcoder_pairs(args) -> list[tuple[str, str]]:
+    """train-transcoders: (input hook, output hook) pairs from --hook / --hook-out (each output defaults to the
+    hook_mlp_out of the block whose MLP input the input hook is)."""
+    from .files import transcoder_output_hook
+
+    ins = _expand_hooks(args.hook)
+    outs = _expand_hooks(args.hook_out) if args.hook_out else [transcoder_output_hook(h) for h in ins]
+    if len(outs) != len(ins):
+        raise ValueError(f"train-transcoders pairs each --hook with a --hook-out: got {len(ins)} --hook and "
+                         f"{len(outs)} --hook-out.")
+    missing = [h for h, o in zip(ins, outs) if not o]
+    if missing:
+        raise ValueError(f"No output hook for {missing}: pass --hook-out (by default an MLP input, such as "
+                         f"blocks.L.ln2.hook_normalized, writes blocks.L.hook_mlp_out).")
+    return list(zip(ins, outs))
+
+
+def _configs(args, hooks: list[str]) -> list[SAEConfig]:
+    """One config per --hook (train-transcoders: per pair, with its output hook and skip connection)."""
+    if not args.transcoders:
+        return [_config_from_args(args, h) for h in hooks]
+    return [_config_from_args(args, h).replace(hook_name_out=o, skip_connection=args.skip_connection,
+                                               apply_b_dec_to_input=False) for h, o in _transcoder_pairs(args)]
+
+
+def _source_hooks(args, hooks: list[str]) -> list[str]:
+    """The hooks the activation source must yield: the inputs, and train-transcoders' outputs."""
+    if not args.transcoders:
+        return hooks
+    return list(dict.fromkeys(h for pair in _transcoder_pairs(args) for h in pair))
+
+
 def _expand_hooks(hooks: list[str]) -> list[str]:
     from ..names import get_act_name
 
@@ -149,13 +186,22 @@ def cmd_train_sae(args) -> int:
     _check_train_outputs(args, checkpoint_dir)  # before any model loading or training
     harvested = is_harvest_dir(args.data)
     model = None
+    if args.transcoders:  # what cannot be written, refused before any training
+        if not args.hook:
+            raise ValueError("--hook is required: the transcoder's input (e.g. --hook blocks.2.ln2.hook_normalized).")
+        arch = args.architecture or SAEConfig.defaults()["architecture"]
+        if "saelens" in args.export and arch not in ("relu", "jumprelu"):
+            raise ValueError(f"--export saelens: SAELens has no {arch} transcoder (it has relu and jumprelu ones, "
+                             f"with or without a skip connection). Use --arch relu / jumprelu or drop the export.")
+        if "sparsify" in args.export:
+            raise ValueError("--export sparsify: sparsify files hold SAEs, not transcoders; use --export saelens.")
     if harvested:
         hooks = _expand_hooks(args.hook) if args.hook else None
-        probe = ShardSource(args.data, batch_size=1, hook_names=hooks)
-        hooks = probe.hook_names
-        cfgs = [_config_from_args(args, h) for h in hooks]
+        probe = ShardSource(args.data, batch_size=1, hook_names=_source_hooks(args, hooks) if hooks else None)
+        hooks = hooks or probe.hook_names
+        cfgs = _configs(args, hooks)
         source: ShardSource | ActivationStore = ShardSource(args.data, cfgs[0].train_batch_size_tokens,
-                                                            seed=cfgs[0].seed, hook_names=hooks)
+                                                            seed=cfgs[0].seed, hook_names=_source_hooks(args, hooks))
         model_name = probe.manifest.get("model_name", "")
         cfgs = [c.replace(model_name=c.model_name or model_name,
                           context_size=probe.manifest.get("context_size", c.context_size)) for c in cfgs]
@@ -168,9 +214,9 @@ def cmd_train_sae(args) -> int:
                              "`hooked-mlx hooks MODEL`.")
         hooks = _expand_hooks(args.hook)
         model = _load_model(args.model)
-        cfgs = [_config_from_args(args, h) for h in hooks]
+        cfgs = _configs(args, hooks)
         cfgs = [c.replace(model_name=c.model_name or args.model) for c in cfgs]
-        source = ActivationStore(model, hooks, args.data, cfgs[0], text_field=args.text_field)
+        source = ActivationStore(model, _source_hooks(args, hooks), args.data, cfgs[0], text_field=args.text_field)
     result = train_saes(cfgs, source, checkpoint_path=checkpoint_dir, resume=args.resume,
                         progress=not args.quiet, overwrite=args.overwrite)
     if not world().is_main:
@@ -192,13 +238,18 @@ def cmd_train_sae(args) -> int:
                     raise ValueError("--eval-data needs --model (the model the SAE reads from).")
                 model = _load_model(args.model)
             docs = list(open_corpus(args.eval_data, args.text_field)())[: args.eval_docs]
-            store = ActivationStore(model, hook, docs, sae.cfg, text_field=args.text_field)
-            acts = np.concatenate([a[hook] for a in store.iter_activations(65536)])
-            entry["eval"] = {**evaluate_reconstruction(sae, acts), **evaluate_model(model, sae, docs)}
+            out_hook = sae.cfg.hook_name_out if sae.cfg.is_transcoder else hook
+            store = ActivationStore(model, list(dict.fromkeys([hook, out_hook])), docs, sae.cfg,
+                                    text_field=args.text_field)
+            chunks = list(store.iter_activations(65536))
+            acts = np.concatenate([a[hook] for a in chunks])
+            targets = np.concatenate([a[out_hook] for a in chunks]) if sae.cfg.is_transcoder else None
+            entry["eval"] = {**evaluate_reconstruction(sae, acts, targets=targets), **evaluate_model(model, sae, docs)}
             entry["eval_tokens"] = int(acts.shape[0])
         elif args.eval_batches:
-            batches = [source.next_batch()[hook] for _ in range(args.eval_batches)]
-            entry["eval"] = evaluate_reconstruction(sae, batches)
+            batches = [source.next_batch() for _ in range(args.eval_batches)]
+            tgt_batches = [b[sae.cfg.hook_name_out] for b in batches] if sae.cfg.is_transcoder else None
+            entry["eval"] = evaluate_reconstruction(sae, [b[hook] for b in batches], targets=tgt_batches)
         report[hook] = entry
     print(json.dumps(report, indent=2))
     return 0
@@ -225,9 +276,15 @@ def cmd_harvest(args) -> int:
 
 def add_subcommands(subparsers) -> None:
     """Register ``train-sae`` and ``harvest`` on an argparse subparsers object."""
-    d = SAEConfig.defaults()
-    p = subparsers.add_parser("train-sae", help="train sparse autoencoders on a model's activations",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_parser(subparsers, "train-sae", "train sparse autoencoders on a model's activations", False)
+    _add_train_parser(subparsers, "train-transcoders", "train transcoders: predict one hook's activations (an MLP's "
+                      "output) from another's (its input)", True)
+    _add_harvest_parser(subparsers)
+
+
+def _add_train_parser(subparsers, name: str, help_text: str, transcoders: bool) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
                    help="model folder / hub id (same as --model)")
     p.add_argument("--model", help="model folder / hub id (not needed when --data is a harvest folder)")
@@ -252,9 +309,17 @@ def add_subcommands(subparsers) -> None:
                         "/ KL with the SAE spliced into the model")
     p.add_argument("--eval-docs", type=int, default=32, help="documents of --eval-data to use")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if transcoders:
+        p.add_argument("--hook-out", action="append", default=[],
+                       help="the hook each transcoder predicts, in the order of --hook (default: the block's "
+                            "hook_mlp_out for an MLP-input hook such as blocks.L.ln2.hook_normalized)")
+        p.add_argument("--skip-connection", action="store_true", help="add a trained linear skip term x @ W_skip.T")
     _add_config_flags(p)
-    p.set_defaults(func=cmd_train_sae)
+    p.set_defaults(func=cmd_train_sae, transcoders=transcoders)
 
+
+def _add_harvest_parser(subparsers) -> None:
+    d = SAEConfig.defaults()
     h = subparsers.add_parser("harvest", help="run a model once and write hook activations to safetensors shards")
     h.add_argument("--model", required=True)
     h.add_argument("--hook", action="append", required=True, help="hook name (repeatable)")

@@ -5,6 +5,8 @@ error term restoring the model exactly), files round trips, and what is refused.
 
 from __future__ import annotations
 
+import json
+
 from hooked_mlx.sae import SAE, SAEConfig, SAETrainer, export_saelens, load_sae, load_saelens, save_sae
 from hooked_mlx.sae.splice import HookedSAETransformer
 import mlx.core as mx
@@ -173,3 +175,35 @@ def test_transcoder_default_kernels_track_the_reference(arch, d_out):
         params[kernels] = {k: np.array(v) for k, v in t.finalize().parameters().items()}
     for k, ref in params["reference"].items():
         assert_close(params[None][k], ref, 2e-4, err_msg=f"{arch}: {k}")
+
+
+def test_train_transcoders_command(stories_path, corpus_path, tmp_path, capsys):
+    """`hooked-mlx train-transcoders`: the output hook inferred from the MLP input, a skip transcoder trained
+    from the model's stream, saved (native + SAELens), evaluated against its targets and spliced in."""
+    from hooked_mlx.cli import main
+
+    out = tmp_path / "tc"
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(corpus_path.read_text().split("\n\n")[-6:]))
+    rc = main(["train-transcoders", str(stories_path), "--hook", IN, "--skip-connection", "--data", str(corpus_path),
+               "--out", str(out), "--arch", "relu", "--l1-coefficient", "0.5", "--expansion", "4", "--tokens", "20480",
+               "--train-batch-size-tokens", "256", "--shuffle-buffer-tokens", "512", "--context-size", "64",
+               "--lr-warmup-steps", "5", "--export", "saelens", "--eval-data", str(held), "--eval-docs", "4",
+               "--quiet"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    report = json.loads(stdout[stdout.index("{"):])
+    tc = load_sae(str(out))
+    assert tc.cfg.is_transcoder and tc.cfg.hook_name == IN and tc.cfg.hook_name_out == OUT and "W_skip" in tc
+    sl = load_saelens(str(out / "saelens"))
+    assert sl.cfg.hook_name_out == OUT
+    x = mx.random.normal((6, 64), key=mx.random.key(2))
+    assert_close(sl(x), tc(x), 1e-5)
+    ev = report[IN]["eval"]
+    assert 0 < ev["fvu"] < 1.0 and ev["ce_loss_recovered"] > 0.0
+    for extra, match in ((["--hook", "blocks.1.hook_resid_pre"], "--hook-out"),
+                         (["--hook", IN, "--arch", "topk", "--export", "saelens"], "no topk transcoder")):
+        assert main(["train-transcoders", str(stories_path), *extra, "--data", str(corpus_path), "--out",
+                     str(tmp_path / "x"), "--quiet"]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
