@@ -1,6 +1,7 @@
 """One rank of the data-parallel SAE test (run by test_sae_distributed.py under ``mlx.launch``).
 
-``python dist_worker.py OUT_DIR [CKPT] [GRAD_REDUCE_DTYPE]``: trains three SAEs (TopK + AuxK, BatchTopK + AuxK, JumpReLU) from
+``python dist_worker.py OUT_DIR [CKPT] [GRAD_REDUCE_DTYPE]``: trains three SAEs (TopK + AuxK, BatchTopK + AuxK, JumpReLU)
+and a TopK skip transcoder from
 one ``ArraySource`` on the global group and writes this rank's final parameters to OUT_DIR/rank{r}.npz; with
 one process (no launcher) it is the reference run on the same global batches.
 
@@ -21,6 +22,8 @@ import numpy as np
 # W_enc / W_dec (16 x 128) take the per-tensor all_sum, the biases the packed one: both paths run
 distributed.PACK_LIMIT = 1024
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+#: a skip transcoder trained beside the SAEs: input -> target
+TC_IN, TC_OUT = "blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"
 B, STEPS = 64, 8
 
 
@@ -39,12 +42,15 @@ def configs(reduce_dtype: str = "auto") -> list[SAEConfig]:
         SAEConfig(hook_name=HOOKS[0], architecture="topk", k=4, expansion_factor=8, aux_k=8, **common),
         SAEConfig(hook_name=HOOKS[1], architecture="batchtopk", k=4, expansion_factor=8, **common),
         SAEConfig(hook_name=HOOKS[2], architecture="jumprelu", expansion_factor=8, **common),
+        SAEConfig(hook_name=TC_IN, hook_name_out=TC_OUT, skip_connection=True, apply_b_dec_to_input=False,
+                  architecture="topk", k=4, expansion_factor=8, aux_k=8, **common),
     ]
 
 
 def train(checkpoint_path=None, resume=False, reduce_dtype="auto"):
     x = data()
-    source = ArraySource({h: x for h in HOOKS}, B, seed=1)
+    y = np.tanh(x @ np.random.default_rng(1).normal(size=(16, 16)).astype(np.float32) / 4)  # the target
+    source = ArraySource({**{h: x for h in HOOKS}, TC_IN: x, TC_OUT: y}, B, seed=1)
     return train_saes(configs(reduce_dtype), source, checkpoint_path=checkpoint_path, resume=resume, progress=False)
 
 
@@ -52,7 +58,8 @@ def params(result) -> dict[str, np.ndarray]:
     from mlx.utils import tree_flatten
 
     out = {}
-    for h, t in zip(HOOKS, result.trainers):
+    for t in result.trainers:
+        h = t.cfg.hook_name
         for k, v in tree_flatten(t.sae.parameters()):
             out[f"{h}/{k}"] = np.array(v)
         out[f"{h}/tokens_since_fired"] = np.array(t.aux["tokens_since_fired"])
