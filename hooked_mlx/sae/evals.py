@@ -54,7 +54,7 @@ def evaluate_reconstruction(sae: SAE, acts, batch_size: int = 4096, targets=None
         if x.shape[0] != inp.shape[0]:
             raise ValueError(f"targets have {x.shape[0]} rows where the inputs have {inp.shape[0]}.")
         f = sae.encode(inp)
-        x_hat = sae(inp) if "W_skip" in sae else sae.decode(f)
+        x_hat = sae.predict(f, inp)
         xn = mx.linalg.norm(x, axis=-1)
         hn = mx.linalg.norm(x_hat, axis=-1)
         stats = [mx.sum(x, axis=0), mx.sum(x * x), mx.sum(mx.square(x_hat - x)), mx.sum(f != 0),

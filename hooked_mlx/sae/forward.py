@@ -118,10 +118,11 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     # (the fully fused TopK step assumes one width in and out: a transcoder with d_out != d_in takes the per-op
     # path, whose decode and latent sums live in the decoder's width alone)
     fused_topk = arch == "topk" and kernels.fused_topk and sae.d_out == sae.d_in
+    skip = sae.skip_term(x)  # a skip transcoder's linear term (None otherwise)
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
         # never a dense [B,F] gradient (AuxK normalised by the global batch's variance on N ranks)
-        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead, target)
+        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead, target, skip)
     else:
         vals = idx = None
     if arch == "topk":
@@ -151,8 +152,8 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     else:  # pragma: no cover - SAEConfig validates
         raise ValueError(arch)
     t = x if target is None else target
-    if "W_skip" in sae and not fused_topk:  # (the fused branch adds it itself)
-        x_hat = x_hat + x @ sae.W_skip.T
+    if skip is not None and not fused_topk:  # (the fused branch adds it itself, before its AuxK residual)
+        x_hat = x_hat + skip
     mse = M.mse(t, x_hat)
     if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not fused_topk:
         n_dead = mx.sum(dead)

@@ -120,8 +120,17 @@ class SAE(nn.Module):
 
     def decode(self, f: SAELatents) -> SAEInput:
         """Reconstruction [..., d_out] = f @ W_dec + b_dec (d_out = d_in for an SAE; a skip transcoder's
-        skip term needs the input: see ``__call__``)."""
+        skip term needs the input: see ``predict``)."""
         return f @ self.W_dec + self.b_dec
+
+    def skip_term(self, x: SAEInput) -> mx.array | None:
+        """A skip transcoder's linear term x @ W_skip.T [..., d_out]; None for every other SAE."""
+        return x @ self.W_skip.T if "W_skip" in self else None
+
+    def predict(self, f: SAELatents, x: SAEInput) -> SAEInput:
+        """The output for latents f of input x: ``decode(f)``, plus a skip transcoder's ``skip_term(x)``."""
+        out, skip = self.decode(f), self.skip_term(x)
+        return out if skip is None else out + skip
 
     def __call__(self, x: SAEInput) -> SAEInput:
         """Reconstruction x_hat [..., d_in] of x [..., d_in]; a transcoder's prediction [..., d_out] of its
@@ -132,11 +141,9 @@ class SAE(nn.Module):
             vals, idx = K.topk_encode(x.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
                                       self.cfg.apply_b_dec_to_input)
             out = K.topk_decode(vals, idx, self.W_dec, self.b_dec).reshape(*lead, self.d_out)
-        else:
-            out = self.decode(self.encode(x))
-        if "W_skip" in self:
-            out = out + x @ self.W_skip.T
-        return out
+            skip = self.skip_term(x)
+            return out if skip is None else out + skip
+        return self.predict(self.encode(x), x)
 
     # -- weight surgery ---------------------------------------------------------------------------------
     def fold_input_scale(self, scale: float) -> None:

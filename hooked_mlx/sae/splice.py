@@ -75,12 +75,9 @@ class SplicedSAE:
         pre = p["hook_sae_acts_pre"](pre0 if h is x else sae.encode_pre(h))
         post0 = sae.activation(pre0)
         post = p["hook_sae_acts_post"](post0 if pre is pre0 else sae.activation(pre))
-        skip = h @ sae.W_skip.T if "W_skip" in sae else None  # a skip transcoder's linear term
-        clean = sae.decode(post0) if skip is None else sae.decode(post0) + skip
-        if post is post0:
-            rec = p["hook_sae_recons"](clean)
-        else:
-            rec = p["hook_sae_recons"](sae.decode(post) if skip is None else sae.decode(post) + skip)
+        # (a skip transcoder's skip term reads the input: x for the clean output, h for the changed one)
+        clean = sae.predict(post0, x)
+        rec = p["hook_sae_recons"](clean if post is post0 else sae.predict(post, h))
         if self.use_error_term:
             clean_sg = mx.stop_gradient(clean)
             err0 = target - clean_sg

@@ -64,18 +64,18 @@ class StepKernels:
         """Whether TopK runs ``topk_forward`` (the fused ops' sparse forward and backward, AuxK included)."""
         return self.ops is not None
 
-    def topk_forward(self, sae, x, dead, use_dead: bool, target=None):
+    def topk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
         """The trainer's TopK branch on the fused ops: (x_hat [B,D], vals [B,k], idx [B,k], aux) where aux
         is the AuxK term (raw dead pre-activations, no decoder bias, normalised by ``total_variance`` of the
         residual, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False). ``target``:
-        what a transcoder predicts (default x); a skip transcoder's x_hat includes x @ W_skip.T."""
+        what a transcoder predicts (default x); ``skip``: a skip transcoder's ``sae.skip_term(x)``, added to x_hat."""
         cfg = sae.cfg
         aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
         out = self.module.topk_sae_forward(
             x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
             cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_relu=False,
             ops=self.ops)
-        x_hat = out.x_hat + x @ sae.W_skip.T if "W_skip" in sae else out.x_hat
+        x_hat = out.x_hat if skip is None else out.x_hat + skip
         aux = mx.array(0.0)
         if aux_on:
             e = mx.stop_gradient((x if target is None else target) - x_hat)

@@ -207,3 +207,17 @@ def test_train_transcoders_command(stories_path, corpus_path, tmp_path, capsys):
                      str(tmp_path / "x"), "--quiet"]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_skip_transcoder_input_edit_reaches_the_skip_term(smodel):
+    """With the error term, an edit of the transcoder's input (hook_sae_input) moves the output by the change in
+    its whole prediction, skip term included: target + tc(h) - tc(x)."""
+    tc = _transcoder(smodel.cfg.d_model, "relu", skip=True, seed=5)
+    toks = smodel.to_tokens("Once upon a time there was a little girl")
+    _, clean = smodel.run_with_cache(toks, names_filter=[IN, OUT])
+    shift = 0.3 * mx.random.normal((smodel.cfg.d_model,), key=mx.random.key(6))
+    with smodel.saes([tc], use_error_term=True):
+        with smodel.hooks([(OUT + ".hook_sae_input", lambda act, hook: act + shift)]):
+            _, c = smodel.run_with_cache(toks, names_filter=[IN, OUT])
+    x = clean[IN]
+    assert_close(c[OUT], clean[OUT] + tc(x + shift) - tc(x), 1e-5)
