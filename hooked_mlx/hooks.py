@@ -219,11 +219,7 @@ class HookedRootModule(nn.Module):
         """
         from .cache import ActivationCache
 
-        if names_filter is None:
-            off = self.opt_in_hooks_off()
-            names = [n for n in self.hook_dict if n not in off]
-        else:
-            names = self.resolve_hook_names(names_filter)
+        names = self.resolve_hook_names(names_filter if names_filter is not None else (lambda n: True))
         out, store = self._forward_storing(names, args, kwargs)
         mx.eval(out, store)
         if incl_bwd:

@@ -478,9 +478,10 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
                 fallback = True
         if fallback:
             return super()._forward_storing(names, args, kwargs)
+        # (checked token ids [B, P]; padded text keeps the hooked path)
         toks, mask = self._as_tokens(args[0], prepend_bos=kwargs.get("prepend_bos"),
                                      padding_side=kwargs.get("padding_side"), return_mask=True)
-        if mask is not None or toks.ndim not in (1, 2) or not mx.issubdtype(toks.dtype, mx.integer):
+        if mask is not None:
             return super()._forward_storing(names, args, kwargs)
         key = (tuple(names), static)
         fns = self._cache_fns
@@ -489,14 +490,11 @@ class HookedTransformer(WeightsViewMixin, HookedRootModule):
             fwd_kwargs = {k: v for k, v in kwargs.items() if k not in ("prepend_bos", "padding_side")}
 
             def run(tokens):
-                store: dict[str, mx.array] = {}
                 object.__setattr__(self, "_tracing_checked_tokens", True)
-                try:
-                    with self.hooks([(n, lambda act, hook: store.__setitem__(hook.name, act)) for n in names]):
-                        out = self.forward(tokens, **fwd_kwargs)
+                try:  # the hooked forward with its storing hooks, traced
+                    return HookedRootModule._forward_storing(self, names, (tokens,), fwd_kwargs)
                 finally:
                     object.__setattr__(self, "_tracing_checked_tokens", False)
-                return out, store
 
             fn = mx.compile(run, inputs=self.state)
         fns[key] = fn  # most recently used last
