@@ -99,8 +99,7 @@ def build_model(ck: Checkpoint, dtype=None, dequantize: bool | None = None, keep
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
         if not isinstance(tok, TokenizerWrapper):
-            eos = cfg.eos_token_id
-            tok = TokenizerWrapper(tok, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+            tok = TokenizerWrapper(tok, eos_token_ids=_eos_ids(cfg))
     object.__setattr__(model, "tokenizer", tok)
     object.__setattr__(model, "source", ck.source)
     object.__setattr__(model, "hf_config", ck.hf_config)
@@ -111,6 +110,13 @@ def build_model(ck: Checkpoint, dtype=None, dequantize: bool | None = None, keep
         process_weights(model, **processing)
     mx.eval(model.parameters())
     return model
+
+
+def _eos_ids(cfg: HookedConfig) -> list[int] | None:
+    """The config's EOS id(s) as the list mlx-lm's tokenizer wrapper takes."""
+    eos = cfg.eos_token_id
+    return [eos] if isinstance(eos, int) else eos
+
 
 def load_weights_checked(model: HookedTransformer, weights: dict[str, mx.array], source) -> None:
     """``model.load_weights`` after checking names and shapes against the model the config builds."""
@@ -133,15 +139,14 @@ def load_weights_checked(model: HookedTransformer, weights: dict[str, mx.array],
 
 
 def load_tokenizer(path: Path, cfg: HookedConfig):
+    """mlx-lm's tokenizer from a checkpoint folder (None when it has no tokenizer files)."""
     files = [f for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
              if (Path(path) / f).exists()]
     if not files:
         return None
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
-    eos = cfg.eos_token_id
-    eos = [eos] if isinstance(eos, int) else eos
     try:
-        return load_tokenizer(Path(path), eos_token_ids=eos)
+        return mlx_lm_load_tokenizer(Path(path), eos_token_ids=_eos_ids(cfg))
     except Exception as e:
         raise ValueError(f"Could not load the tokenizer in {path}: {type(e).__name__}: {e}") from e
