@@ -47,7 +47,7 @@ from .config import (
     SAEConfig,
 )
 
-#: SAEConfig fields without a train-sae flag (set from the data, or transcoder fields: training them is not supported)
+#: SAEConfig fields without a generated flag (set from the data; train-transcoders has --hook-out and --skip-connection)
 _SKIP = {"d_in", "hook_name", "extra", "d_out", "hook_name_out", "skip_connection"}
 #: short aliases of SAEConfig flags (the form of the train-sae examples)
 _ALIASES = {"architecture": "--arch", "expansion_factor": "--expansion", "training_tokens": "--tokens"}

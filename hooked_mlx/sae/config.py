@@ -124,7 +124,7 @@ class SAEConfig:
     k: int = 32  # active latents per token (TopK, BatchTopK: average per token)
     apply_b_dec_to_input: bool = True
     dtype: str = "float32"
-    # transcoders (inference: loaded, spliced; not trained yet): read hook_name, write hook_name_out
+    # transcoders: read hook_name, predict (and, spliced, replace) hook_name_out
     d_out: int = 0  # output width; 0 = d_in (an SAE)
     hook_name_out: str = ""  # where the output goes; "" = hook_name (an SAE)
     skip_connection: bool = False  # add x @ W_skip.T (W_skip [d_out, d_in]): a skip transcoder

@@ -129,7 +129,10 @@ class SAE(nn.Module):
 
     def predict(self, f: SAELatents, x: SAEInput) -> SAEInput:
         """The output for latents f of input x: ``decode(f)``, plus a skip transcoder's ``skip_term(x)``."""
-        out, skip = self.decode(f), self.skip_term(x)
+        return self._plus_skip(self.decode(f), x)
+
+    def _plus_skip(self, out: mx.array, x: mx.array) -> mx.array:
+        skip = self.skip_term(x)
         return out if skip is None else out + skip
 
     def __call__(self, x: SAEInput) -> SAEInput:
@@ -140,9 +143,7 @@ class SAE(nn.Module):
             lead = x.shape[:-1]
             vals, idx = K.topk_encode(x.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
                                       self.cfg.apply_b_dec_to_input)
-            out = K.topk_decode(vals, idx, self.W_dec, self.b_dec).reshape(*lead, self.d_out)
-            skip = self.skip_term(x)
-            return out if skip is None else out + skip
+            return self._plus_skip(K.topk_decode(vals, idx, self.W_dec, self.b_dec).reshape(*lead, self.d_out), x)
         return self.predict(self.encode(x), x)
 
     # -- weight surgery ---------------------------------------------------------------------------------

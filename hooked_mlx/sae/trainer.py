@@ -36,7 +36,8 @@ def _where_into(tree: dict, old: dict, ok: mx.array) -> None:
 class SAETrainer:
     """One SAE, its optimizer and its on-device bookkeeping; ``step(x)`` runs one compiled update.
 
-    Inputs to ``step`` are raw activations [B, d_in]; the trainer applies the input scale itself.
+    Inputs to ``step`` are raw activations [B, d_in] (a transcoder's: and their targets [B, d_out]); the trainer
+    applies the input scale itself.
     ``world`` (``distributed.World`` of size > 1): ``step`` takes this rank's slice of the global batch and
     the step reduces gradients, metrics and dead-latent counters over the ranks (see ``distributed``).
     """
