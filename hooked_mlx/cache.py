@@ -7,7 +7,6 @@ from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
-from einops import rearrange
 
 from .names import get_act_name, hook_spec, unknown_name_error
 from .shapes import ComponentAttrs, ResidStack
@@ -288,16 +287,12 @@ class ActivationCache:
         """Fill ``blocks.{l}.attn.hook_result`` [..., P, H, d_model] = z_h @ W_O[h] (before b_O) from the
         cached ``hook_z``, for every layer whose z is cached."""
         model = self._require_model("compute_head_results")
-        H, dh = model.cfg.n_heads, model.cfg.d_head
-        from .components import linear_weight
-
         for l, block in enumerate(model.blocks):
             name = f"blocks.{l}.attn.hook_z"
             if name not in self.cache_dict:
                 raise KeyError(f"compute_head_results needs {name!r} in the cache.")
             z = self.cache_dict[name]
-            w_o = rearrange(linear_weight(block.attn.o_proj), "d_model (head d_head) -> head d_head d_model",
-                            head=H, d_head=dh).astype(z.dtype)
+            w_o = block.attn.W_O.astype(z.dtype)  # [H, d_head, d_model]
             self.cache_dict[f"blocks.{l}.attn.hook_result"] = mx.einsum("...hd,hdm->...hm", z, w_o)
 
     def _post_norm_linear(self, layer: int, which: str, x: mx.array, pos_slice) -> mx.array:
