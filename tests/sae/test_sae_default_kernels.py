@@ -88,6 +88,29 @@ def test_cpu_ops_equal_reference_ops():
     assert FU.self_check(cpu) == []
 
 
+def test_sorted_entries_delimit_each_latents_sums():
+    """The GPU back ends' segmented ``latent_grads`` kernels read latent f's entries at offsets[f]:offsets[f+1]
+    of ``gpu.sorted_entries``, rows ascending; a NumPy kernel on that contract equals the reference sums."""
+    from hooked_mlx.sae.kernels import gpu
+
+    rng = np.random.default_rng(2)
+    Bn, D, F, k = 40, 12, 300, 6
+    cols = mx.array(rng.integers(0, F, size=Bn * k).astype(np.uint32))
+    rows = mx.repeat(mx.arange(Bn, dtype=mx.uint32), k)
+    cd, ce = (mx.array(rng.normal(size=Bn * k).astype(np.float32)) for _ in range(2))
+    Y, X = (mx.array(rng.normal(size=(Bn, D)).astype(np.float32)) for _ in range(2))
+    offsets, r_dec, r_enc, c_dec, c_enc = (np.array(a) for a in gpu.sorted_entries(cols, rows, rows, cd, ce, Bn, F))
+    assert offsets[0] == 0 and offsets[-1] == Bn * k and np.all(np.diff(offsets) >= 0)
+    dec, enc, db = np.zeros((F, D), np.float32), np.zeros((D, F), np.float32), np.zeros(F, np.float32)
+    for f in range(F):
+        q = slice(offsets[f], offsets[f + 1])
+        assert np.all(np.diff(r_dec[q].astype(np.int64)) >= 0)  # rows ascending within a latent: a fixed order
+        dec[f], enc[:, f], db[f] = c_dec[q] @ np.array(Y)[r_dec[q]], c_enc[q] @ np.array(X)[r_enc[q]], c_enc[q].sum()
+    want = FU.ReferenceOps().latent_grads(cols, rows, rows, cd, ce, Y, X, F)
+    for a, b in zip((dec, enc, db), want):
+        assert_close(mx.array(a), b)
+
+
 def test_clip_folded_into_adam_equals_clipping_the_gradient():
     rng = np.random.default_rng(1)
     p, g, m, v = (mx.array(rng.normal(size=(16, 8)).astype(np.float32)) for _ in range(4))

@@ -482,13 +482,7 @@ class CudaOps(ReferenceOps):
                              output_shapes=[(F, D), (D, F) if has_enc else (1,), (F,) if has_enc else (1,)],
                              output_dtypes=[mx.float32] * 3, init_value=0)
             return (outs[0], outs[1], outs[2]) if has_enc else (outs[0], None, None)
-        nrows = Y.shape[0]
-        key = cols * nrows + rows_dec.astype(mx.uint32)  # unique: deterministic order within a latent
-        order = mx.argsort(key)
-        counts = mx.zeros((F,), mx.int32).at[cols.astype(mx.int32)].add(1)
-        offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
-        ins = [offsets, rows_dec.astype(mx.uint32)[order], rows_enc.astype(mx.uint32)[order], coef_dec[order],
-               ce[order], Y, X]
+        ins = gpu.sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, Y.shape[0], F) + [Y, X]
         tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc), ("LPY", Y.dtype == mx.bfloat16),
                 ("LPX", X.dtype == mx.bfloat16)]
         shapes = [(F, D), (D, F), (F,)] if has_enc else [(F, D), (1,), (1,)]

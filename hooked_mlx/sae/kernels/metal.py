@@ -319,12 +319,7 @@ class MetalOps(ReferenceOps):
         cols = cols.astype(mx.uint32)
         X = xc if has_enc else Y
         ce = coef_enc if has_enc else coef_dec
-        key = cols * Y.shape[0] + rows_dec.astype(mx.uint32)
-        order = mx.argsort(key)
-        counts = mx.zeros((F,), mx.int32).at[cols.astype(mx.int32)].add(1)
-        offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
-        ins = [offsets, rows_dec.astype(mx.uint32)[order], rows_enc.astype(mx.uint32)[order], coef_dec[order],
-               ce[order], Y, X]
+        ins = gpu.sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, Y.shape[0], F) + [Y, X]
         shapes = [(F, D), (D, F), (F,)] if has_enc else [(F, D), (1,), (1,)]
         dW_dec, dW_enc, db_enc = self._lg(inputs=ins, template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)],
                                           grid=(((F + 31) // 32) * 256, ((D + 255) // 256), 1),
