@@ -36,7 +36,6 @@ import typing
 from typing import Any
 
 from .config import (
-    ARCHITECTURES,
     B_DEC_INITS,
     DTYPES,
     FIELD_HELP,
@@ -44,6 +43,8 @@ from .config import (
     KERNELS,
     LR_SCHEDULES,
     NORMALIZATIONS,
+    RUN_TIME_NORMS,
+    TRAINABLE_ARCHITECTURES,
     SAEConfig,
 )
 
@@ -56,8 +57,10 @@ _ALIASES = {"architecture": "--arch", "expansion_factor": "--expansion", "traini
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     defaults = SAEConfig.defaults()
     hints = typing.get_type_hints(SAEConfig)
-    choices = {"architecture": list(ARCHITECTURES), "lr_schedule": list(LR_SCHEDULES),
-               "b_dec_init": list(B_DEC_INITS), "normalize_activations": list(NORMALIZATIONS), "dtype": list(DTYPES),
+    # (the trainer's choices: a gated SAE or a run-time normalisation comes only from a loaded file)
+    choices = {"architecture": list(TRAINABLE_ARCHITECTURES), "lr_schedule": list(LR_SCHEDULES), "b_dec_init":
+               list(B_DEC_INITS), "normalize_activations": [n for n in NORMALIZATIONS if n not in RUN_TIME_NORMS],
+               "dtype": list(DTYPES),
                "kernels": list(KERNELS), "grad_reduce_dtype": list(GRAD_REDUCE_DTYPES)}
     g = p.add_argument_group("SAEConfig fields (defaults from hooked_mlx.sae.SAEConfig)")
     for f in dataclasses.fields(SAEConfig):

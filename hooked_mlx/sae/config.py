@@ -33,7 +33,11 @@ ARCHITECTURES: dict[str, str] = {
     "with one running global threshold",
     "jumprelu": "JumpReLU (Rajamanoharan et al. 2024): per-latent threshold trained with straight-through "
     "rectangle-kernel pseudo-gradients and an L0 penalty",
+    "gated": "Gated SAE (Rajamanoharan et al. 2024), as SAELens stores it: a gate (x @ W_enc + b_gate > 0) times "
+    "a magnitude relu(x @ (W_enc * exp(r_mag)) + b_mag); loaded, spliced, evaluated and exported, not trained",
 }
+#: architectures the trainer trains (the others are loaded from files)
+TRAINABLE_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -41,7 +45,13 @@ NORMALIZATIONS: dict[str, str] = {
     "none": "train on raw activations",
     "expected_average_only_in": "scale inputs by s = sqrt(d_in) / E||x|| (estimated before training); folded "
     "into the weights at the end, so the saved SAE takes raw activations",
+    "constant_norm_rescale": "(SAELens, loaded SAEs) every input token is rescaled to norm sqrt(d_in) inside the "
+    "SAE, and the output scaled back by the same token's factor",
+    "layer_norm": "(SAELens, loaded SAEs) every input token is centred and divided by (its unbiased std + 1e-5) "
+    "inside the SAE, and the output mapped back with the same token's mean and std",
 }
+#: normalisations the SAE applies to every input at run time (SAELens's; never folded into the weights)
+RUN_TIME_NORMS = ("constant_norm_rescale", "layer_norm")
 DTYPES = ("float32",)
 #: SAE kernel back ends: "auto" = the fused ops of this device (CUDA, Metal or the sparse CPU ops, each
 #: self-checked against the reference at first use), "fused" the same, "reference" the pure-MLX definition

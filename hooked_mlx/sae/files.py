@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from ..outputs import staged_dir
 from ..readers import load_safetensors, read_json
-from .config import FORMAT_VERSION, SAEConfig
+from .config import FORMAT_VERSION, RUN_TIME_NORMS, SAEConfig
 from .sae import SAE
 
 NATIVE_CONFIG = "cfg.json"
@@ -61,10 +61,9 @@ def _atomic_write_dir(path: str, files: dict[str, Any], *, overwrite: bool, what
 
 def _weights(sae: SAE) -> dict[str, mx.array]:
     w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if "threshold" in sae:
-        w["threshold"] = sae.threshold
-    if "W_skip" in sae:
-        w["W_skip"] = sae.W_skip
+    for name in ("threshold", "W_skip", "b_gate", "r_mag"):
+        if name in sae:
+            w[name] = getattr(sae, name)
     return {k: v.astype(mx.float32) for k, v in w.items()}
 
 
@@ -76,8 +75,9 @@ def _build(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
     sae = SAE(cfg)
     D, F, Do = cfg.d_in, cfg.resolved_d_sae, cfg.resolved_d_out
     expected = {"W_enc": (D, F), "b_enc": (F,), "W_dec": (F, Do), "b_dec": (Do,)}
-    if "threshold" in sae:
-        expected["threshold"] = (F,)
+    for name in ("threshold", "b_gate", "r_mag"):
+        if name in sae:
+            expected[name] = (F,)
     if cfg.skip_connection:
         expected["W_skip"] = (Do, D)
     missing = [k for k in expected if k not in tensors]
@@ -158,6 +158,10 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
     extra: dict = {}
     if arch == "relu":
         sl_arch = "standard"
+    elif arch == "gated":  # SAELens names the magnitude bias b_mag and has no b_enc
+        sl_arch = "gated"
+        tensors = {"W_enc": sae.W_enc, "b_gate": sae.b_gate, "r_mag": sae.r_mag, "b_mag": sae.b_enc,
+                   "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     elif arch == "topk":
         sl_arch = "topk"
         extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
@@ -180,8 +184,8 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
+        "normalize_activations": cfg.normalize_activations if cfg.normalize_activations in RUN_TIME_NORMS else "none",
+        "reshape_activations": "hook_z" if cfg.hook_name.endswith(".hook_z") else "none",
         **extra,
         "metadata": {
             "sae_lens_version": SAELENS_VERSION,
@@ -214,6 +218,7 @@ SAELENS_ARCHITECTURES = {
     "standard": ("relu", False, False), "topk": ("topk", False, False), "jumprelu": ("jumprelu", False, False),
     "transcoder": ("relu", True, False), "skip_transcoder": ("relu", True, True),
     "jumprelu_transcoder": ("jumprelu", True, False), "jumprelu_skip_transcoder": ("jumprelu", True, True),
+    "gated": ("gated", False, False),
 }
 
 
@@ -226,28 +231,37 @@ def transcoder_output_hook(hook_name: str) -> str:
 
 
 def load_saelens(path: str, hook_name_out: str | None = None) -> SAE:
-    """Load a SAELens folder (v6 or legacy cfg): SAEs of architecture standard / topk / jumprelu, and
-    transcoders (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder). SAELens does not
-    record where a transcoder writes: ``hook_name_out`` says it, by default the ``hook_mlp_out`` of the block
-    whose MLP input the transcoder reads."""
+    """Load a SAELens folder (v6 or legacy cfg): SAEs of architecture standard / topk / jumprelu / gated (a
+    BatchTopK or Matryoshka BatchTopK SAE is saved by SAELens as a jumprelu), and transcoders (transcoder,
+    skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder). Every ``normalize_activations``: none and
+    expected_average_only_in (folded by SAELens before saving) load as they are; constant_norm_rescale and
+    layer_norm are applied per token at run time (``SAE.normalize_input``), as SAELens does. hook_z SAEs
+    (``reshape_activations="hook_z"``) read the heads flattened, [..., n_heads * d_head]; spliced into a model they
+    are reshaped as SAELens does. SAELens does not record where a transcoder writes: ``hook_name_out`` says it,
+    by default the ``hook_mlp_out`` of the block whose MLP input the transcoder reads."""
     d = read_json(os.path.join(path, SAELENS_CONFIG), "SAE config")
     t = _load_tensors(os.path.join(path, SAELENS_WEIGHTS))
     meta = d.get("metadata") or {}
     arch = d.get("architecture", "standard")
     norm = d.get("normalize_activations", "none") or "none"
-    if norm != "none":
+    if norm not in ("none", "expected_average_only_in") + RUN_TIME_NORMS:
         raise ValueError(
-            f"{path}: normalize_activations = {norm!r}. Only 'none' loads exactly (SAELens applies "
-            f"{norm!r} at run time from statistics that are not in the file); re-export the SAE with the "
-            f"normalisation folded."
+            f"{path}: normalize_activations = {norm!r} is not supported; supported: none, "
+            f"expected_average_only_in, {', '.join(RUN_TIME_NORMS)} (SAELens's {norm!r} needs statistics that "
+            f"are not in the file: fold them into the weights and save with 'none')."
         )
-    if d.get("reshape_activations", "none") not in ("none", None):
-        raise ValueError(f"{path}: reshape_activations = {d['reshape_activations']!r} is not supported.")
+    norm = norm if norm in RUN_TIME_NORMS else "none"  # (expected_average_only_in: SAELens folded it on save)
+    reshape = d.get("reshape_activations", "none") or "none"
+    if reshape not in ("none", "hook_z"):
+        raise ValueError(f"{path}: reshape_activations = {reshape!r} is not supported (none, hook_z).")
     if arch not in SAELENS_ARCHITECTURES:
         raise ValueError(f"{path}: SAELens architecture {arch!r} is not supported; supported: "
                          f"{', '.join(SAELENS_ARCHITECTURES)}.")
     ours, transcoder, skip = SAELENS_ARCHITECTURES[arch]
     hook = meta.get("hook_name", d.get("hook_name", "")) or ""
+    if reshape == "hook_z" and not hook.endswith("hook_z"):
+        raise ValueError(f"{path}: reshape_activations = 'hook_z' but the hook is {hook!r}; expected an attention "
+                         f"hook_z (e.g. 'blocks.0.attn.hook_z').")
     d_in = int(d["d_in"])
     d_sae = int(d["d_sae"])
     out_hook = ""
@@ -262,10 +276,14 @@ def load_saelens(path: str, hook_name_out: str | None = None) -> SAE:
         apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)), hook_name=hook,
         d_out=int(d.get("d_out", 0)) if transcoder else 0, hook_name_out=out_hook, skip_connection=skip,
         model_name=meta.get("model_name", d.get("model_name", "")) or "",
-        decoder_unit_norm=False, normalize_activations="none",
+        decoder_unit_norm=False, normalize_activations=norm,
         extra={"imported_from": "saelens", "path": os.path.abspath(path)},
     )
     keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if skip else ())
+    if ours == "gated":  # SAELens's magnitude bias b_mag is our b_enc
+        keys = ("W_enc", "b_gate", "r_mag", "W_dec", "b_dec")
+        t = {("b_enc" if k == "b_mag" else k): v for k, v in t.items()}
+        keys += ("b_enc",)
     tensors: dict[str, mx.array] = {k: t[k] for k in keys if k in t}
     if ours == "jumprelu":
         if "threshold" in t:

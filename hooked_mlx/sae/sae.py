@@ -9,10 +9,15 @@ Inference semantics (x [..., d_in]):
 * pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
 * relu: f = relu(pre);  topk: the k largest of relu(pre) per token;  jumprelu / batchtopk: f = relu(pre) *
   (pre > threshold)
+* gated (SAELens's, loaded from files): z = (x - b_dec) @ W_enc; pre = z * exp(r_mag) + b_enc (the magnitude
+  path; SAELens's b_mag) and f = relu(pre) * (z + b_gate > 0)
 * x_hat = f @ W_dec + b_dec
 
-A saved SAE always takes raw activations: input normalisation used during training is folded into the
-weights (``fold_input_scale``) before the file is written.
+A trained SAE takes raw activations: input normalisation used during training is folded into the weights
+(``fold_input_scale``) before the file is written. SAELens's run-time normalisations
+(``cfg.normalize_activations`` = ``constant_norm_rescale`` / ``layer_norm``, loaded SAEs) are applied to each
+input token inside ``encode_pre``, and undone on the output with that token's statistics by ``predict`` and
+``__call__`` (``decode`` alone stays in the normalised space: it has no input to take them from).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import mlx.nn as nn
 
 from ..host import to_float
 from ..shapes import SAEInput, SAELatents, SparseIndices, SparseValues
-from .config import TOPK_FAMILY, SAEConfig
+from .config import RUN_TIME_NORMS, TOPK_FAMILY, SAEConfig
 from .kernels import reference as K
+
+#: SAELens's layer_norm epsilon (added to the std)
+LN_EPS = 1e-5
 
 
 class SAE(nn.Module):
@@ -56,6 +64,9 @@ class SAE(nn.Module):
         elif cfg.architecture == "batchtopk":
             self.threshold = mx.zeros((F,))
             self.freeze(keys=["threshold"], recurse=False)
+        elif cfg.architecture == "gated":  # (b_enc is the magnitude path's bias, SAELens's b_mag)
+            self.b_gate = mx.zeros((F,))
+            self.r_mag = mx.zeros((F,))
 
     # -- sizes ------------------------------------------------------------------------------------------
     @property
@@ -84,10 +95,34 @@ class SAE(nn.Module):
             )
         return x.astype(mx.float32) if x.dtype != mx.float32 else x
 
+    def normalize_input(self, x: SAEInput) -> SAEInput:
+        """x as the encoder reads it: a SAELens run-time normalisation applied per token (identity otherwise)."""
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            return x * (self.d_in ** 0.5 / mx.linalg.norm(x, axis=-1, keepdims=True))
+        if mode == "layer_norm":
+            xc = x - mx.mean(x, axis=-1, keepdims=True)
+            return xc / (mx.std(xc, axis=-1, keepdims=True, ddof=1) + LN_EPS)
+        return x
+
+    def denormalize_output(self, y: SAEInput, x: SAEInput) -> SAEInput:
+        """An output y in the normalised space mapped back with input x's per-token statistics (the inverse of
+        ``normalize_input``, as SAELens applies it to the reconstruction)."""
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            return y * (mx.linalg.norm(x, axis=-1, keepdims=True) / self.d_in ** 0.5)
+        if mode == "layer_norm":
+            mu = mx.mean(x, axis=-1, keepdims=True)
+            return y * mx.std(x - mu, axis=-1, keepdims=True, ddof=1) + mu
+        return y
+
     def encode_pre(self, x: SAEInput) -> SAELatents:
-        """Pre-activations [..., d_sae]."""
-        x = self._check(x)
-        return K.encode_pre(x, self.W_enc, self.b_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None)
+        """Pre-activations [..., d_sae] (a gated SAE's: the magnitude path's)."""
+        x = self.normalize_input(self._check(x))
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        if self.cfg.architecture == "gated":
+            return K.encode_pre(x, self.W_enc, mx.zeros_like(self.b_enc), b_dec) * mx.exp(self.r_mag) + self.b_enc
+        return K.encode_pre(x, self.W_enc, self.b_enc, b_dec)
 
     def activation(self, pre: mx.array) -> mx.array:
         """Latents [..., d_sae] from pre-activations, with the inference semantics of the architecture."""
@@ -99,6 +134,9 @@ class SAE(nn.Module):
             p2 = pre.reshape(-1, pre.shape[-1])
             vals, idx = K.topk_select(p2, self.cfg.k)
             return K.scatter_dense(vals, idx, self.d_sae).reshape(*lead, self.d_sae)
+        if arch == "gated":  # the gate reads the shared projection z = (pre - b_mag) / exp(r_mag)
+            gate = (pre - self.b_enc) * mx.exp(-self.r_mag) + self.b_gate
+            return mx.where(gate > 0, mx.maximum(pre, 0), 0)
         # jumprelu and batchtopk (JumpReLU with the learned / running threshold)
         return mx.where(pre > self.threshold, mx.maximum(pre, 0), 0)
 
@@ -128,8 +166,9 @@ class SAE(nn.Module):
         return x @ self.W_skip.T if "W_skip" in self else None
 
     def predict(self, f: SAELatents, x: SAEInput) -> SAEInput:
-        """The output for latents f of input x: ``decode(f)``, plus a skip transcoder's ``skip_term(x)``."""
-        return self._plus_skip(self.decode(f), x)
+        """The output for latents f of input x: ``decode(f)`` (mapped back to x's units under a run-time
+        normalisation), plus a skip transcoder's ``skip_term(x)``."""
+        return self._plus_skip(self.denormalize_output(self.decode(f), x), x)
 
     def _plus_skip(self, out: mx.array, x: mx.array) -> mx.array:
         skip = self.skip_term(x)
@@ -139,7 +178,7 @@ class SAE(nn.Module):
         """Reconstruction x_hat [..., d_in] of x [..., d_in]; a transcoder's prediction [..., d_out] of its
         target activation (plus x @ W_skip.T for a skip transcoder)."""
         x = self._check(x)
-        if self.cfg.architecture == "topk":
+        if self.cfg.architecture == "topk" and self.cfg.normalize_activations not in RUN_TIME_NORMS:
             lead = x.shape[:-1]
             vals, idx = K.topk_encode(x.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
                                       self.cfg.apply_b_dec_to_input)
@@ -176,6 +215,8 @@ class SAE(nn.Module):
         self.W_dec = self.W_dec / n[:, None]
         if "threshold" in self:
             self.threshold = self.threshold * n
+        if "b_gate" in self:  # (r_mag is a ratio of the two paths: unchanged)
+            self.b_gate = self.b_gate * n
 
     def set_batchtopk_threshold(self, theta: float | mx.array) -> None:
         if self.cfg.architecture != "batchtopk":

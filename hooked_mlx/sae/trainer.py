@@ -13,7 +13,7 @@ from mlx.utils import tree_map, tree_unflatten
 from ..host import flat_items, to_float, to_floats, to_int
 from . import distributed as D
 from . import metrics as M
-from .config import SAEConfig
+from .config import RUN_TIME_NORMS, TRAINABLE_ARCHITECTURES, SAEConfig
 from .forward import geometric_median, lr_schedule, train_forward
 from .fused_update import adam_pass, adam_passes, update_hparams
 from .sae import SAE
@@ -46,6 +46,13 @@ class SAETrainer:
                  world: D.World | None = None):
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
+        if cfg.architecture not in TRAINABLE_ARCHITECTURES:
+            raise ValueError(f"SAETrainer trains {', '.join(TRAINABLE_ARCHITECTURES)} SAEs; {cfg.architecture!r} SAEs "
+                             f"are loaded from files (load_saelens), spliced and evaluated, not trained here.")
+        if cfg.normalize_activations in RUN_TIME_NORMS:
+            raise ValueError(f"normalize_activations = {cfg.normalize_activations!r} is a SAELens run-time "
+                             f"normalisation of loaded SAEs; train with 'expected_average_only_in' (folded into the "
+                             f"weights at the end) or 'none'.")
         self.cfg = cfg
         self.world = world if world is not None and world.distributed else None
         #: what the step computes with (the step all_sums the gradients before the update, so on N ranks the

@@ -34,7 +34,7 @@ def test_derived_values():
 @pytest.mark.parametrize(
     "field, value, allowed",
     [
-        ("architecture", "gated", "one of 'relu', 'topk', 'batchtopk', 'jumprelu'"),
+        ("architecture", "matryoshka", "one of 'relu', 'topk', 'batchtopk', 'jumprelu', 'gated'"),
         ("k", 0, "an integer >= 1"),
         ("expansion_factor", -2, "an integer >= 1"),
         ("lr", 0.0, "a number in (0, 1.0]"),
@@ -43,7 +43,7 @@ def test_derived_values():
         ("jumprelu_bandwidth", 0, "a number in (0, 1000.0]"),
         ("lr_schedule", "exp", "one of 'constant', 'cosine', 'linear'"),
         ("b_dec_init", "median", "one of 'geometric_median', 'mean', 'zeros'"),
-        ("normalize_activations", "layer_norm", "one of 'none', 'expected_average_only_in'"),
+        ("normalize_activations", "covariance_whitening", "one of 'none', 'expected_average_only_in', 'constant_norm_rescale', 'layer_norm'"),
         ("context_size", 1, "an integer >= 2"),
         ("ghost_grads", "yes", "True or False"),
         ("train_batch_size_tokens", 2.5, "an integer >= 1"),
@@ -81,7 +81,7 @@ def test_metric_keys_are_constants():
         assert len(set(keys)) == len(keys)
         for k in keys:
             assert f"``{k}``" in M.__doc__ or k in M.__doc__  # every key is documented
-    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu"}
+    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
 
 
 def test_every_field_has_help_and_a_cli_flag():

@@ -155,14 +155,14 @@ def test_saelens_rejects_what_it_cannot_load_exactly(tmp_path):
     folder = tmp_path / "n"
     write_saelens(folder, "standard", np.random.default_rng(2))
     cfg = json.loads((folder / "cfg.json").read_text())
-    cfg["normalize_activations"] = "expected_average_only_in"
+    cfg["normalize_activations"] = "covariance_whitening"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="normalize_activations = 'expected_average_only_in'"):
+    with pytest.raises(ValueError, match="normalize_activations = 'covariance_whitening' is not supported"):
         load_saelens(str(folder))
     cfg["normalize_activations"] = "none"
-    cfg["architecture"] = "gated"
+    cfg["architecture"] = "matching_pursuit"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="architecture 'gated' is not supported"):
+    with pytest.raises(ValueError, match="architecture 'matching_pursuit' is not supported"):
         load_saelens(str(folder))
 
 
