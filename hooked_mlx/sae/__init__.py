@@ -36,6 +36,8 @@ from .files import (
                        load_sparsify,
                        save_sae,
 )
+from .gemma_scope import load_gemma_scope
+from .pretrained import from_pretrained
 from .sae import SAE
 from .splice import HookedSAETransformer
 from .store import ActivationStore, ArraySource, ShardSource, harvest, open_corpus
@@ -54,7 +56,7 @@ __all__ = [
     "NonFiniteLossError",
     "SAE", "SAEConfig", "SAETrainer", "ShardSource", "TokenFeatures", "detect_format", "evaluate_model",
     "evaluate_reconstruction", "export_saelens", "export_sparsify", "feature_logit_effects",
-    "feature_logit_weights", "geometric_median", "harvest", "load_checkpoint", "load_sae", "load_saelens",
+    "feature_logit_weights", "from_pretrained", "geometric_median", "harvest", "load_checkpoint", "load_gemma_scope", "load_sae", "load_saelens",
     "load_sparsify", "metrics", "open_corpus", "save_checkpoint", "save_sae", "top_contexts", "top_features",
     "train_sae", "train_saes",
 ]

@@ -117,6 +117,10 @@ def load_sae(path: str) -> SAE:
         return load_saelens(path)
     if kind == "sparsify":
         return load_sparsify(path)
+    if kind == "gemma_scope":
+        from .gemma_scope import load_gemma_scope  # (it builds on this module)
+
+        return load_gemma_scope(path)
     d = read_json(os.path.join(path, NATIVE_CONFIG), "SAE config")
     d.pop("format", None)
     version = d.pop("format_version", FORMAT_VERSION)
@@ -126,7 +130,7 @@ def load_sae(path: str) -> SAE:
 
 
 def detect_format(path: str) -> str:
-    """'native', 'saelens' or 'sparsify' for a folder (or a sparsify multi-hookpoint root: 'sparsify')."""
+    """'native', 'saelens', 'sparsify' (also a multi-hookpoint root) or 'gemma_scope' for a folder."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder of SAE files.")
     files = set(os.listdir(path))
@@ -138,9 +142,12 @@ def detect_format(path: str) -> str:
     subs = [f for f in files if os.path.isfile(os.path.join(path, f, SPARSIFY_WEIGHTS))]
     if subs:
         return "sparsify"
+    if "params.npz" in files or "params.safetensors" in files:
+        return "gemma_scope"
     raise ValueError(
         f"{path} holds no SAE files: expected {NATIVE_CONFIG} + {NATIVE_WEIGHTS} (hooked_mlx), {SAELENS_CONFIG} + "
-        f"{SAELENS_WEIGHTS} (SAELens) or per-hookpoint folders with {SPARSIFY_WEIGHTS} (sparsify)."
+        f"{SAELENS_WEIGHTS} (SAELens), per-hookpoint folders with {SPARSIFY_WEIGHTS} (sparsify) or params.npz / "
+        f"params.safetensors (Gemma Scope)."
     )
 
 

@@ -68,6 +68,14 @@ class SAE(nn.Module):
             self.b_gate = mx.zeros((F,))
             self.r_mag = mx.zeros((F,))
 
+    @classmethod
+    def from_pretrained(cls, release: str, sae_id: str = "") -> SAE:
+        """A published SAE by name (``pretrained.from_pretrained``): a sae_lens release and SAE id when sae_lens is
+        installed, else a Hugging Face repository id and folder; from the local HF cache first."""
+        from .pretrained import from_pretrained  # (loading builds on this module)
+
+        return from_pretrained(release, sae_id)
+
     # -- sizes ------------------------------------------------------------------------------------------
     @property
     def d_in(self) -> int:
