@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_sae(sub)
+    from .dashboard_cli import add_subcommand as add_dashboard
+
+    add_dashboard(sub)
     try:
         from .demo import add_subcommand as add_demo
     except ImportError:

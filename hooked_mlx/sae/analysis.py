@@ -2,6 +2,7 @@
 
 * ``top_features(model, sae, text, k)`` -- per token, the k strongest latents (indices and values).
 * ``top_contexts(model, sae, feature, corpus)`` -- max-activating examples with token windows.
+* ``feature_stats(model, sae, features, corpus)`` -- activation density and histogram.
 * ``feature_logit_effects(model, sae, features, k)`` -- W_dec[f] @ W_U: the tokens each latent promotes
   and suppresses (direct path, ignoring the final norm's scale).
 """
@@ -98,6 +99,81 @@ class FeatureExample:
         return "".join(f"[[{t}]]" if i == self.highlight else t for i, t in enumerate(self.str_tokens))
 
 
+def _latent_blocks(model, sae: SAE, feats: list[int], corpus, batch_size: int, context_size: int | None,
+                   max_docs: int | None, text_field: str):
+    """Yield (first document index, tokens [b, P], latents ``feats`` [b, P, n] as NumPy, -inf where the position
+    is padding, or BOS for an SAE trained without it) for blocks of the corpus's documents (one context each)."""
+    P = context_size or sae.cfg.context_size
+    bos = getattr(model, "bos_token_id", None)
+    pad = getattr(model, "pad_token_id", None)
+    builder = ContextBuilder(open_corpus(corpus, text_field), model.tokenizer, P, bos=bos, pad=pad,
+                             prepend_bos=sae.cfg.prepend_bos, packing=False,
+                             exclude_special=sae.cfg.exclude_special_tokens, cycle=False)
+    sel = mx.array(feats)
+    doc = 0
+    while max_docs is None or doc < max_docs:
+        block = builder.next_block(batch_size if max_docs is None else min(batch_size, max_docs - doc))
+        if block is None:
+            return
+        toks, mask = block
+        acts = _hook_acts(model, sae, mx.array(toks))
+        f_mx = sae.encode(acts)[..., sel]  # [b, P, n_feats]
+        yield doc, toks, np.array(mx.where(mx.array(mask)[..., None], f_mx, -mx.inf))
+        doc += toks.shape[0]
+
+
+def _features(sae: SAE, feature) -> list[int]:
+    feats = [feature] if isinstance(feature, int) else [int(f) for f in feature]
+    for f_ in feats:
+        if not 0 <= f_ < sae.d_sae:
+            raise ValueError(f"feature = {f_} is invalid: expected 0 <= feature < d_sae ({sae.d_sae}).")
+    return feats
+
+
+@dataclass
+class FeatureStats:
+    """Per feature over ``n_tokens`` corpus tokens: ``frac_nonzero`` (the activation density), ``max_value``, and
+    a histogram of its non-zero values (``hist_counts`` in ``bins`` equal bins from 0 to ``max_value``, whose
+    centres are ``hist_centres``)."""
+
+    features: list
+    n_tokens: int
+    frac_nonzero: list
+    max_value: list
+    hist_centres: list
+    hist_counts: list
+
+
+def feature_stats(model, sae: SAE, feature: int | list[int], corpus, *, bins: int = 30, batch_size: int = 8,
+                  context_size: int | None = None, max_docs: int | None = None, text_field: str = "text"
+                  ) -> FeatureStats:
+    """Activation density and histogram of latents ``feature`` over ``corpus`` (the positions ``top_contexts``
+    reads: each document one context; padding, and BOS when the SAE was trained without it, left out)."""
+    feats = _features(sae, feature)
+    values: list[list[np.ndarray]] = [[] for _ in feats]
+    n_tokens = 0
+    for _, _, f in _latent_blocks(model, sae, feats, corpus, batch_size, context_size, max_docs, text_field):
+        live = np.isfinite(f[..., 0])
+        n_tokens += int(live.sum())
+        for j in range(len(feats)):
+            v = f[..., j][live]
+            values[j].append(v[v > 0])
+    fracs, maxes, centres, counts = [], [], [], []
+    for vs in values:
+        v = np.concatenate(vs) if vs else np.zeros(0)
+        fracs.append(float(v.size / max(n_tokens, 1)))
+        top = float(v.max()) if v.size else 0.0
+        maxes.append(top)
+        if v.size:
+            c, edges = np.histogram(v, bins=bins, range=(0.0, top))
+            centres.append([float(x) for x in (edges[:-1] + edges[1:]) / 2])
+            counts.append([int(x) for x in c])
+        else:
+            centres.append([])
+            counts.append([])
+    return FeatureStats(feats, n_tokens, fracs, maxes, centres, counts)
+
+
 def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 10,
                  window: tuple[int, int] = (10, 5), batch_size: int = 8, context_size: int | None = None,
                  max_docs: int | None = None, text_field: str = "text"):
@@ -107,28 +183,10 @@ def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 
     pad positions are skipped when the SAE was trained without them. Sorted by value, descending.
     ``feature`` may be a list: one pass over the corpus then returns {feature: [FeatureExample, ...]}.
     """
-    feats = [feature] if isinstance(feature, int) else [int(f) for f in feature]
-    for f_ in feats:
-        if not 0 <= f_ < sae.d_sae:
-            raise ValueError(f"feature = {f_} is invalid: expected 0 <= feature < d_sae ({sae.d_sae}).")
-    P = context_size or sae.cfg.context_size
-    bos = getattr(model, "bos_token_id", None)
-    pad = getattr(model, "pad_token_id", None)
-    builder = ContextBuilder(open_corpus(corpus, text_field), model.tokenizer, P, bos=bos, pad=pad,
-                             prepend_bos=sae.cfg.prepend_bos, packing=False,
-                             exclude_special=sae.cfg.exclude_special_tokens, cycle=False)
+    feats = _features(sae, feature)
     heaps: dict[int, list[tuple[float, int, int]]] = {f_: [] for f_ in feats}
     rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # doc -> (tokens [P], latents [P, n_feats])
-    sel = mx.array(feats)
-    doc = 0
-    while max_docs is None or doc < max_docs:
-        block = builder.next_block(batch_size if max_docs is None else min(batch_size, max_docs - doc))
-        if block is None:
-            break
-        toks, mask = block
-        acts = _hook_acts(model, sae, mx.array(toks))
-        f_mx = sae.encode(acts)[..., sel]  # [b, P, n_feats]
-        f = np.array(mx.where(mx.array(mask)[..., None], f_mx, -mx.inf))
+    for doc, toks, f in _latent_blocks(model, sae, feats, corpus, batch_size, context_size, max_docs, text_field):
         for j, f_ in enumerate(feats):
             heap = heaps[f_]
             for r, p in zip(*np.nonzero(np.isfinite(f[..., j]))):
@@ -141,7 +199,6 @@ def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 
             rows[doc + r] = (toks[r], f[r])
         keep = {d for heap in heaps.values() for _, d, _ in heap}
         rows = {d: v for d, v in rows.items() if d in keep}
-        doc += toks.shape[0]
     before, after = window
     out = {}
     for j, f_ in enumerate(feats):

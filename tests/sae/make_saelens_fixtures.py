@@ -79,6 +79,8 @@ def cases():
     for norm in ("expected_average_only_in", "constant_norm_rescale", "layer_norm"):
         yield f"standard_{norm}", StandardSAE(StandardSAEConfig(**common, normalize_activations=norm)), "save_model"
     yield "topk_layer_norm", TopKSAE(TopKSAEConfig(**common, k=6, normalize_activations="layer_norm")), "save_model"
+    # an SAE on stories260K's residual stream (d_model 64; the README loads it into that model)
+    yield "stories_topk", TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8, dtype="float32", device="cpu")), "save_model"
     # an attention hook_z SAE: SAELens flattens [..., n_heads, d_head] (here 4 x 6) to d_in 24
     yield "hook_z", StandardSAE(StandardSAEConfig(**common, reshape_activations="hook_z")), "save_model"
     # transcoders: read an MLP's input (this hook), predict its output
@@ -119,12 +121,15 @@ def main() -> int:
             sae.cfg.metadata.hook_name = "blocks.1.ln2.hook_normalized"
         if name == "hook_z":
             sae.cfg.metadata.hook_name = "blocks.0.attn.hook_z"
+        if name == "stories_topk":
+            sae.cfg.metadata.hook_name = "blocks.2.hook_resid_post"
+            sae.cfg.metadata.model_name = "stories260K"
         sae.eval()
         folder = os.path.join(out_root, name)
         getattr(sae, writer)(folder)
         # what SAELens itself computes, from the files it wrote (its own loader)
         loaded = sae_lens.SAE.load_from_disk(folder, device="cpu")
-        x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(100 + i))
+        x = torch.randn(N, sae.cfg.d_in, generator=torch.Generator().manual_seed(100 + i))
         if "norm" in name:  # activations off the unit scale with a mean, so that the normalisations matter
             x = 3.0 * x + 0.7
         if name == "hook_z":

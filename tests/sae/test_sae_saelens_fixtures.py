@@ -18,7 +18,7 @@ from tolerance import assert_close
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "saelens_6.54.12")
 LOADABLE = ["standard", "standard_no_b_dec_in", "jumprelu", "topk", "topk_rescaled", "batchtopk_inference",
             "matryoshka_batchtopk_inference", "gated", "standard_expected_average_only_in",
-            "standard_constant_norm_rescale", "standard_layer_norm", "topk_layer_norm", "hook_z",
+            "standard_constant_norm_rescale", "standard_layer_norm", "topk_layer_norm", "hook_z", "stories_topk",
             "transcoder", "skip_transcoder", "jumprelu_transcoder"]
 #: SAELens applies these normalisations per token at run time: decode alone stays in the normalised space
 RUN_TIME_NORMED = ["standard_constant_norm_rescale", "standard_layer_norm", "topk_layer_norm"]
