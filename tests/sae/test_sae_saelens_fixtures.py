@@ -175,3 +175,19 @@ def test_saelens_loads_hooked_mlx_exports_and_gives_the_same_outputs(tmp_path):
         theirs = load_file(str(tmp_path / name / "saelens_outputs.safetensors"))
         assert_close(theirs["feature_acts"], f, 1e-5, err_msg=f"{name}: latents")
         assert_close(theirs["sae_out"].reshape(out.shape), out, 1e-5, err_msg=f"{name}: output")
+
+
+def test_saelens_bfloat16_files_load_as_float32(tmp_path):
+    """SAELens's dtype field: a folder saved in bfloat16 loads (computing in float32) with the rounded weights."""
+    src = os.path.join(ROOT, "topk")
+    other = tmp_path / "bf16"
+    shutil.copytree(src, other)
+    cfg = json.loads((other / "cfg.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (other / "cfg.json").write_text(json.dumps(cfg))
+    w = mx.load(str(other / "sae_weights.safetensors"))
+    mx.save_safetensors(str(other / "sae_weights.safetensors"), {k: v.astype(mx.bfloat16) for k, v in w.items()})
+    sae, ref = load_saelens(str(other)), load_saelens(src)
+    for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert getattr(sae, k).dtype == mx.float32
+        assert mx.array_equal(getattr(sae, k), getattr(ref, k).astype(mx.bfloat16).astype(mx.float32)).item()

@@ -102,3 +102,22 @@ def test_hook_z_sae_reads_flattened_heads(model):
     _, sc = model.run_with_cache_with_saes(toks, saes=[sae], use_error_term=True)
     assert mx.array_equal(model.run_with_saes(toks, saes=[sae], use_error_term=True), model(toks)).item()
     assert_close(sc[f"{name}.hook_sae_acts_post"], sae.encode(z.reshape(*z.shape[:2], -1)), 1e-6)
+
+
+@pytest.mark.parametrize("arch, norm", [("gated", "none"), ("relu", "layer_norm"), ("topk", "constant_norm_rescale")])
+def test_loaded_only_architectures_and_run_time_norms_splice(model, arch, norm):
+    """Gated SAEs and SAELens's run-time normalisations splice like any SAE: exact with the error term, and
+    without it the SAE's own output (normalised per token and mapped back) replaces the activation."""
+    toks = model.to_tokens("Once upon a time there was")
+    cfg = SAEConfig(d_in=64, d_sae=256, architecture=arch, k=8, hook_name=HOOK, normalize_activations=norm)
+    sae = SAE(cfg, key=mx.random.key(3))
+    if arch == "gated":
+        sae.b_gate = 0.2 * mx.ones((256,))
+        sae.r_mag = 0.1 * mx.random.normal((256,), key=mx.random.key(4))
+    assert (model.run_with_saes(toks, saes=[sae], use_error_term=True) == model(toks)).all().item()
+    want = model.run_with_hooks(toks, fwd_hooks=[(HOOK, lambda a, hook: sae(a).astype(a.dtype))])
+    assert_close(model.run_with_saes(toks, saes=[sae]), want, 1e-5)
+    assert float(mx.abs(want - model(toks)).max()) > 1e-2
+    _, cache = model.run_with_cache_with_saes(toks, saes=[sae], names_filter=HOOK + ".hook_sae_acts_post")
+    f = cache[HOOK + ".hook_sae_acts_post"]
+    assert 0 < float(mx.mean((f > 0).astype(mx.float32))) < 1
