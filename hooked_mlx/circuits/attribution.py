@@ -1,0 +1,306 @@
+"""The local replacement model of a prompt and its attribution graph (Ameisen et al. 2025, "Circuit Tracing").
+
+Replacement model. One forward of the real model records, at every layer l, the MLP input the transcoders read
+(``blocks.l.ln2.hook_normalized``) and the MLP output (``blocks.l.hook_mlp_out``), every attention pattern and
+every norm's scale (``*.hook_scale``). With the patterns and scales frozen to those values the model is affine in
+what enters the residual stream: the token embeddings (``hook_embed``) and each MLP output. The MLP output is
+replaced by the transcoder's output (active features times decoder rows, plus b_dec, plus a skip transcoder's
+linear term) plus the error node (true MLP output - transcoder output), so the replacement gives the original
+logits (to float rounding).
+
+Graph. Nodes: active features (layer, position, feature), error nodes (layer, position), token embeddings
+(position), and the top logits (by probability until ``max_logit_prob`` cumulative, at most ``max_n_logits``).
+A target's bias is its value with every source zero: what the attention, norm and transcoder (b_dec) biases give.
+A feature target's value is its encoder input W_enc[:, f] . x (the pre-activation without b_enc); a logit target's
+is the de-meaned logit (W_U[:, t] - mean_v W_U[:, v]) . unembed input at the last position. The edge from source
+s to target t is the direct effect of s on t in the frozen model with every other feature held fixed: the
+gradient of t with respect to the residual-stream input where s writes, dotted with what s writes (a feature:
+its activation times its decoder row; an error node: its vector; a token: its embedding). Gradients come from
+one ``mx.vjp`` per batch of ``batch_size`` targets: the frozen forward runs on that many copies of the prompt and
+each copy carries one target's cotangent.
+
+Exactness (``tests/circuits``): incoming edges plus the target's bias (its value with every source zero) sum to
+its value; an edge equals the finite-difference effect of scaling its source; the replacement's logits equal the
+model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from ..host import to_floats, to_ints
+from ..sae.analysis import unembedding
+from ..sae.sae import SAE
+
+
+@dataclass
+class Graph:
+    """An attribution graph. ``adjacency`` [n, n] float32: adjacency[t, s] = direct effect of node s on node t;
+    node order: features (``active_features`` rows: layer, position, feature), then errors (layer-major, n_layers x
+    n_pos), then tokens (n_pos), then logits (``logit_tokens``)."""
+
+    prompt_tokens: list
+    str_tokens: list
+    active_features: np.ndarray  # [n_features, 3] (layer, pos, feature)
+    activations: np.ndarray  # [n_features]
+    logit_tokens: list
+    logit_probabilities: np.ndarray
+    adjacency: np.ndarray
+    n_layers: int
+    hook_in: list = field(default_factory=list)
+    target_values: np.ndarray | None = None  # per target node (features, logits): its value in the replacement
+    target_biases: np.ndarray | None = None  # per target node: its value with every source zero
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.active_features.shape[0])
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def token_start(self) -> int:
+        return self.n_features + self.n_layers * self.n_pos
+
+    @property
+    def logit_start(self) -> int:
+        return self.token_start + self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.logit_start + len(self.logit_tokens)
+
+
+def _linear_transcoder(sae: SAE, layer: int) -> None:
+    cfg = sae.cfg
+    if cfg.architecture == "gated" or cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(f"Layer {layer}'s transcoder is {cfg.architecture} / {cfg.normalize_activations}: attribution "
+                         f"needs an encoder input that is linear in the MLP input (relu, topk, batchtopk, jumprelu "
+                         f"without a run-time normalisation).")
+
+
+class ReplacementModel:
+    """``model`` with per-layer transcoders ``{layer: SAE}`` (each reading ``blocks.l.ln2.hook_normalized`` and
+    writing ``blocks.l.hook_mlp_out``), frozen at one prompt (``freeze``)."""
+
+    def __init__(self, model, transcoders: dict[int, SAE]):
+        self.model = model
+        self.n_layers = model.cfg.n_layers
+        missing = [layer for layer in range(self.n_layers) if layer not in transcoders]
+        if missing:
+            raise ValueError(f"Attribution replaces every MLP: no transcoder for layer(s) {missing}; pass one per "
+                             f"layer, {{0: tc0, ..., {self.n_layers - 1}: tc{self.n_layers - 1}}}.")
+        for layer, tc in transcoders.items():
+            want = (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
+            if (tc.cfg.hook_name, tc.cfg.hook_name_out or tc.cfg.hook_name) != want:
+                raise ValueError(f"Layer {layer}'s transcoder reads {tc.cfg.hook_name!r} and writes "
+                                 f"{tc.cfg.hook_name_out!r}; expected {want[0]!r} -> {want[1]!r}.")
+            _linear_transcoder(tc, layer)
+        self.transcoders = {int(k): v for k, v in transcoders.items()}
+
+    # -- the real forward, recorded -------------------------------------------------------------------
+    def freeze(self, tokens: mx.array) -> dict:
+        """One real forward on tokens [P]: everything the frozen model and the graph need."""
+        L = self.n_layers
+        names = [n for n in self.model.hook_dict if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+        names += ["hook_embed"] + [f"blocks.{layer}.ln2.hook_normalized" for layer in range(L)]
+        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+        logits, cache = self.model.run_with_cache(tokens[None], names_filter=names)
+        frozen = {n: mx.stop_gradient(cache[n]) for n in names if n in cache}
+        acts, decoded = [], []
+        for layer in range(L):
+            tc = self.transcoders[layer]
+            x = cache[f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
+            f = tc.encode(x)  # [P, F]
+            acts.append(f)
+            decoded.append(tc.decode(f))  # [P, d_out] (without the skip term, which the frozen model computes)
+        mx.eval(logits, frozen, acts, decoded)
+        return {"logits": logits[0], "frozen": frozen, "acts": acts, "decoded": decoded}
+
+    # -- the frozen, affine model ----------------------------------------------------------------------
+    def frozen_forward(self, tokens: mx.array, state: dict, embed: mx.array, mlp: list[mx.array]) -> list[mx.array]:
+        """The replacement model, frozen at ``state``, on B copies of the prompt: ``embed`` [B, P, d] enters as the
+        token embedding and ``mlp[l]`` [B, P, d] as layer l's MLP output (plus a skip transcoder's term, computed
+        from this forward's MLP input). Returns the readouts: every layer's transcoder input [B, P, d_in] and
+        the unembedding's input [B, P, d_model]."""
+        B = embed.shape[0]
+        frozen = state["frozen"]
+        reads: dict[str, mx.array] = {}
+
+        def const(name):
+            return lambda act, hook: mx.broadcast_to(frozen[name], (B, *frozen[name].shape[1:])).astype(act.dtype)
+
+        def inject(value):
+            return lambda act, hook: value.astype(act.dtype)
+
+        def record(act, hook):
+            reads[hook.name] = act
+            return act
+
+        def mlp_out(layer):
+            tc = self.transcoders[layer]
+            name_in = f"blocks.{layer}.ln2.hook_normalized"
+
+            def fn(act, hook):
+                out = mlp[layer]
+                if tc.cfg.skip_connection:
+                    out = out + reads[name_in].astype(mx.float32) @ tc.W_skip.T
+                return out.astype(act.dtype)
+
+            return fn
+
+        hooks = [(n, const(n)) for n in frozen if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+        hooks.append(("hook_embed", inject(embed)))
+        for layer in range(self.n_layers):
+            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
+        hooks.append(("unembed.hook_in", record))
+        self.model.run_with_hooks(mx.broadcast_to(tokens[None], (B, tokens.shape[0])), fwd_hooks=hooks)
+        names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(self.n_layers)] + ["unembed.hook_in"]
+        return [reads[n].astype(mx.float32) for n in names]
+
+    def sources(self, state: dict) -> tuple[mx.array, list[mx.array]]:
+        """The real injections: token embeddings [P, d] and per layer the MLP output replacement (transcoder
+        decode + error) [P, d]; the error is (true MLP output - transcoder output, skip term included)."""
+        frozen = state["frozen"]
+        embed = frozen["hook_embed"][0].astype(mx.float32)
+        mlp = []
+        for layer in range(self.n_layers):
+            true = frozen[f"blocks.{layer}.hook_mlp_out"][0].astype(mx.float32)
+            mlp.append(true - self._skip(layer, state))  # = decode + error
+        return embed, mlp
+
+    def errors(self, state: dict) -> list[mx.array]:
+        """Per layer the error node vectors [P, d]: true MLP output - transcoder output (skip term included)."""
+        _, mlp = self.sources(state)
+        return [mlp[layer] - state["decoded"][layer] for layer in range(self.n_layers)]
+
+    def _skip(self, layer: int, state: dict) -> mx.array:
+        tc = self.transcoders[layer]
+        if not tc.cfg.skip_connection:
+            return mx.zeros((1,))
+        x = state["frozen"][f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
+        return x @ tc.W_skip.T
+
+
+def _logit_targets(logits: mx.array, max_n_logits: int, max_logit_prob: float) -> tuple[list[int], np.ndarray]:
+    probs = np.array(mx.softmax(logits[-1].astype(mx.float32)), dtype=np.float64)
+    order = np.argsort(-probs)
+    keep = []
+    total = 0.0
+    for t in order[:max_n_logits]:
+        keep.append(int(t))
+        total += probs[t]
+        if total >= max_logit_prob:
+            break
+    return keep, probs[keep]
+
+
+def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int = 10, max_logit_prob: float = 0.95,
+              batch_size: int = 32, prepend_bos: bool | None = None) -> Graph:
+    """The attribution graph of ``prompt`` (a string or token ids [P]) through per-layer ``transcoders``."""
+    rm = ReplacementModel(model, transcoders)
+    tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)[0] if isinstance(prompt, str) else mx.array(prompt)
+    if tokens.ndim != 1:
+        raise ValueError(f"attribute takes one prompt; got tokens of shape {tuple(tokens.shape)}.")
+    P, L = tokens.shape[0], rm.n_layers
+    state = rm.freeze(tokens)
+    embed, mlp = rm.sources(state)
+    errors = rm.errors(state)
+
+    # nodes
+    feats = []  # (layer, pos, feature)
+    for layer in range(L):
+        a = np.array(state["acts"][layer])
+        for p, f in zip(*np.nonzero(a > 0)):
+            feats.append((layer, int(p), int(f)))
+    active = np.array(feats, dtype=np.int64).reshape(-1, 3)
+    acts = np.array([float(state["acts"][layer][p, f]) for layer, p, f in feats], dtype=np.float32)
+    logit_tokens, logit_probs = _logit_targets(state["logits"], max_n_logits, max_logit_prob)
+    W_U = unembedding(model).astype(mx.float32)  # [d_model, d_vocab]
+    U = W_U[:, mx.array(logit_tokens)] - mx.mean(W_U, axis=1, keepdims=True)  # [d_model, n_logits]
+
+    nF, nE, nT, nL = len(feats), L * P, P, len(logit_tokens)
+    n = nF + nE + nT + nL
+    adjacency = np.zeros((n, n), dtype=np.float32)
+    # per layer: the active features' positions, decoder rows and activations (source side)
+    src = []
+    for layer in range(L):
+        rows = [i for i, (lay, _, _) in enumerate(feats) if lay == layer]
+        pos = mx.array(active[rows, 1]) if rows else mx.zeros((0,), mx.int32)
+        dec = rm.transcoders[layer].W_dec[mx.array(active[rows, 2])] if rows else None
+        src.append((rows, pos, dec))
+
+    # targets: every feature (its encoder input), then every logit
+    targets = [("feature", i) for i in range(nF)] + [("logit", j) for j in range(nL)]
+    # every source zero: the token embeddings and the feature and error parts of each MLP replacement; what is
+    # left of an MLP output is its transcoder's b_dec (a bias, like the attention and norm biases)
+    zeros = [mx.zeros((1, P, embed.shape[-1]))] + [
+        mx.broadcast_to(rm.transcoders[layer].b_dec, (1, P, m.shape[-1])) for layer, m in enumerate(mlp)]
+    values, biases = [], []
+
+    def readout_vectors(batch):
+        """Per readout (L transcoder inputs, the unembed input): the cotangent [B, P, d] of each target."""
+        cts = []
+        for r in range(L + 1):
+            d = embed.shape[-1] if r == L else rm.transcoders[r].d_in
+            ct = np.zeros((len(batch), P, d), dtype=np.float32)
+            cts.append(ct)
+        for b, (kind, i) in enumerate(batch):
+            if kind == "feature":
+                layer, p, f = feats[i]
+                cts[layer][b, p] = np.array(rm.transcoders[layer].W_enc[:, f])
+            else:
+                cts[L][b, P - 1] = np.array(U[:, i])
+        return [mx.array(c) for c in cts]
+
+    def frozen(B):
+        def fn(e, *m):
+            return rm.frozen_forward(tokens, state, e, list(m))
+        return fn
+
+    for start in range(0, len(targets), batch_size):
+        batch = targets[start:start + batch_size]
+        B = len(batch)
+        cts = readout_vectors(batch)
+        prim = [mx.broadcast_to(embed[None], (B, P, embed.shape[-1]))] + [
+            mx.broadcast_to(m[None], (B, P, m.shape[-1])) for m in mlp]
+        outs, grads = mx.vjp(frozen(B), prim, cts)
+        # the targets' values, and their biases (the frozen model with every source zero)
+        zero_outs = rm.frozen_forward(tokens, state, mx.broadcast_to(zeros[0], (B, P, embed.shape[-1])),
+                                      [mx.broadcast_to(z, (B, P, z.shape[-1])) for z in zeros[1:]])
+        val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(outs, cts)]).sum(axis=0)
+        bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
+        g_embed, g_mlp = grads[0], grads[1:]
+        rows_t = [(nF + nE + nT + i) if kind == "logit" else i for kind, i in batch]
+        # token sources: embedding . gradient
+        tok = mx.sum(g_embed * embed[None], axis=-1)  # [B, P]
+        # error sources, and feature sources: activation * (decoder row . gradient)
+        err = mx.stack([mx.sum(g_mlp[layer] * errors[layer][None], axis=-1) for layer in range(L)], axis=1)  # [B,L,P]
+        feat_cols, feat_vals = [], []
+        for layer in range(L):
+            rows, pos, dec = src[layer]
+            if dec is None:
+                continue
+            g = g_mlp[layer][:, pos]  # [B, n_l, d]
+            feat_vals.append(mx.sum(g * dec[None], axis=-1) * mx.array(acts[rows])[None])
+            feat_cols.extend(rows)
+        mx.eval(tok, err, feat_vals, val, bias)
+        adjacency[rows_t, nF + nE:nF + nE + nT] = np.array(tok)
+        adjacency[rows_t, nF:nF + nE] = np.array(err).reshape(B, L * P)
+        if feat_cols:
+            adjacency[np.ix_(rows_t, feat_cols)] = np.array(mx.concatenate(feat_vals, axis=1))
+        values.extend(to_floats(val))
+        biases.extend(to_floats(bias))
+    return Graph(prompt_tokens=to_ints(tokens), str_tokens=list(model.to_str_tokens(tokens)), active_features=active,
+                 activations=acts, logit_tokens=logit_tokens, logit_probabilities=logit_probs.astype(np.float32),
+                 adjacency=adjacency, n_layers=L, hook_in=[rm.transcoders[layer].cfg.hook_name for layer in range(L)],
+                 target_values=np.array(values, dtype=np.float64), target_biases=np.array(biases, dtype=np.float64))
