@@ -201,3 +201,44 @@ def test_pruning_and_json(stories_tcs):
     assert len(data["links"]) == int(pr.edge_mask.sum())
     assert sum(n["feature_type"] == "logit" for n in data["nodes"]) == len(g.logit_tokens)
     assert data["metadata"]["prompt_tokens"] == g.str_tokens
+
+
+def test_interventions_in_the_replacement_and_the_real_model(stories_tcs, stories_path):
+    """Unedited, both give the model's logits. Zeroing the top logit's strongest feature lowers that logit in
+    both, by the graph's edge weight at first order in the frozen model; an edit on a layer with no effect on the
+    last position (a later position) changes nothing."""
+    from hooked_mlx.circuits import intervene, intervene_replacement, scale, zero
+    from hooked_mlx.sae import HookedSAETransformer
+
+    model, tcs = stories_tcs
+    smodel = HookedSAETransformer.from_pretrained(stories_path)
+    g = attribute(model, tcs, PROMPT)
+    tokens = mx.array(g.prompt_tokens)
+    rm = ReplacementModel(model, tcs)
+    state = rm.freeze(tokens)
+    clean = model(tokens[None])[0].astype(mx.float32)
+    assert_close(intervene_replacement(rm, tokens, [], state), clean, 1e-5)
+    assert_close(intervene(smodel, tcs, tokens, [])[0], clean, 1e-5)
+    # the feature with the largest direct edge into the top logit
+    t = g.logit_start
+    s = int(np.argmax(g.adjacency[t, :g.n_features]))
+    layer, pos, f = (int(v) for v in g.active_features[s])
+    tok = g.logit_tokens[0]
+
+    def demeaned(logits):
+        return float(logits[-1, tok] - logits[-1].mean())
+
+    base = demeaned(clean)
+    edited_rm = demeaned(intervene_replacement(rm, tokens, [(layer, pos, f, zero)], state))
+    edited_real, cont = intervene(smodel, tcs, tokens, [(layer, pos, f, zero)], max_new_tokens=3)
+    assert edited_rm < base and demeaned(edited_real) < base
+    if layer == model.cfg.n_layers - 1:  # no later features to respond: exactly the edge
+        assert edited_rm - base == pytest.approx(-g.adjacency[t, s], rel=1e-3)
+    assert len(cont) == 3
+    doubled = demeaned(intervene_replacement(rm, tokens, [(layer, pos, f, scale(2.0))], state))
+    assert doubled > base
+    # a feature edited at the last position of a layer cannot reach an earlier position's logits
+    early = intervene_replacement(rm, tokens, [(0, len(g.prompt_tokens) - 1, 0, 5.0)], state)
+    assert_close(early[:-1], clean[:-1], 1e-5)
+    with pytest.raises(ValueError, match="no transcoder"):
+        intervene_replacement(rm, tokens, [(99, 0, 0, 1.0)], state)

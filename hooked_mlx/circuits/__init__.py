@@ -4,10 +4,13 @@
   embeddings and the top logits as nodes; edges = direct linear effects in the frozen replacement model, from
   batched vector-Jacobian products (``attribution.py``).
 * ``prune_graph``, ``graph_scores`` (replacement and completeness scores), ``graph_to_json`` (``graph.py``).
+* ``intervene`` (the real model, transcoders spliced in) and ``intervene_replacement`` (the frozen replacement
+  model): set, scale or zero features and see the logits change (``interventions.py``).
 """
 
 from .attribution import Graph, ReplacementModel, attribute
 from .graph import compute_influence, graph_scores, graph_to_json, normalize_matrix, prune_graph
+from .interventions import intervene, intervene_replacement, scale, zero
 
 __all__ = ["Graph", "ReplacementModel", "attribute", "compute_influence", "graph_scores", "graph_to_json",
-           "normalize_matrix", "prune_graph"]
+           "intervene", "intervene_replacement", "normalize_matrix", "prune_graph", "scale", "zero"]

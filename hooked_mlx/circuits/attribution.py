@@ -167,6 +167,40 @@ class ReplacementModel:
         names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(self.n_layers)] + ["unembed.hook_in"]
         return [reads[n].astype(mx.float32) for n in names]
 
+    def run(self, tokens: mx.array, state: dict, edit=None) -> mx.array:
+        """The local replacement model on ``tokens`` [P] as a model: attention patterns, norm scales and error nodes
+        frozen at ``state``, each MLP replaced by its transcoder (features recomputed from this forward's MLP input,
+        then ``edit(layer, acts [P, F])`` applied) plus the error node. Returns logits [P, V]; without an edit they are
+        the model's (to float rounding)."""
+        frozen = state["frozen"]
+        errors = self.errors(state)
+        reads: dict[str, mx.array] = {}
+
+        def const(name):
+            return lambda act, hook: frozen[name].astype(act.dtype)
+
+        def record(act, hook):
+            reads[hook.name] = act
+            return act
+
+        def mlp_out(layer):
+            tc = self.transcoders[layer]
+
+            def fn(act, hook):
+                x = reads[f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
+                f = tc.encode(x)
+                if edit is not None:
+                    f = edit(layer, f)
+                return (tc.predict(f, x) + errors[layer])[None].astype(act.dtype)
+
+            return fn
+
+        hooks = [(n, const(n)) for n in frozen if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+        for layer in range(self.n_layers):
+            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
+        return self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
+
     def sources(self, state: dict) -> tuple[mx.array, list[mx.array]]:
         """The real injections: token embeddings [P, d] and per layer the MLP output replacement (transcoder
         decode + error) [P, d]; the error is (true MLP output - transcoder output, skip term included)."""
