@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_sae(sub)
+    from .circuits.cli import add_subcommand as add_attribute
     from .dashboard_cli import add_subcommand as add_dashboard
 
     add_dashboard(sub)
+    add_attribute(sub)
     try:
         from .demo import add_subcommand as add_demo
     except ImportError:

@@ -242,3 +242,51 @@ def test_interventions_in_the_replacement_and_the_real_model(stories_tcs, storie
     assert_close(early[:-1], clean[:-1], 1e-5)
     with pytest.raises(ValueError, match="no transcoder"):
         intervene_replacement(rm, tokens, [(99, 0, 0, 1.0)], state)
+
+
+def test_attribute_command_writes_json_and_a_viewer_that_renders(stories_tcs, stories_path, tmp_path):
+    """``hooked-mlx attribute`` on a folder of per-layer transcoders: circuit-tracer's JSON, and an HTML viewer that
+    headless chromium draws with no script error; a selected node lists its incoming edges with the graph's weights
+    and its top contexts."""
+    from hooked_mlx.circuits import load_transcoders
+    from hooked_mlx.cli import main
+    from hooked_mlx.sae import save_sae
+    from browser import _assert_rendered, _browser, _dom, _not_blank, _parse
+
+    model, tcs = stories_tcs
+    root = tmp_path / "tcs"
+    for layer, tc in tcs.items():
+        save_sae(tc, str(root / f"layer_{layer}"))
+    loaded = load_transcoders(str(root))
+    assert sorted(loaded) == list(range(model.cfg.n_layers)) and loaded[1].cfg.skip_connection
+    corpus = str(Path(__file__).parent / "sae" / "data" / "stories_samples.txt")
+    out, page = tmp_path / "graph.json", tmp_path / "graph.html"
+    assert main(["attribute", str(stories_path), PROMPT, "--transcoders", str(root), "--out", str(out), "--html",
+                 str(page), "--corpus", corpus, "--max-docs", "30"]) == 0
+    data = json.loads(out.read_text())
+    feats = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feats and any(n["feature_type"] == "logit" and n["is_target_logit"] for n in data["nodes"])
+    # the node with the most incoming links, selected through the URL hash
+    counts: dict[str, int] = {}
+    for lk in data["links"]:
+        counts[lk["target"]] = counts.get(lk["target"], 0) + 1
+    node = max(feats, key=lambda n: counts.get(n["node_id"], 0))["node_id"]
+    dom = _dom(page, f"#node={node}")
+    _assert_rendered(dom)
+    items = _parse(dom).items
+    assert sum(t == "circle" for t, _, _ in items) == len(data["nodes"])
+    assert sum(t == "line" for t, _, _ in items) == len(data["links"])
+    shown = sorted(float(a["data-weight"]) for t, a, _ in items if t == "td" and "data-weight" in a)
+    incoming = sorted(lk["weight"] for lk in data["links"] if lk["target"] == node)
+    outgoing = sorted(lk["weight"] for lk in data["links"] if lk["source"] == node)
+    want = sorted(sorted(incoming, key=abs)[-12:] + sorted(outgoing, key=abs)[-12:])
+    assert shown == pytest.approx(want, rel=1e-6)
+    assert any(a.get("data-context") == "1" for t, a, _ in items)  # its top contexts, from the corpus
+    _browser(f"file://{page}#node={node}", "--window-size=1100,900", f"--screenshot={tmp_path / 'g.png'}")
+    _not_blank(tmp_path / "g.png")
+    before = out.read_text()
+    try:  # the file exists: refused without --overwrite, and left as it was
+        rc = main(["attribute", str(stories_path), PROMPT, "--transcoders", str(root), "--out", str(out)])
+    except SystemExit as e:
+        rc = e.code
+    assert rc not in (0, None) and out.read_text() == before

@@ -6,11 +6,16 @@
 * ``prune_graph``, ``graph_scores`` (replacement and completeness scores), ``graph_to_json`` (``graph.py``).
 * ``intervene`` (the real model, transcoders spliced in) and ``intervene_replacement`` (the frozen replacement
   model): set, scale or zero features and see the logits change (``interventions.py``).
+* ``write_graph`` (JSON and the HTML viewer, with ``graph_contexts``), ``load_transcoders`` (a folder of per-layer
+  transcoders), and the ``hooked-mlx attribute`` command (``cli.py``).
 """
 
 from .attribution import Graph, ReplacementModel, attribute
 from .graph import compute_influence, graph_scores, graph_to_json, normalize_matrix, prune_graph
 from .interventions import intervene, intervene_replacement, scale, zero
+from .output import graph_contexts, write_graph
+from .transcoder_sets import load_transcoders
 
 __all__ = ["Graph", "ReplacementModel", "attribute", "compute_influence", "graph_scores", "graph_to_json",
-           "intervene", "intervene_replacement", "normalize_matrix", "prune_graph", "scale", "zero"]
+           "graph_contexts", "intervene", "intervene_replacement", "load_transcoders", "normalize_matrix",
+           "prune_graph", "scale", "write_graph", "zero"]

@@ -1,0 +1,52 @@
+"""Writing a graph: circuit-tracer's JSON (for Neuronpedia's graph viewer) and the HTML viewer, with each kept
+feature's top contexts from a corpus (the dashboards' ``top_contexts``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..outputs import write_file_atomic
+from ..sae.analysis import top_contexts
+from ..sae.sae import SAE
+from ..viz import render_graph_page
+from .attribution import Graph
+from .graph import PruneResult, graph_to_json
+
+
+def graph_contexts(model, transcoders: dict[int, SAE], g: Graph, corpus, *, prune: PruneResult | None = None,
+                   n: int = 5, window: tuple[int, int] = (8, 3), max_docs: int | None = 100) -> dict[str, list[dict]]:
+    """{node_id: [{"tokens", "values"}]}: each (kept) feature node's top contexts in ``corpus``."""
+    wanted: dict[int, set[int]] = {}
+    for i in range(g.n_features):
+        if prune is None or prune.node_mask[i]:
+            layer, _, f = (int(v) for v in g.active_features[i])
+            wanted.setdefault(layer, set()).add(f)
+    out: dict[str, list[dict]] = {}
+    for layer, feats in wanted.items():
+        found = top_contexts(model, transcoders[layer], sorted(feats), corpus, n=n, window=window, max_docs=max_docs)
+        for f, examples in found.items():
+            ex = [{"tokens": list(e.str_tokens), "values": [float(v) for v in e.activations]} for e in examples
+                  if e.value > 0]
+            for i in range(g.n_features):
+                if int(g.active_features[i][0]) == layer and int(g.active_features[i][2]) == f:
+                    out[f"{layer}_{f}_{int(g.active_features[i][1])}"] = ex
+    return out
+
+
+def write_graph(g: Graph, *, json_path: str | Path | None = None, html_path: str | Path | None = None,
+                prune: PruneResult | None = None, model_id: str = "", decode=None, contexts: dict | None = None,
+                overwrite: bool = False) -> dict:
+    """Write the graph's JSON and / or HTML viewer (new files unless ``overwrite``); returns the JSON dict."""
+    data = graph_to_json(g, model_id=model_id, prune=prune, decode=decode)
+    for path, text in ((json_path, lambda: json.dumps(data)), (html_path, lambda: render_graph_page(data, contexts))):
+        if path is None:
+            continue
+        content = text()
+
+        def write(tmp: str, content=content) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(content)
+
+        write_file_atomic(path, write, overwrite=overwrite, what="write_graph")
+    return data
