@@ -301,17 +301,18 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
             return rm.frozen_forward(tokens, state, e, list(m))
         return fn
 
+    # the readouts with the real sources and with every source zero (the same for every target: computed once);
+    # a target's value and bias are its cotangent's dot products with them
+    real_outs = rm.frozen_forward(tokens, state, embed[None], [m[None] for m in mlp])
+    zero_outs = rm.frozen_forward(tokens, state, zeros[0], zeros[1:])
     for start in range(0, len(targets), batch_size):
         batch = targets[start:start + batch_size]
         B = len(batch)
         cts = readout_vectors(batch)
         prim = [mx.broadcast_to(embed[None], (B, P, embed.shape[-1]))] + [
             mx.broadcast_to(m[None], (B, P, m.shape[-1])) for m in mlp]
-        outs, grads = mx.vjp(frozen(B), prim, cts)
-        # the targets' values, and their biases (the frozen model with every source zero)
-        zero_outs = rm.frozen_forward(tokens, state, mx.broadcast_to(zeros[0], (B, P, embed.shape[-1])),
-                                      [mx.broadcast_to(z, (B, P, z.shape[-1])) for z in zeros[1:]])
-        val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(outs, cts)]).sum(axis=0)
+        _, grads = mx.vjp(frozen(B), prim, cts)
+        val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(real_outs, cts)]).sum(axis=0)
         bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
         g_embed, g_mlp = grads[0], grads[1:]
         rows_t = [(nF + nE + nT + i) if kind == "logit" else i for kind, i in batch]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..outputs import write_file_atomic
-from ..sae.analysis import top_contexts
+from ..sae.analysis import top_contexts_many
 from ..sae.sae import SAE
 from ..viz import render_graph_page
 from .attribution import Graph
@@ -23,8 +23,10 @@ def graph_contexts(model, transcoders: dict[int, SAE], g: Graph, corpus, *, prun
             layer, _, f = (int(v) for v in g.active_features[i])
             wanted.setdefault(layer, set()).add(f)
     out: dict[str, list[dict]] = {}
-    for layer, feats in wanted.items():
-        found = top_contexts(model, transcoders[layer], sorted(feats), corpus, n=n, window=window, max_docs=max_docs)
+    layers = sorted(wanted)
+    many = top_contexts_many(model, [(transcoders[layer], sorted(wanted[layer])) for layer in layers], corpus, n=n,
+                             window=window, max_docs=max_docs)  # (one forward per block of documents)
+    for layer, found in zip(layers, many):
         for f, examples in found.items():
             ex = [{"tokens": list(e.str_tokens), "values": [float(v) for v in e.activations]} for e in examples
                   if e.value > 0]

@@ -22,22 +22,33 @@ from .model_io import stop_layer_for, validate_hooks
 from .sae import SAE
 
 
-def _hook_acts(model, sae: SAE, tokens: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-    hook = sae.cfg.hook_name
-    if not hook:
-        raise ValueError("The SAE has no hook_name, so the activations it reads are unknown; set sae.cfg.hook_name.")
-    validate_hooks(model, [hook])
-    kw: dict[str, Any] = {"names_filter": [hook]}
-    stop = stop_layer_for(model, [hook])
+def _hooks_acts(model, saes: list[SAE], tokens: mx.array, attention_mask: mx.array | None = None
+                ) -> list[mx.array]:
+    """The activations each SAE reads, from one forward (stopped after the last hook any of them needs)."""
+    hooks = []
+    for sae in saes:
+        if not sae.cfg.hook_name:
+            raise ValueError("The SAE has no hook_name, so the activations it reads are unknown; set sae.cfg.hook_name.")
+        hooks.append(sae.cfg.hook_name)
+    validate_hooks(model, hooks)
+    kw: dict[str, Any] = {"names_filter": sorted(set(hooks))}
+    stop = stop_layer_for(model, hooks)
     if stop is not None:
         kw["stop_at_layer"] = stop
     if attention_mask is not None:
         kw["attention_mask"] = attention_mask
     _, cache = model.run_with_cache(tokens, **kw)
-    acts = cache[hook]
-    if acts.shape[-1] != sae.d_in:
-        raise ValueError(f"Hook {hook} has width {acts.shape[-1]} but the SAE takes d_in = {sae.d_in}.")
-    return acts
+    out = []
+    for sae, hook in zip(saes, hooks):
+        acts = cache[hook]
+        if acts.shape[-1] != sae.d_in:
+            raise ValueError(f"Hook {hook} has width {acts.shape[-1]} but the SAE takes d_in = {sae.d_in}.")
+        out.append(acts)
+    return out
+
+
+def _hook_acts(model, sae: SAE, tokens: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+    return _hooks_acts(model, [sae], tokens, attention_mask)[0]
 
 
 @dataclass
@@ -99,26 +110,29 @@ class FeatureExample:
         return "".join(f"[[{t}]]" if i == self.highlight else t for i, t in enumerate(self.str_tokens))
 
 
-def _latent_blocks(model, sae: SAE, feats: list[int], corpus, batch_size: int, context_size: int | None,
-                   max_docs: int | None, text_field: str):
-    """Yield (first document index, tokens [b, P], latents ``feats`` [b, P, n] as NumPy, -inf where the position
-    is padding, or BOS for an SAE trained without it) for blocks of the corpus's documents (one context each)."""
-    P = context_size or sae.cfg.context_size
+def _latent_blocks(model, saes: list[SAE], feats: list[list[int]], corpus, batch_size: int,
+                   context_size: int | None, max_docs: int | None, text_field: str):
+    """Yield (first document index, tokens [b, P], per SAE its latents ``feats[i]`` [b, P, n_i] as NumPy, -inf where
+    the position is padding, or BOS for an SAE trained without it) for blocks of the corpus's documents (one context
+    each; the first SAE's context settings), all SAEs from one forward per block."""
+    cfg = saes[0].cfg
+    P = context_size or cfg.context_size
     bos = getattr(model, "bos_token_id", None)
     pad = getattr(model, "pad_token_id", None)
     builder = ContextBuilder(open_corpus(corpus, text_field), model.tokenizer, P, bos=bos, pad=pad,
-                             prepend_bos=sae.cfg.prepend_bos, packing=False,
-                             exclude_special=sae.cfg.exclude_special_tokens, cycle=False)
-    sel = mx.array(feats)
+                             prepend_bos=cfg.prepend_bos, packing=False,
+                             exclude_special=cfg.exclude_special_tokens, cycle=False)
+    sels = [mx.array(f) for f in feats]
     doc = 0
     while max_docs is None or doc < max_docs:
         block = builder.next_block(batch_size if max_docs is None else min(batch_size, max_docs - doc))
         if block is None:
             return
         toks, mask = block
-        acts = _hook_acts(model, sae, mx.array(toks))
-        f_mx = sae.encode(acts)[..., sel]  # [b, P, n_feats]
-        yield doc, toks, np.array(mx.where(mx.array(mask)[..., None], f_mx, -mx.inf))
+        m = mx.array(mask)[..., None]
+        acts = _hooks_acts(model, saes, mx.array(toks))
+        yield doc, toks, [np.array(mx.where(m, sae.encode(a)[..., sel], -mx.inf)) for sae, a, sel in
+                          zip(saes, acts, sels)]
         doc += toks.shape[0]
 
 
@@ -152,7 +166,7 @@ def feature_stats(model, sae: SAE, feature: int | list[int], corpus, *, bins: in
     feats = _features(sae, feature)
     values: list[list[np.ndarray]] = [[] for _ in feats]
     n_tokens = 0
-    for _, _, f in _latent_blocks(model, sae, feats, corpus, batch_size, context_size, max_docs, text_field):
+    for _, _, (f,) in _latent_blocks(model, [sae], [feats], corpus, batch_size, context_size, max_docs, text_field):
         live = np.isfinite(f[..., 0])
         n_tokens += int(live.sum())
         for j in range(len(feats)):
@@ -183,34 +197,50 @@ def top_contexts(model, sae: SAE, feature: int | list[int], corpus, *, n: int = 
     pad positions are skipped when the SAE was trained without them. Sorted by value, descending.
     ``feature`` may be a list: one pass over the corpus then returns {feature: [FeatureExample, ...]}.
     """
-    feats = _features(sae, feature)
-    heaps: dict[int, list[tuple[float, int, int]]] = {f_: [] for f_ in feats}
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # doc -> (tokens [P], latents [P, n_feats])
-    for doc, toks, f in _latent_blocks(model, sae, feats, corpus, batch_size, context_size, max_docs, text_field):
-        for j, f_ in enumerate(feats):
-            heap = heaps[f_]
-            for r, p in zip(*np.nonzero(np.isfinite(f[..., j]))):
-                item = (float(f[r, p, j]), doc + int(r), int(p))
-                if len(heap) < n:
-                    heapq.heappush(heap, item)
-                elif item[0] > heap[0][0]:
-                    heapq.heapreplace(heap, item)
+    out = top_contexts_many(model, [(sae, [feature] if isinstance(feature, int) else list(feature))], corpus, n=n,
+                            window=window, batch_size=batch_size, context_size=context_size, max_docs=max_docs,
+                            text_field=text_field)[0]
+    return out[int(feature)] if isinstance(feature, int) else out
+
+
+def top_contexts_many(model, requests: list[tuple[SAE, list[int]]], corpus, *, n: int = 10,
+                      window: tuple[int, int] = (10, 5), batch_size: int = 8, context_size: int | None = None,
+                      max_docs: int | None = None, text_field: str = "text") -> list[dict[int, list[FeatureExample]]]:
+    """``top_contexts`` for several SAEs (e.g. one transcoder per layer) in one pass over the corpus, one forward
+    per block of documents: per request (sae, features), {feature: [FeatureExample, ...]}."""
+    saes = [sae for sae, _ in requests]
+    feats = [_features(sae, f) for sae, f in requests]
+    heaps = [{f_: [] for f_ in fs} for fs in feats]  # type: list[dict[int, list[tuple[float, int, int]]]]
+    rows: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # doc -> (tokens [P], per request latents [P, n])
+    for doc, toks, fs in _latent_blocks(model, saes, feats, corpus, batch_size, context_size, max_docs, text_field):
+        for i, f in enumerate(fs):
+            for j, f_ in enumerate(feats[i]):
+                heap = heaps[i][f_]
+                for r, p in zip(*np.nonzero(np.isfinite(f[..., j]))):
+                    item = (float(f[r, p, j]), doc + int(r), int(p))
+                    if len(heap) < n:
+                        heapq.heappush(heap, item)
+                    elif item[0] > heap[0][0]:
+                        heapq.heapreplace(heap, item)
         for r in range(toks.shape[0]):
-            rows[doc + r] = (toks[r], f[r])
-        keep = {d for heap in heaps.values() for _, d, _ in heap}
+            rows[doc + r] = (toks[r], [f[r] for f in fs])
+        keep = {d for hs in heaps for heap in hs.values() for _, d, _ in heap}
         rows = {d: v for d, v in rows.items() if d in keep}
     before, after = window
-    out = {}
-    for j, f_ in enumerate(feats):
-        examples = []
-        for value, d, p in sorted(heaps[f_], reverse=True):
-            row_toks, row_f = rows[d]
-            lo, hi = max(0, p - before), min(len(row_toks), p + after + 1)
-            ids = [int(t) for t in row_toks[lo:hi]]
-            window_acts = [float(a) if np.isfinite(a) else 0.0 for a in row_f[lo:hi, j]]
-            examples.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, window_acts))
-        out[f_] = examples
-    return out[feats[0]] if isinstance(feature, int) else out
+    results = []
+    for i in range(len(requests)):
+        out = {}
+        for j, f_ in enumerate(feats[i]):
+            examples = []
+            for value, d, p in sorted(heaps[i][f_], reverse=True):
+                row_toks, row_fs = rows[d]
+                lo, hi = max(0, p - before), min(len(row_toks), p + after + 1)
+                ids = [int(t) for t in row_toks[lo:hi]]
+                window_acts = [float(a) if np.isfinite(a) else 0.0 for a in row_fs[i][lo:hi, j]]
+                examples.append(FeatureExample(value, d, p, ids, model.to_str_tokens(ids), p - lo, window_acts))
+            out[f_] = examples
+        results.append(out)
+    return results
 
 
 def unembedding(model) -> mx.array:
