@@ -39,6 +39,10 @@ def test_circuits_doc_blocks_run(monkeypatch, capsys, tmp_path):
     data = json.loads((proj / "runs" / "circuits_graph.json").read_text())
     assert len(data["nodes"]) == int(ns["pruned"].node_mask.sum())
     assert (proj / "runs" / "circuits_graph.html").read_text().startswith("<!DOCTYPE html>")
-    # the zeroed feature had a positive direct edge into the top logit: the logit falls in the replacement model
-    assert ns["graph"].adjacency[ns["t"], ns["s"]] > 0 and float(ns["frozen"][ns["top"]]) < float(ns["before"][ns["top"]])
-    assert len(ns["continuation"]) == 5 and np.isfinite(float(ns["real"][-1, ns["top"]]))
+    # the zeroed feature had the strongest positive direct edge into the top logit, and zeroing it moves that
+    # logit in both models (the total change includes later features' responses, so its sign is not asserted)
+    target = ns["target"]
+    assert ns["graph"].adjacency[ns["t"], ns["s"]] > 0
+    assert abs(target(ns["frozen"]) - target(ns["before"])) > 1e-4
+    assert abs(target(ns["real"][-1]) - target(ns["before"])) > 1e-4
+    assert len(ns["continuation"]) == 5 and np.isfinite(target(ns["real"][-1]))
