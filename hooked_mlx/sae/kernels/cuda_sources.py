@@ -1,0 +1,354 @@
+"""The CUDA kernel sources of ``cuda.py`` (``mx.fast.cuda_kernel`` bodies and their shared header); what each
+kernel computes is listed in ``cuda.py``'s docstring."""
+
+HEADER = r"""
+__device__ __forceinline__ unsigned int hk_key(float f) {
+  unsigned int b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float hk_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+// element i (a multiple of 4 for hk_ld4) of a float32 (LP false) or bfloat16 (LP true) array, as float
+template <bool LP> __device__ __forceinline__ float hk_ld1(const void* p, size_t i) {
+  if (LP) return hk_bf16(reinterpret_cast<const unsigned short*>(p)[i]);
+  return reinterpret_cast<const float*>(p)[i];
+}
+template <bool LP> __device__ __forceinline__ float4 hk_ld4(const void* p, size_t i) {
+  if (LP) {
+    const uint2 u = *reinterpret_cast<const uint2*>(reinterpret_cast<const unsigned short*>(p) + i);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+  }
+  return *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p) + i);
+}
+__device__ __forceinline__ float hk_block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  float t = (threadIdx.x < nw) ? red[threadIdx.x] : 0.f;
+  if (w == 0) { for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o); if (l == 0) red[32] = t; }
+  __syncthreads();
+  return red[32];
+}
+"""
+
+ROW_TOPK = r"""
+  // template: K, F, BF16 (bool), HAS_DEAD (bool), RELU (bool: relu the written values)
+  __shared__ unsigned int hist[256];
+  __shared__ unsigned int sel[2];
+  __shared__ unsigned int cnt[2];
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const size_t base = (size_t)row * F;
+  const unsigned short* p16 = reinterpret_cast<const unsigned short*>(pre);
+  const float* p32 = reinterpret_cast<const float*>(pre);
+  constexpr int KEYBITS = BF16 ? 16 : 32;
+  auto value = [&](int i) -> float { return BF16 ? hk_bf16(p16[base + i]) : p32[base + i]; };
+  auto keyof = [&](int i) -> unsigned int {
+    if (HAS_DEAD && dead[i] == 0.f) return 0u;
+    return hk_key(value(i)) >> (32 - KEYBITS);
+  };
+  unsigned int prefix = 0, remaining = K;
+  for (int shift = KEYBITS - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const unsigned int himask = (shift + 8 >= KEYBITS) ? 0u : ((0xFFFFFFFFu << (shift + 8)) & (KEYBITS == 32 ? 0xFFFFFFFFu : 0xFFFFu));
+    for (int i0 = 0; i0 < F; i0 += blockDim.x) {
+      const int i = i0 + tid;
+      unsigned int digit = 256u;
+      if (i < F) {
+        unsigned int key = keyof(i);
+        if ((key & himask) == (prefix & himask)) digit = (key >> shift) & 255u;
+      }
+      unsigned int peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256u && (tid & 31) == (__ffs(peers) - 1)) atomicAdd(&hist[digit], (unsigned int)__popc(peers));
+    }
+    __syncthreads();
+    if (tid < 32) {
+      unsigned int s = 0;
+      for (int j = 0; j < 8; ++j) s += hist[255 - 8 * tid - j];
+      unsigned int c = s;
+      for (int o = 1; o < 32; o <<= 1) { unsigned int t = __shfl_up_sync(0xffffffffu, c, o); if (tid >= o) c += t; }
+      unsigned int ball = __ballot_sync(0xffffffffu, c >= remaining);
+      int L = ball ? (__ffs(ball) - 1) : 31;
+      if (tid == L) {
+        unsigned int before = c - s;
+        int bin = 255 - 8 * tid - 7;
+        for (int j = 0; j < 8; ++j) {
+          int b = 255 - 8 * tid - j; unsigned int h = hist[b];
+          if (before + h >= remaining) { bin = b; break; }
+          before += h;
+        }
+        sel[0] = prefix | ((unsigned int)bin << shift);
+        sel[1] = remaining - before;
+      }
+    }
+    __syncthreads();
+    prefix = sel[0];
+    remaining = sel[1];
+    __syncthreads();
+  }
+  if (tid == 0) { cnt[0] = 0; cnt[1] = 0; }
+  __syncthreads();
+  const unsigned int n_gt = K - remaining;
+  for (int i = tid; i < F; i += blockDim.x) {
+    unsigned int key = keyof(i);
+    int slot = -1;
+    if (key > prefix) slot = (int)atomicAdd(&cnt[0], 1u);
+    else if (key == prefix) { unsigned int s = atomicAdd(&cnt[1], 1u); if (s < remaining) slot = (int)(n_gt + s); }
+    if (slot >= 0) {
+      float v = (key == 0u) ? 0.f : value(i);
+      vals[(size_t)row * K + slot] = RELU ? (v > 0.f ? v : 0.f) : v;
+      idx[(size_t)row * K + slot] = (uint32_t)i;
+    }
+  }
+"""
+
+RADIX_HIST = r"""
+  // template: KIND (0 uint32 keys, 1 fp32 values, 2 bf16 values: keys of relu(value)), SHIFT
+  __shared__ unsigned int h[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
+  __syncthreads();
+  const unsigned int pre_ = prefix[0];
+  const unsigned int himask = (SHIFT >= 24) ? 0u : (0xFFFFFFFFu << (SHIFT + 8));
+  const size_t n = keys_shape[0];
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const size_t start = (size_t)blockIdx.x * blockDim.x;
+  for (size_t i0 = start; i0 < n; i0 += stride) {  // block-uniform trip count: whole warps in __match_any_sync
+    size_t i = i0 + threadIdx.x;
+    unsigned int digit = 256u;
+    if (i < n) {
+      unsigned int key;
+      if (KIND == 0) key = reinterpret_cast<const unsigned int*>(keys)[i];
+      else {
+        float v = (KIND == 1) ? reinterpret_cast<const float*>(keys)[i] : hk_bf16(reinterpret_cast<const unsigned short*>(keys)[i]);
+        key = hk_key(v > 0.f ? v : 0.f);
+      }
+      if ((key & himask) == (pre_ & himask)) digit = (key >> SHIFT) & 255u;
+    }
+    unsigned int peers = __match_any_sync(0xffffffffu, digit);
+    if (digit < 256u && (threadIdx.x & 31) == (__ffs(peers) - 1)) atomicAdd(&h[digit], (unsigned int)__popc(peers));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) if (h[i]) atomicAdd(&hist[i], h[i]);
+"""
+
+DECODE = r"""
+  // template: KK, D (D % 4 == 0)
+  const int b = blockIdx.x;
+  const float4* W4 = reinterpret_cast<const float4*>(W);
+  const float* v = vals + (size_t)b * KK;
+  const uint32_t* ix = idx + (size_t)b * KK;
+  for (int d4 = threadIdx.x; d4 < D / 4; d4 += blockDim.x) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < KK; ++j) {
+      float a = v[j];
+      if (a != 0.f) {
+        float4 w = W4[(size_t)ix[j] * (D / 4) + d4];
+        acc.x += a * w.x; acc.y += a * w.y; acc.z += a * w.z; acc.w += a * w.w;
+      }
+    }
+    reinterpret_cast<float4*>(out)[(size_t)b * (D / 4) + d4] = acc;
+  }
+"""
+
+GATHER_DOT = r"""
+  // template: KK, D (D % 4 == 0); 256 threads
+  __shared__ float4 y[D / 4];
+  const int b = blockIdx.x;
+  const float4* Y4 = reinterpret_cast<const float4*>(dY) + (size_t)b * (D / 4);
+  for (int i = threadIdx.x; i < D / 4; i += blockDim.x) y[i] = Y4[i];
+  __syncthreads();
+  const float4* W4 = reinterpret_cast<const float4*>(W);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  for (int j = warp; j < KK; j += nw) {
+    const float4* w = W4 + (size_t)idx[(size_t)b * KK + j] * (D / 4);
+    float acc = 0.f;
+    for (int d4 = lane; d4 < D / 4; d4 += 32) {
+      float4 a = w[d4], c = y[d4];
+      acc += a.x * c.x + a.y * c.y + a.z * c.z + a.w * c.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[(size_t)b * KK + j] = acc;
+  }
+"""
+
+LATENT_GRADS = r"""
+  // template: F, D, HAS_ENC, LPY / LPX (Y / X in bfloat16); block 256 threads = 256 d's, 32 latents per block
+  __shared__ float tile[32][257];
+  const int f0 = blockIdx.x * 32;
+  const int d0 = blockIdx.y * 256;
+  const int d = d0 + threadIdx.x;
+  for (int l = 0; l < 32; ++l) {
+    const int f = f0 + l;
+    float accd = 0.f, acce = 0.f;
+    if (f < F) {
+      const int s = offsets[f], e = offsets[f + 1];
+      if (d < D) {
+        for (int q = s; q < e; ++q) {
+          accd += coef_dec[q] * hk_ld1<LPY>(Y, (size_t)rows_dec[q] * D + d);
+          if (HAS_ENC) acce += coef_enc[q] * hk_ld1<LPX>(X, (size_t)rows_enc[q] * D + d);
+        }
+        dW_dec[(size_t)f * D + d] = accd;
+      }
+    }
+    if (HAS_ENC) tile[l][threadIdx.x] = acce;
+  }
+  if (HAS_ENC) {
+    __syncthreads();
+    const int l = threadIdx.x & 31;
+    for (int r = 0; r < 32; ++r) {
+      const int dd = r * 8 + (threadIdx.x >> 5);
+      if (f0 + l < F && d0 + dd < D) dW_enc[(size_t)(d0 + dd) * F + f0 + l] = tile[l][dd];
+    }
+    if (blockIdx.y == 0 && threadIdx.x < 32 && f0 + threadIdx.x < F) {
+      const int f = f0 + threadIdx.x;
+      float sacc = 0.f;
+      for (int q = offsets[f]; q < offsets[f + 1]; ++q) sacc += coef_enc[q];
+      db_enc[f] = sacc;
+    }
+  }
+"""
+
+LATENT_GRADS_V4 = r"""
+  // template: F, D (D % 4 == 0), HAS_ENC, TL, LPY / LPX (Y / X in bfloat16); 64 threads x float4 = 256 d's,
+  // TL latents per block, two entries per iteration (independent loads in flight)
+  __shared__ float tile[TL][257];
+  const int f0 = blockIdx.x * TL;
+  const int d0 = blockIdx.y * 256;
+  const int t = threadIdx.x;
+  const int d = d0 + 4 * t;
+  for (int l = 0; l < TL; ++l) {
+    const int f = f0 + l;
+    float4 ad = make_float4(0.f, 0.f, 0.f, 0.f), ae = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (f < F && d < D) {
+      const int s = offsets[f], e = offsets[f + 1];
+      int q = s;
+      for (; q + 1 < e; q += 2) {
+        const float c0 = coef_dec[q], c1 = coef_dec[q + 1];
+        const float4 y0 = hk_ld4<LPY>(Y, (size_t)rows_dec[q] * D + d);
+        const float4 y1 = hk_ld4<LPY>(Y, (size_t)rows_dec[q + 1] * D + d);
+        ad.x += c0 * y0.x; ad.y += c0 * y0.y; ad.z += c0 * y0.z; ad.w += c0 * y0.w;
+        ad.x += c1 * y1.x; ad.y += c1 * y1.y; ad.z += c1 * y1.z; ad.w += c1 * y1.w;
+        if (HAS_ENC) {
+          const float e0 = coef_enc[q], e1 = coef_enc[q + 1];
+          const float4 x0 = hk_ld4<LPX>(X, (size_t)rows_enc[q] * D + d);
+          const float4 x1 = hk_ld4<LPX>(X, (size_t)rows_enc[q + 1] * D + d);
+          ae.x += e0 * x0.x; ae.y += e0 * x0.y; ae.z += e0 * x0.z; ae.w += e0 * x0.w;
+          ae.x += e1 * x1.x; ae.y += e1 * x1.y; ae.z += e1 * x1.z; ae.w += e1 * x1.w;
+        }
+      }
+      if (q < e) {
+        const float c0 = coef_dec[q];
+        const float4 y0 = hk_ld4<LPY>(Y, (size_t)rows_dec[q] * D + d);
+        ad.x += c0 * y0.x; ad.y += c0 * y0.y; ad.z += c0 * y0.z; ad.w += c0 * y0.w;
+        if (HAS_ENC) {
+          const float e0 = coef_enc[q];
+          const float4 x0 = hk_ld4<LPX>(X, (size_t)rows_enc[q] * D + d);
+          ae.x += e0 * x0.x; ae.y += e0 * x0.y; ae.z += e0 * x0.z; ae.w += e0 * x0.w;
+        }
+      }
+      *reinterpret_cast<float4*>(dW_dec + (size_t)f * D + d) = ad;
+    }
+    if (HAS_ENC) { tile[l][4 * t] = ae.x; tile[l][4 * t + 1] = ae.y; tile[l][4 * t + 2] = ae.z; tile[l][4 * t + 3] = ae.w; }
+  }
+  if (HAS_ENC) {
+    __syncthreads();
+    const int l = t % TL;
+    for (int dd = t / TL; dd < 256; dd += 64 / TL) {
+      if (f0 + l < F && d0 + dd < D) dW_enc[(size_t)(d0 + dd) * F + f0 + l] = tile[l][dd];
+    }
+    if (blockIdx.y == 0 && t < TL && f0 + t < F) {
+      const int f = f0 + t;
+      float sacc = 0.f;
+      for (int q = offsets[f]; q < offsets[f + 1]; ++q) sacc += coef_enc[q];
+      db_enc[f] = sacc;
+    }
+  }
+"""
+
+LATENT_GRADS_ATOMIC = r"""
+  // template: F, D, HAS_ENC; one block per entry, threads over d; outputs zero-initialised
+  const int q = blockIdx.x;
+  const size_t col = cols[q];
+  const float cd = coef_dec[q];
+  const float ce = HAS_ENC ? coef_enc[q] : 0.f;
+  const float* y = Y + (size_t)rows_dec[q] * D;
+  const float* x = X + (size_t)rows_enc[q] * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (cd != 0.f) atomicAdd(&dW_dec[col * D + d], cd * y[d]);
+    if (HAS_ENC && ce != 0.f) atomicAdd(&dW_enc[(size_t)d * F + col], ce * x[d]);
+  }
+  if (HAS_ENC && threadIdx.x == 0 && ce != 0.f) atomicAdd(&db_enc[col], ce);
+"""
+
+ADAM_ROWS = r"""
+  // template: D, REMOVE_PAR, RENORM; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply, renorm_eps]
+  constexpr int PER = (D + 255) / 256;
+  __shared__ float red[33];
+  const size_t base = (size_t)blockIdx.x * D;
+  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[9];
+  const bool apply = hp[8] > 0.5f;
+  float w[PER], g[PER];
+  float dot = 0.f;
+  #pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = threadIdx.x + i * 256;
+    w[i] = 0.f; g[i] = 0.f;
+    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; if (!isfinite(g[i])) g[i] = 0.f; dot += w[i] * g[i]; }
+  }
+  if (REMOVE_PAR) {
+    dot = hk_block_sum(dot, red);
+    #pragma unroll
+    for (int i = 0; i < PER; ++i) g[i] = g[i] - dot * w[i];
+  }
+  float nrm = 0.f;
+  #pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = threadIdx.x + i * 256;
+    if (d < D) {
+      float m = b1 * M[base + d] + ob1 * g[i];
+      float v = b2 * V[base + d] + ob2 * (g[i] * g[i]);
+      M_out[base + d] = m;
+      V_out[base + d] = v;
+      float p = w[i] - (c1 * m) / (sqrtf(v) * c2 + eps);
+      w[i] = p;
+      nrm += p * p;
+    }
+  }
+  float den = 1.f;
+  if (RENORM) { nrm = hk_block_sum(nrm, red); den = apply ? sqrtf(nrm) + reps : 1.f; }
+  #pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = threadIdx.x + i * 256;
+    if (d < D) W_out[base + d] = RENORM ? w[i] / den : w[i];
+  }
+"""
+
+SQ_NORMS = r"""
+  // template: C (row length), HAS_W; one 256-thread block per row; out[r] = |g_r|^2 [- (g_r.W_r)^2 (2 - |W_r|^2)]
+  __shared__ float red[33];
+  const size_t base = (size_t)blockIdx.x * C;
+  float gg = 0.f, gw = 0.f, ww = 0.f;
+  if (C % 4 == 0) {
+    for (int i = 4 * threadIdx.x; i < C; i += 1024) {
+      const float4 a = *reinterpret_cast<const float4*>(G + base + i);
+      gg += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+      if (HAS_W) {
+        const float4 w = *reinterpret_cast<const float4*>(W + base + i);
+        gw += a.x * w.x + a.y * w.y + a.z * w.z + a.w * w.w;
+        ww += w.x * w.x + w.y * w.y + w.z * w.z + w.w * w.w;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < C; i += 256) {
+      const float a = G[base + i];
+      gg += a * a;
+      if (HAS_W) { const float w = W[base + i]; gw += a * w; ww += w * w; }
+    }
+  }
+  gg = hk_block_sum(gg, red);
+  if (HAS_W) { gw = hk_block_sum(gw, red); ww = hk_block_sum(ww, red); }
+  if (threadIdx.x == 0) out[blockIdx.x] = HAS_W ? gg - gw * gw * (2.f - ww) : gg;
+"""
