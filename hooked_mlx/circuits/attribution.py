@@ -33,6 +33,7 @@ import numpy as np
 
 from ..host import to_floats, to_ints
 from ..sae.analysis import unembedding
+from ..sae.config import RUN_TIME_NORMS
 from ..sae.sae import SAE
 
 
@@ -81,7 +82,7 @@ class Graph:
 
 def _linear_transcoder(sae: SAE, layer: int) -> None:
     cfg = sae.cfg
-    if cfg.architecture == "gated" or cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+    if cfg.architecture == "gated" or cfg.normalize_activations in RUN_TIME_NORMS:
         raise ValueError(f"Layer {layer}'s transcoder is {cfg.architecture} / {cfg.normalize_activations}: attribution "
                          f"needs an encoder input that is linear in the MLP input (relu, topk, batchtopk, jumprelu "
                          f"without a run-time normalisation).")
@@ -110,20 +111,49 @@ class ReplacementModel:
     def freeze(self, tokens: mx.array) -> dict:
         """One real forward on tokens [P]: everything the frozen model and the graph need."""
         L = self.n_layers
-        names = [n for n in self.model.hook_dict if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+        names = [n for n in self.model.hook_dict if self._is_frozen(n)]
         names += ["hook_embed"] + [f"blocks.{layer}.ln2.hook_normalized" for layer in range(L)]
         names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
         logits, cache = self.model.run_with_cache(tokens[None], names_filter=names)
         frozen = {n: mx.stop_gradient(cache[n]) for n in names if n in cache}
-        acts, decoded = [], []
+        acts, decoded, mlp, errors = [], [], [], []
         for layer in range(L):
             tc = self.transcoders[layer]
             x = cache[f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
             f = tc.encode(x)  # [P, F]
             acts.append(f)
             decoded.append(tc.decode(f))  # [P, d_out] (without the skip term, which the frozen model computes)
-        mx.eval(logits, frozen, acts, decoded)
-        return {"logits": logits[0], "frozen": frozen, "acts": acts, "decoded": decoded}
+            # the MLP output less the skip term (the frozen model adds it live): decode + error
+            skip = tc.skip_term(x)
+            true = cache[f"blocks.{layer}.hook_mlp_out"][0].astype(mx.float32)
+            mlp.append(true if skip is None else true - skip)
+            errors.append(mlp[-1] - decoded[-1])
+        mx.eval(logits, frozen, acts, decoded, mlp, errors)
+        return {"logits": logits[0], "frozen": frozen, "acts": acts, "decoded": decoded, "mlp": mlp, "errors": errors}
+
+    @staticmethod
+    def _is_frozen(name: str) -> bool:
+        """The hooks whose values the frozen model takes from the prompt's forward: norm scales, patterns."""
+        return name.endswith("hook_scale") or name.endswith("attn.hook_pattern")
+
+    def _hooks(self, state: dict, B: int, mlp_out, reads: dict[str, mx.array], also_record: tuple = ()) -> list:
+        """The hooks both frozen forwards share: patterns and norm scales from ``state`` (broadcast to B copies),
+        each transcoder input (and ``also_record``) recorded into ``reads``, and each MLP output replaced by
+        ``mlp_out(layer)``."""
+        frozen = state["frozen"]
+
+        def const(name):
+            return lambda act, hook: mx.broadcast_to(frozen[name], (B, *frozen[name].shape[1:])).astype(act.dtype)
+
+        def record(act, hook):
+            reads[hook.name] = act
+            return act
+
+        hooks: list = [(n, const(n)) for n in frozen if self._is_frozen(n)]
+        for layer in range(self.n_layers):
+            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
+        return hooks + [(name, record) for name in also_record]
 
     # -- the frozen, affine model ----------------------------------------------------------------------
     def frozen_forward(self, tokens: mx.array, state: dict, embed: mx.array, mlp: list[mx.array]) -> list[mx.array]:
@@ -132,37 +162,20 @@ class ReplacementModel:
         from this forward's MLP input). Returns the readouts: every layer's transcoder input [B, P, d_in] and
         the unembedding's input [B, P, d_model]."""
         B = embed.shape[0]
-        frozen = state["frozen"]
         reads: dict[str, mx.array] = {}
-
-        def const(name):
-            return lambda act, hook: mx.broadcast_to(frozen[name], (B, *frozen[name].shape[1:])).astype(act.dtype)
-
-        def inject(value):
-            return lambda act, hook: value.astype(act.dtype)
-
-        def record(act, hook):
-            reads[hook.name] = act
-            return act
 
         def mlp_out(layer):
             tc = self.transcoders[layer]
             name_in = f"blocks.{layer}.ln2.hook_normalized"
 
             def fn(act, hook):
-                out = mlp[layer]
-                if tc.cfg.skip_connection:
-                    out = out + reads[name_in].astype(mx.float32) @ tc.W_skip.T
-                return out.astype(act.dtype)
+                skip = tc.skip_term(reads[name_in].astype(mx.float32))  # (linear in this forward's MLP input)
+                return (mlp[layer] if skip is None else mlp[layer] + skip).astype(act.dtype)
 
             return fn
 
-        hooks = [(n, const(n)) for n in frozen if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
-        hooks.append(("hook_embed", inject(embed)))
-        for layer in range(self.n_layers):
-            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
-        hooks.append(("unembed.hook_in", record))
+        hooks = self._hooks(state, B, mlp_out, reads, also_record=("unembed.hook_in",))
+        hooks.append(("hook_embed", lambda act, hook: embed.astype(act.dtype)))
         self.model.run_with_hooks(mx.broadcast_to(tokens[None], (B, tokens.shape[0])), fwd_hooks=hooks)
         names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(self.n_layers)] + ["unembed.hook_in"]
         return [reads[n].astype(mx.float32) for n in names]
@@ -172,16 +185,8 @@ class ReplacementModel:
         frozen at ``state``, each MLP replaced by its transcoder (features recomputed from this forward's MLP input,
         then ``edit(layer, acts [P, F])`` applied) plus the error node. Returns logits [P, V]; without an edit they are
         the model's (to float rounding)."""
-        frozen = state["frozen"]
-        errors = self.errors(state)
+        errors = state["errors"]
         reads: dict[str, mx.array] = {}
-
-        def const(name):
-            return lambda act, hook: frozen[name].astype(act.dtype)
-
-        def record(act, hook):
-            reads[hook.name] = act
-            return act
 
         def mlp_out(layer):
             tc = self.transcoders[layer]
@@ -195,34 +200,17 @@ class ReplacementModel:
 
             return fn
 
-        hooks = [(n, const(n)) for n in frozen if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
-        for layer in range(self.n_layers):
-            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
+        hooks = self._hooks(state, 1, mlp_out, reads)
         return self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
 
     def sources(self, state: dict) -> tuple[mx.array, list[mx.array]]:
         """The real injections: token embeddings [P, d] and per layer the MLP output replacement (transcoder
-        decode + error) [P, d]; the error is (true MLP output - transcoder output, skip term included)."""
-        frozen = state["frozen"]
-        embed = frozen["hook_embed"][0].astype(mx.float32)
-        mlp = []
-        for layer in range(self.n_layers):
-            true = frozen[f"blocks.{layer}.hook_mlp_out"][0].astype(mx.float32)
-            mlp.append(true - self._skip(layer, state))  # = decode + error
-        return embed, mlp
+        decode + error, the skip term left to the frozen model) [P, d]."""
+        return state["frozen"]["hook_embed"][0].astype(mx.float32), list(state["mlp"])
 
     def errors(self, state: dict) -> list[mx.array]:
         """Per layer the error node vectors [P, d]: true MLP output - transcoder output (skip term included)."""
-        _, mlp = self.sources(state)
-        return [mlp[layer] - state["decoded"][layer] for layer in range(self.n_layers)]
-
-    def _skip(self, layer: int, state: dict) -> mx.array:
-        tc = self.transcoders[layer]
-        if not tc.cfg.skip_connection:
-            return mx.zeros((1,))
-        x = state["frozen"][f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
-        return x @ tc.W_skip.T
+        return list(state["errors"])
 
 
 def _logit_targets(logits: mx.array, max_n_logits: int, max_logit_prob: float) -> tuple[list[int], np.ndarray]:
@@ -296,10 +284,8 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
                 cts[L][b, P - 1] = np.array(U[:, i])
         return [mx.array(c) for c in cts]
 
-    def frozen(B):
-        def fn(e, *m):
-            return rm.frozen_forward(tokens, state, e, list(m))
-        return fn
+    def frozen(e, *m):
+        return rm.frozen_forward(tokens, state, e, list(m))
 
     # the readouts with the real sources and with every source zero (the same for every target: computed once);
     # a target's value and bias are its cotangent's dot products with them
@@ -311,7 +297,7 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
         cts = readout_vectors(batch)
         prim = [mx.broadcast_to(embed[None], (B, P, embed.shape[-1]))] + [
             mx.broadcast_to(m[None], (B, P, m.shape[-1])) for m in mlp]
-        _, grads = mx.vjp(frozen(B), prim, cts)
+        _, grads = mx.vjp(frozen, prim, cts)
         val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(real_outs, cts)]).sum(axis=0)
         bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
         g_embed, g_mlp = grads[0], grads[1:]
