@@ -16,7 +16,7 @@ import sys
 
 def cmd_dashboard(args) -> int:
     from .model import HookedTransformer
-    from .outputs import write_file_atomic
+    from .outputs import write_text_atomic
 
     if bool(args.sae) == bool(args.attention):
         raise SystemExit("hooked-mlx dashboard: give --sae (feature dashboards) or --attention TEXT (attention "
@@ -26,12 +26,7 @@ def cmd_dashboard(args) -> int:
         from .viz import attention_data, render_attention_page
 
         page = render_attention_page(attention_data(model, args.attention))
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(page)
-
-        out = write_file_atomic(args.out, write, overwrite=args.overwrite, what="hooked-mlx dashboard")
+        out = write_text_atomic(args.out, page, overwrite=args.overwrite, what="hooked-mlx dashboard")
         print(f"attention viewer: {out}")
         return 0
     from .sae import load_sae

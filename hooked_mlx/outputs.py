@@ -149,3 +149,9 @@ def write_file_atomic(out: PathLike, write: Callable[[str], object], *, sources:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def write_text_atomic(out: PathLike, text: str, *, overwrite: bool = False, what: str = "output") -> Path:
+    """``write_file_atomic`` for a text file (UTF-8)."""
+    return write_file_atomic(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=overwrite,
+                             what=what)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..outputs import write_file_atomic
+from ..outputs import write_text_atomic
 from ..sae.analysis import top_contexts_many
 from ..sae.sae import SAE
 from ..viz import render_graph_page
@@ -44,11 +44,5 @@ def write_graph(g: Graph, *, json_path: str | Path | None = None, html_path: str
     for path, text in ((json_path, lambda: json.dumps(data)), (html_path, lambda: render_graph_page(data, contexts))):
         if path is None:
             continue
-        content = text()
-
-        def write(tmp: str, content=content) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(content)
-
-        write_file_atomic(path, write, overwrite=overwrite, what="write_graph")
+        write_text_atomic(path, text(), overwrite=overwrite, what="write_graph")
     return data
