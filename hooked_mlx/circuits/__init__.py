@@ -7,7 +7,7 @@
 * ``intervene`` (the real model, transcoders spliced in) and ``intervene_replacement`` (the frozen replacement
   model): set, scale or zero features and see the logits change (``interventions.py``).
 * ``write_graph`` (JSON and the HTML viewer, with ``graph_contexts``), ``load_transcoders`` (a folder of per-layer
-  transcoders), and the ``hooked-mlx attribute`` command (``cli.py``).
+  transcoders, or circuit-tracer's transcoder-set layout), and the ``hooked-mlx attribute`` command (``cli.py``).
 """
 
 from .attribution import Graph, ReplacementModel, attribute

@@ -227,25 +227,33 @@ def _logit_targets(logits: mx.array, max_n_logits: int, max_logit_prob: float) -
 
 
 def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int = 10, max_logit_prob: float = 0.95,
-              batch_size: int = 32, prepend_bos: bool | None = None) -> Graph:
-    """The attribution graph of ``prompt`` (a string or token ids [P]) through per-layer ``transcoders``."""
+              batch_size: int = 32, prepend_bos: bool | None = None, zero_positions: int = 1) -> Graph:
+    """The attribution graph of ``prompt`` (a string or token ids [P]) through per-layer ``transcoders``.
+
+    ``zero_positions``: the first positions (by default 1: the BOS token, as circuit-tracer does) carry no feature
+    and no error nodes; their MLP outputs are constants of the frozen model, like the biases. 0 attributes every
+    position."""
     rm = ReplacementModel(model, transcoders)
     tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)[0] if isinstance(prompt, str) else mx.array(prompt)
     if tokens.ndim != 1:
         raise ValueError(f"attribute takes one prompt; got tokens of shape {tuple(tokens.shape)}.")
     P, L = tokens.shape[0], rm.n_layers
+    z = int(zero_positions)
+    if not 0 <= z < P:
+        raise ValueError(f"zero_positions = {zero_positions}; expected 0 <= zero_positions < {P} (the prompt's length).")
     state = rm.freeze(tokens)
     embed, mlp = rm.sources(state)
-    errors = rm.errors(state)
+    keep = (mx.arange(P) >= z)[:, None]  # [P, 1]: positions whose features and errors are nodes
+    errors = [mx.where(keep, e, 0.0) for e in rm.errors(state)]
 
-    # nodes
-    feats = []  # (layer, pos, feature)
-    for layer in range(L):
-        a = np.array(state["acts"][layer])
-        for p, f in zip(*np.nonzero(a > 0)):
-            feats.append((layer, int(p), int(f)))
-    active = np.array(feats, dtype=np.int64).reshape(-1, 3)
-    acts = np.array([float(state["acts"][layer][p, f]) for layer, p, f in feats], dtype=np.float32)
+    # nodes, in circuit-tracer's order: (layer, position, feature)
+    layer_acts = [np.array(state["acts"][layer]) for layer in range(L)]
+    for a in layer_acts:
+        a[:z] = 0
+    active = np.array([(layer, p, f) for layer in range(L) for p, f in zip(*np.nonzero(layer_acts[layer] > 0))],
+                      dtype=np.int64).reshape(-1, 3)
+    feats = [tuple(int(v) for v in row) for row in active]
+    acts = np.array([layer_acts[layer][p, f] for layer, p, f in feats], dtype=np.float32)
     logit_tokens, logit_probs = _logit_targets(state["logits"], max_n_logits, max_logit_prob)
     W_U = unembedding(model).astype(mx.float32)  # [d_model, d_vocab]
     U = W_U[:, mx.array(logit_tokens)] - mx.mean(W_U, axis=1, keepdims=True)  # [d_model, n_logits]
@@ -265,23 +273,25 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
     targets = [("feature", i) for i in range(nF)] + [("logit", j) for j in range(nL)]
     # every source zero: the token embeddings and the feature and error parts of each MLP replacement; what is
     # left of an MLP output is its transcoder's b_dec (a bias, like the attention and norm biases)
+    # (at the zeroed positions the whole MLP output is such a constant)
     zeros = [mx.zeros((1, P, embed.shape[-1]))] + [
-        mx.broadcast_to(rm.transcoders[layer].b_dec, (1, P, m.shape[-1])) for layer, m in enumerate(mlp)]
+        mx.where(keep, rm.transcoders[layer].b_dec, m)[None] for layer, m in enumerate(mlp)]
     values, biases = [], []
+
+    # host copies of what the targets read: each layer's encoder columns, the de-meaned unembedding columns
+    W_enc_host = [np.array(rm.transcoders[layer].W_enc.astype(mx.float32)) for layer in range(L)]
+    U_host = np.array(U)
 
     def readout_vectors(batch):
         """Per readout (L transcoder inputs, the unembed input): the cotangent [B, P, d] of each target."""
-        cts = []
-        for r in range(L + 1):
-            d = embed.shape[-1] if r == L else rm.transcoders[r].d_in
-            ct = np.zeros((len(batch), P, d), dtype=np.float32)
-            cts.append(ct)
+        cts = [np.zeros((len(batch), P, embed.shape[-1] if r == L else rm.transcoders[r].d_in), dtype=np.float32)
+               for r in range(L + 1)]
         for b, (kind, i) in enumerate(batch):
             if kind == "feature":
                 layer, p, f = feats[i]
-                cts[layer][b, p] = np.array(rm.transcoders[layer].W_enc[:, f])
+                cts[layer][b, p] = W_enc_host[layer][:, f]
             else:
-                cts[L][b, P - 1] = np.array(U[:, i])
+                cts[L][b, P - 1] = U_host[:, i]
         return [mx.array(c) for c in cts]
 
     def frozen(e, *m):
