@@ -82,12 +82,13 @@ def write_transcoders(folder: str, seed: int) -> None:
 
 def build(out: str):
     import torch
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
     torch.manual_seed(0)
     c = CFG
@@ -126,11 +127,10 @@ def build(out: str):
 
 
 def main(argv=None) -> None:
-    import torch
-    from safetensors.torch import save_file
-
     import circuit_tracer
+    import torch
     from circuit_tracer import attribute
+    from safetensors.torch import save_file
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=OUT)
