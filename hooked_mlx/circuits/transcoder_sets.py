@@ -18,6 +18,7 @@ import re
 
 import mlx.core as mx
 
+from ..readers import load_safetensors
 from ..sae.config import SAEConfig
 from ..sae.files import load_sae
 from ..sae.sae import SAE
@@ -108,7 +109,7 @@ def _resolve(folder: str, ref: str) -> str:
 
 
 def _load_ct_file(file: str, layer: int, hook_in: str, hook_out: str) -> SAE:
-    t = {k: v.astype(mx.float32) for k, v in mx.load(file).items()}
+    t = {k: v.astype(mx.float32) for k, v in load_safetensors(file).items()}
     if "w_enc" in t:  # Gemma Scope 2's names and [d, F] encoder
         t = {"W_enc": t["w_enc"].T, "W_dec": t["w_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"],
              "activation_function.threshold": t["threshold"],
