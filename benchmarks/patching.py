@@ -42,33 +42,12 @@ CONFIGS = {
 # --------------------------------------------------------------------------------------------------
 def tl_worker(cfg: dict, out_dir: Path, threads: int) -> None:
     import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from hf_llama import build
     from transformer_lens import patching as tlp
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hf_cfg = LlamaConfig(
-        hidden_size=cfg["d_model"], intermediate_size=cfg["d_mlp"], num_hidden_layers=cfg["n_layers"],
-        num_attention_heads=cfg["n_heads"], num_key_value_heads=cfg["n_kv_heads"], vocab_size=cfg["vocab"],
-        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-        initializer_range=0.08, hidden_act="silu",
-    )
-    hf = LlamaForCausalLM(hf_cfg).float().eval()
-    hf.save_pretrained(out_dir, safe_serialization=True)
-
-    tl_cfg = HookedTransformerConfig(
-        d_model=cfg["d_model"], d_head=cfg["d_model"] // cfg["n_heads"], n_heads=cfg["n_heads"],
-        d_mlp=cfg["d_mlp"], n_layers=cfg["n_layers"], n_ctx=256, eps=1e-5, d_vocab=cfg["vocab"], act_fn="silu",
-        n_key_value_heads=cfg["n_kv_heads"], normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_adjacent_pairs=False, rotary_dim=cfg["d_model"] // cfg["n_heads"], rotary_base=10000.0,
-        final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM", device="cpu", dtype=torch.float32,
-    )
-    model = HookedTransformer(tl_cfg)
-    model.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
-    model.eval()
+    hf, model = build(cfg, out_dir)
 
     g = torch.Generator().manual_seed(1)
     P = cfg["n_tokens"]

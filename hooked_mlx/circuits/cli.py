@@ -57,6 +57,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--max-logit-prob", type=float, default=0.95)
     p.add_argument("--node-threshold", type=float, default=0.8)
     p.add_argument("--edge-threshold", type=float, default=0.98)
-    p.add_argument("--batch-size", type=int, default=32, help="targets per vector-Jacobian product")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="targets per vector-Jacobian product (default: as many as fit in about 1 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace the files this command writes")
     p.set_defaults(func=cmd_attribute)

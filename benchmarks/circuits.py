@@ -1,0 +1,214 @@
+"""Attribution graphs: hooked_mlx vs circuit-tracer 0.5.0 on the same model, transcoders and prompt, same CPU.
+
+    python benchmarks/circuits.py                              # creates the circuit-tracer venv if missing
+    python benchmarks/circuits.py --configs small --repeats 3 --json benchmarks/results/circuits_cpu.json
+
+circuit-tracer is a benchmark-only dependency in its own venv (never a project dependency); this script creates
+it at ``--ct-venv`` when it is missing (torch 2.13.0 CPU from ``/opt/wheels`` when there, else the registry)::
+
+    python3 -m venv /work/ctvenv && /work/ctvenv/bin/pip install torch==2.13.0 circuit-tracer==0.5.0 \
+        transformer-lens==2.16.1 datasets==3.6.0 pyarrow==18.1.0 "numpy<2"
+
+For each configuration a worker in that venv builds a random Hugging Face Llama (``hf_llama.build``), saves it,
+writes random per-layer skip transcoders in circuit-tracer's transcoder-set layout (``config.yaml`` +
+``layer_{i}.safetensors``; ReLU, about 1% of latents active), loads them with circuit-tracer's
+``load_transcoder_set`` into its TransformerLens replacement model, and serves timed ``attribute`` calls (every
+feature node, ``batch_size`` as given). This process loads the same files with hooked_mlx and times
+``hooked_mlx.circuits.attribute`` with its default settings. Both run interleaved after a warm-up each; a timing is
+the best of ``--repeats`` runs. The two adjacency matrices are compared (max difference over their scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    # 4 layers x d 256, 4096-latent transcoders, a 16-token prompt (BOS + 15)
+    "small": dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_mlp=688, vocab=8192, d_transcoder=4096,
+                  n_tokens=16),
+    # 8 layers x d 512, 8192-latent transcoders, 16 tokens
+    "medium": dict(n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1376, vocab=16384, d_transcoder=8192,
+                   n_tokens=16),
+}
+CT_BATCH = 512  # circuit-tracer's default batch_size
+ACTIVE_BIAS = -2.33  # b_enc mean: with unit-RMS inputs, about 1% of latents fire
+
+
+# --------------------------------------------------------------------------------------------------
+# circuit-tracer worker (runs under its venv's python; must not import hooked_mlx)
+# --------------------------------------------------------------------------------------------------
+def write_transcoders(cfg: dict, folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    d, F = cfg["d_model"], cfg["d_transcoder"]
+    folder.mkdir()
+    lines = ["model_kind: transcoder_set", "feature_input_hook: ln2.hook_normalized",
+             "feature_output_hook: hook_mlp_out", "scan: hooked-mlx-benchmark", "transcoders:"]
+    for layer in range(cfg["n_layers"]):
+        t = {"W_enc": torch.randn(F, d, generator=g) / d**0.5,
+             "W_dec": torch.randn(F, d, generator=g) * 0.5 / (0.01 * F) ** 0.5,
+             "b_enc": ACTIVE_BIAS + 0.2 * torch.randn(F, generator=g),
+             "b_dec": 0.05 * torch.randn(d, generator=g),
+             "W_skip": 0.3 * torch.randn(d, d, generator=g) / d**0.5}
+        save_file(t, str(folder / f"layer_{layer}.safetensors"))
+        lines.append(f"  - layer_{layer}.safetensors")
+    (folder / "config.yaml").write_text("\n".join(lines) + "\n")
+
+
+def ct_worker(cfg: dict, out_dir: Path, threads: int) -> None:
+    import numpy as np
+    import torch
+    from circuit_tracer import attribute
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+    from hf_llama import build, word_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tok = word_tokenizer(cfg["vocab"], out_dir)
+    _, model = build(cfg, out_dir, cls=TransformerLensReplacementModel, tokenizer=tok)
+    write_transcoders(cfg, out_dir / "transcoders")
+    tcs = load_transcoder_set({i: str(out_dir / "transcoders" / f"layer_{i}.safetensors")
+                               for i in range(cfg["n_layers"])}, scan="hooked-mlx-benchmark",
+                              feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+                              device=torch.device("cpu"), dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
+    model._configure_replacement_model(tcs)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.cat([torch.tensor([1]), torch.randint(3, cfg["vocab"], (cfg["n_tokens"] - 1,), generator=g)])
+    (out_dir / "ct.json").write_text(json.dumps({"tokens": tokens.tolist(), "torch": torch.__version__,
+                                                 "threads": torch.get_num_threads()}))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        t = time.perf_counter()
+        graph = attribute(tokens, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=CT_BATCH)
+        dt = time.perf_counter() - t
+        np.save(out_dir / "ct_adjacency.npy", graph.adjacency_matrix.numpy())
+        print(json.dumps({"time": dt, "n_features": len(graph.active_features)}), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# hooked_mlx side
+# --------------------------------------------------------------------------------------------------
+def ensure_venv(venv: Path) -> str:
+    py = venv / "bin" / "python"
+    if py.exists():
+        return str(py)
+    print(f"creating the circuit-tracer venv at {venv} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    wheel = next(Path("/opt/wheels").glob("torch-2.13.0*.whl"), None) if Path("/opt/wheels").is_dir() else None
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel) if wheel else "torch==2.13.0"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "circuit-tracer==0.5.0",
+                    "transformer-lens==2.16.1", "datasets==3.6.0", "pyarrow==18.1.0", "numpy<2"], check=True)
+    return str(py)
+
+
+def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int) -> dict:
+    import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+    from hooked_mlx import HookedTransformer
+    from hooked_mlx.circuits import attribute, load_transcoders
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix=f"circuitbench_{name}_") as d:
+        d = Path(d)
+        log = open(d / "worker.log", "w")
+        proc = subprocess.Popen([ct_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads",
+                                 str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                proc.wait(timeout=60)
+                raise SystemExit(f"circuit-tracer worker failed ({ct_python}):\n{(d / 'worker.log').read_text()[-4000:]}")
+            ct = json.loads((d / "ct.json").read_text())
+
+            def ct_run():
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    raise SystemExit(f"circuit-tracer worker died:\n{(d / 'worker.log').read_text()[-4000:]}")
+                return json.loads(line)
+
+            model = HookedTransformer.from_pretrained(d, dtype="float32")
+            tcs = load_transcoders(str(d / "transcoders"))
+
+            def hm_run():
+                t = time.perf_counter()
+                graph = attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95)
+                return time.perf_counter() - t, graph
+
+            ct_run()  # warm-ups
+            hm_run()
+            times: dict[str, list[float]] = {"ct": [], "hm": []}
+            for _ in range(repeats):  # interleaved, so that both see the same machine load
+                r = ct_run()
+                times["ct"].append(r["time"])
+                dt, graph = hm_run()
+                times["hm"].append(dt)
+            A, B = graph.adjacency, np.load(d / "ct_adjacency.npy")
+        finally:
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            log.close()
+    best = {k: min(v) for k, v in times.items()}
+    same_shape = A.shape == B.shape
+    return dict(name=name, n_features=int(len(graph.active_features)), ct_features=r["n_features"],
+                n_nodes=int(A.shape[0]), best=best, times=times, ratio=best["ct"] / best["hm"],
+                max_rel_diff=float(np.abs(A - B).max() / max(1.0, np.abs(B).max())) if same_shape else None,
+                torch=ct["torch"], threads=ct["threads"], ct_batch_size=CT_BATCH)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for circuit-tracer")
+    ap.add_argument("--ct-venv", default=os.environ.get("CT_VENV", "/work/ctvenv"))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        ct_worker(json.loads(args.worker), Path(args.dir), args.threads)
+        return
+    ct_python = ensure_venv(Path(args.ct_venv))
+    import platform
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"attribution graph, random Llama + skip transcoders, float32, CPU ({os.cpu_count()} cores, load "
+          f"{load:.1f}); best of {args.repeats} interleaved runs after a warm-up")
+    print(f"{'config':<44} {'features':>8} {'ct s':>7} {'hm s':>7} {'ratio':>7} {'max rel diff':>12}")
+    rows, summary = [], []
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        r = run_config(name, cfg, ct_python, args.repeats, args.threads)
+        rows.append({**r, "config": cfg})
+        label = (f"{name}: {cfg['n_layers']}L d{cfg['d_model']} F{cfg['d_transcoder']} {cfg['n_tokens']}tok "
+                 f"V{cfg['vocab']}")
+        print(f"{label:<44} {r['n_features']:>8} {r['best']['ct']:>7.2f} {r['best']['hm']:>7.2f} "
+              f"{r['ratio']:>6.2f}x {r['max_rel_diff']:>12.2e}", flush=True)
+        summary.append({"row": f"attribution graph, {label}, {r['n_features']} features",
+                        "value": f"{r['best']['hm']:.2f} s", "anchor": f"circuit-tracer 0.5.0 {r['best']['ct']:.2f} s "
+                        f"(torch {r['threads']} threads, batch_size {CT_BATCH})", "ratio": round(r["ratio"], 2),
+                        "goal": ">= 2x"})
+    if args.json:
+        meta = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "command": " ".join(sys.argv),
+                "date": time.strftime("%Y-%m-%d"), "circuit_tracer": "0.5.0", "torch": rows[-1]["torch"]}
+        Path(args.json).write_text(json.dumps({"benchmark": "circuits", "meta": meta, "rows": rows,
+                                               "summary": summary}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
