@@ -1,23 +1,197 @@
-"""Launch code shared by the GPU back ends (``cuda.py``, ``metal.py``): kernels that take the same inputs,
-template and grid on both, so only the kernel object differs."""
+"""The GPU back end of the SAE ops, shared by CUDA and Metal: one launcher class (``GpuOps``) over a table of
+kernel sources. A back end (``cuda.py``, ``metal.py``) gives only its sources (``SOURCES``, ``HEADER``), the kernel
+factory (``mx.fast.cuda_kernel`` / ``mx.fast.metal_kernel``) and a few tuning constants; every launch (inputs,
+template, grid, output shapes) is written once, here.
+
+Kernels (one entry each in a back end's ``SOURCES``; what each computes is in ``cuda.py``'s docstring):
+``row_topk``, ``radix_hist``, ``decode``, ``gather_dot``, ``latent_grads`` (and optionally ``latent_grads_v4``,
+the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms``.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Any, NamedTuple
+
 import mlx.core as mx
 
-from .ops import row_view
+from .ops import ReferenceOps, row_view
 
 
-def sq_norm(kernel, g: mx.array, W: mx.array | None) -> mx.array | None:
-    """``Ops.sq_norm`` by an ``hk_sq_norms`` kernel (one 256-thread group per row, then one small sum), or None
-    where the kernel does not apply (not float32; a W of another shape): the caller then uses the reference."""
-    rows = row_view(g) if W is None else g
-    if rows.dtype != mx.float32 or (W is not None and (W.dtype != mx.float32 or W.shape != g.shape)):
-        return None
-    R, C = rows.shape
-    (out,) = kernel(inputs=[rows, rows if W is None else W], template=[("C", int(C)), ("HAS_W", W is not None)],
-                    grid=(R * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
-    return mx.sum(out)
+class KernelSpec(NamedTuple):
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    source: str
+    atomic: bool = False  # outputs updated with atomics (Metal must be told; CUDA need not)
+
+
+_LG_IN = ("offsets", "rows_dec", "rows_enc", "coef_dec", "coef_enc", "Y", "X")
+_LG_OUT = ("dW_dec", "dW_enc", "db_enc")
+
+
+def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_grads: str, adam_rows: str,
+          sq_norms: str, latent_grads_v4: str | None = None, latent_grads_atomic: str | None = None
+          ) -> dict[str, KernelSpec]:
+    """A back end's kernel table from its sources (the names and argument lists are the same on every GPU)."""
+    table = {
+        "row_topk": KernelSpec(("pre", "dead"), ("vals", "idx"), row_topk),
+        "radix_hist": KernelSpec(("keys", "prefix"), ("hist",), radix_hist, atomic=True),
+        "decode": KernelSpec(("vals", "idx", "W"), ("out",), decode),
+        "gather_dot": KernelSpec(("dY", "idx", "W"), ("out",), gather_dot),
+        "latent_grads": KernelSpec(_LG_IN, _LG_OUT, latent_grads),
+        "adam_rows": KernelSpec(("W", "G", "M", "V", "hp"), ("W_out", "M_out", "V_out"), adam_rows),
+        "sq_norms": KernelSpec(("G", "W"), ("out",), sq_norms),
+    }
+    if latent_grads_v4 is not None:
+        table["latent_grads_v4"] = KernelSpec(_LG_IN, _LG_OUT, latent_grads_v4)
+    if latent_grads_atomic is not None:
+        table["latent_grads_atomic"] = KernelSpec(("cols",) + _LG_IN[1:], _LG_OUT, latent_grads_atomic, atomic=True)
+    return table
+
+
+class GpuOps(ReferenceOps):
+    """The GPU kernels; anything not overridden is the pure-MLX reference op. Subclasses set ``name``,
+    ``SOURCES``, ``HEADER``, ``available`` and ``make_kernel``, and may tune the constants below."""
+
+    fused_optimizer = True
+    matmul_dtype = mx.bfloat16
+    SOURCES: dict[str, KernelSpec] = {}
+    HEADER = ""
+    #: the radix-histogram kernel reads bfloat16 values itself (else they are converted to float32 first)
+    radix_bf16 = False
+    #: most thread groups of the radix-histogram kernel
+    radix_max_groups = 1024
+
+    @staticmethod
+    def available() -> bool:
+        raise NotImplementedError
+
+    def make_kernel(self, name: str, spec: KernelSpec) -> Any:
+        raise NotImplementedError
+
+    def topk_threads(self, F: int) -> int:
+        """Threads per row of the row top-k kernel."""
+        return 1024
+
+    def __init__(self):
+        if not self.available():
+            raise RuntimeError(f"MLX has no {self.name} device here.")
+        self.k = {name: self.make_kernel(f"hk_{name}", spec) for name, spec in self.SOURCES.items()}
+        # "v1": one d per thread, 32 latents per block; "v4": float4 per thread, 16 latents per block (the faster at
+        # both benchmark shapes on the H100, benchmarks/results/sae_kernels.md), where the back end has it
+        self.lg_variant = os.environ.get("HOOKED_MLX_SAE_LG", "v4")
+        #: the per-latent gradient sums read bf16 copies of dY and xc (fp32 sums); HOOKED_MLX_SAE_LOWP_BWD=0: fp32
+        self.lowp_backward = os.environ.get("HOOKED_MLX_SAE_LOWP_BWD", "1") != "0"
+
+    # -- selection ------------------------------------------------------------------------------------
+    def row_topk(self, pre, k, dead=None, relu=True):
+        B, F = pre.shape
+        bf16 = pre.dtype == mx.bfloat16
+        if not bf16 and pre.dtype != mx.float32:
+            pre = pre.astype(mx.float32)
+        nt = self.topk_threads(F)
+        d = mx.zeros((1,), mx.float32) if dead is None else dead.astype(mx.float32)
+        vals, idx = self.k["row_topk"](
+            inputs=[pre, d], template=[("K", int(k)), ("F", int(F)), ("BF16", bf16), ("HAS_DEAD", dead is not None),
+                                       ("RELU", bool(relu))],
+            grid=(B * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(B, k), (B, k)],
+            output_dtypes=[mx.float32, mx.uint32])
+        return vals, idx
+
+    def acts_keys(self, pre):
+        # keys of relu(pre) are computed on the fly by the histogram kernel
+        if pre.dtype == mx.float32 or (pre.dtype == mx.bfloat16 and self.radix_bf16):
+            return pre.reshape(-1)
+        return pre.astype(mx.float32).reshape(-1)
+
+    def radix_histogram(self, keys, prefix, shift):
+        bf16 = keys.dtype == mx.bfloat16 and self.radix_bf16
+        kind = 0 if keys.dtype == mx.uint32 else (2 if bf16 else 1)
+        if kind == 1 and keys.dtype != mx.float32:
+            keys = keys.astype(mx.float32)
+        n = keys.size
+        nt = 256
+        groups = max(1, min(self.radix_max_groups, (n + nt - 1) // nt))
+        (hist,) = self.k["radix_hist"](
+            inputs=[keys.reshape(-1), prefix.astype(mx.uint32)], template=[("KIND", kind), ("SHIFT", int(shift))],
+            grid=(groups * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(256,)], output_dtypes=[mx.uint32],
+            init_value=0)
+        return hist
+
+    # -- decoder ----------------------------------------------------------------------------------------
+    def decode(self, vals, idx, W):
+        B, kk = vals.shape
+        F, D = W.shape
+        if D % 4:
+            return super().decode(vals, idx, W)
+        nt = min(1024, max(32, D // 4))
+        (out,) = self.k["decode"](inputs=[vals.astype(mx.float32), idx.astype(mx.uint32), W],
+                                  template=[("KK", int(kk)), ("D", int(D))], grid=(B * nt, 1, 1),
+                                  threadgroup=(nt, 1, 1), output_shapes=[(B, D)], output_dtypes=[mx.float32])
+        return out
+
+    def gather_dot(self, dY, idx, W):
+        B, kk = idx.shape
+        F, D = W.shape
+        if D % 4 or D > 8192:
+            return super().gather_dot(dY, idx, W)
+        (out,) = self.k["gather_dot"](inputs=[dY.astype(mx.float32), idx.astype(mx.uint32), W],
+                                      template=[("KK", int(kk)), ("D", int(D))], grid=(B * 256, 1, 1),
+                                      threadgroup=(256, 1, 1), output_shapes=[(B, kk)], output_dtypes=[mx.float32])
+        return out
+
+    def latent_grads(self, cols, rows_dec, rows_enc, coef_dec, coef_enc, Y, xc, F, deterministic=True):
+        D = Y.shape[-1]
+        has_enc = coef_enc is not None
+        cols = cols.astype(mx.uint32)
+        X = xc if has_enc else Y
+        ce = coef_enc if has_enc else coef_dec
+        shapes = [(F, D), (D, F), (F,)] if has_enc else [(F, D), (1,), (1,)]
+        if not deterministic and "latent_grads_atomic" in self.k:
+            Y, X = Y.astype(mx.float32), X.astype(mx.float32)  # the atomic variant reads float32
+            outs = self.k["latent_grads_atomic"](
+                inputs=[cols, rows_dec.astype(mx.uint32), rows_enc.astype(mx.uint32), coef_dec, ce, Y, X],
+                template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)], grid=(cols.size * 256, 1, 1),
+                threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3, init_value=0)
+            return (outs[0], outs[1], outs[2]) if has_enc else (outs[0], None, None)
+        ins = sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, Y.shape[0], F) + [Y, X]
+        tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc), ("LPY", Y.dtype == mx.bfloat16),
+                ("LPX", X.dtype == mx.bfloat16)]
+        if self.lg_variant == "v4" and D % 4 == 0 and "latent_grads_v4" in self.k:
+            TL = 16
+            dW_dec, dW_enc, db_enc = self.k["latent_grads_v4"](
+                inputs=ins, template=tmpl + [("TL", TL)], grid=(((F + TL - 1) // TL) * 64, (D + 255) // 256, 1),
+                threadgroup=(64, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3)
+        else:
+            dW_dec, dW_enc, db_enc = self.k["latent_grads"](
+                inputs=ins, template=tmpl, grid=(((F + 31) // 32) * 256, (D + 255) // 256, 1),
+                threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3)
+        return (dW_dec, dW_enc, db_enc) if has_enc else (dW_dec, None, None)
+
+    # -- optimizer ------------------------------------------------------------------------------------------
+    def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps):
+        F, D = W.shape
+        if D > 16384:
+            return super().adam_rows(W, g, m, v, hp, remove_parallel, renorm, renorm_eps)
+        hp9 = mx.concatenate([hp.astype(mx.float32), mx.array([renorm_eps], mx.float32)])
+        W2, m2, v2 = self.k["adam_rows"](
+            inputs=[W, g, m, v, hp9], template=[("D", int(D)), ("REMOVE_PAR", bool(remove_parallel)),
+                                                ("RENORM", bool(renorm))],
+            grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3,
+            output_dtypes=[mx.float32] * 3)
+        return W2, m2, v2
+
+    def sq_norm(self, g, W=None):
+        """One 256-thread group per row (``hk_sq_norms``), then one small sum; the reference where the kernel does
+        not apply (not float32; a W of another shape)."""
+        rows = row_view(g) if W is None else g
+        if rows.dtype != mx.float32 or (W is not None and (W.dtype != mx.float32 or W.shape != g.shape)):
+            return super().sq_norm(g, W)
+        R, C = rows.shape
+        (out,) = self.k["sq_norms"](inputs=[rows, rows if W is None else W],
+                                    template=[("C", int(C)), ("HAS_W", W is not None)], grid=(R * 256, 1, 1),
+                                    threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
+        return mx.sum(out)
 
 
 def sorted_entries(cols, rows_dec, rows_enc, coef_dec, coef_enc, nrows: int, F: int) -> list[mx.array]:
