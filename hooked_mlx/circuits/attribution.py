@@ -16,8 +16,8 @@ is the de-meaned logit (W_U[:, t] - mean_v W_U[:, v]) . unembed input at the las
 s to target t is the direct effect of s on t in the frozen model with every other feature held fixed: the
 gradient of t with respect to the residual-stream input where s writes, dotted with what s writes (a feature:
 its activation times its decoder row; an error node: its vector; a token: its embedding). Gradients come from
-one ``mx.vjp`` per batch of ``batch_size`` targets: the frozen forward runs on that many copies of the prompt and
-each copy carries one target's cotangent.
+one ``mx.vjp`` of the frozen forward (batch 1) vectorised with ``mx.vmap`` over a batch of ``batch_size`` targets'
+cotangents.
 
 Exactness (``tests/circuits``): incoming edges plus the target's bias (its value with every source zero) sum to
 its value; an edge equals the finite-difference effect of scaling its source; the replacement's logits equal the
@@ -319,15 +319,21 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
 
     # the readouts with the real sources and with every source zero (the same for every target: computed once);
     # a target's value and bias are its cotangent's dot products with them
-    real_outs = rm.frozen_forward(tokens, state, embed[None], [m[None] for m in mlp])
+    real = [embed[None]] + [m[None] for m in mlp]
+    real_outs = rm.frozen_forward(tokens, state, real[0], real[1:])
+
+    def vjp_one(*cts):
+        return tuple(mx.vjp(frozen, real, list(cts))[1])
+
+    # the frozen model is affine in its sources, so its VJP does not depend on them: one forward of the prompt
+    # (batch 1) and the backward vectorised over the batch's cotangents (mx.vmap), instead of a forward of B copies
+    batched_vjp = mx.vmap(vjp_one, in_axes=(0,) * (L + 1))
     zero_outs = rm.frozen_forward(tokens, state, zeros[0], zeros[1:])
     for start in range(0, len(targets), batch_size):
         batch = targets[start:start + batch_size]
         B = len(batch)
         cts = readout_vectors(batch)
-        prim = [mx.broadcast_to(embed[None], (B, P, embed.shape[-1]))] + [
-            mx.broadcast_to(m[None], (B, P, m.shape[-1])) for m in mlp]
-        _, grads = mx.vjp(frozen, prim, cts)
+        grads = [g[:, 0] for g in batched_vjp(*[c[:, None] for c in cts])]
         val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(real_outs, cts)]).sum(axis=0)
         bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
         g_embed, g_mlp = grads[0], grads[1:]
