@@ -18,9 +18,12 @@ What it writes (float32 throughout):
   (skip transcoders); layer 1 is a JumpReLU (``activation_function.threshold``). Every layer has a skip term:
   circuit-tracer 0.5.0 takes the set's skip flag from layer 0 (``TranscoderSet.skip_connection``), and with it
   off, the other layers' skip terms stay in its error vectors but not in its gradients;
-* ``expected.safetensors``: the prompt's tokens, TransformerLens's logits, and circuit-tracer's graph:
-  ``adjacency`` [n, n], ``active_features`` [n_f, 3] (layer, position, feature), ``activation_values``,
-  ``logit_targets``, ``logit_probabilities``, ``selected_features``.
+* ``clt/``: a JumpReLU cross-layer transcoder (40 features per layer) in circuit-tracer's CLT layout
+  (``W_enc_{l}.safetensors``, ``W_dec_{l}.safetensors``, ``config.yaml`` with ``model_kind: cross_layer_transcoder``),
+  reading ``hook_resid_mid``;
+* ``expected.safetensors`` (the transcoder set) and ``expected_clt.safetensors`` (the CLT): the prompt's tokens,
+  TransformerLens's logits, and circuit-tracer's graph: ``adjacency`` [n, n], ``active_features`` [n_f, 3] (layer,
+  position, feature), ``activation_values``, ``logit_targets``, ``logit_probabilities``, ``selected_features``.
 
 The TransformerLens model is built from the same Hugging Face weights with TL's ``convert_llama_weights`` and no
 weight processing (``fold_ln=False``, as circuit-tracer loads models), and the transcoders with circuit-tracer's
@@ -85,6 +88,7 @@ def build(out: str):
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
     )
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
@@ -111,19 +115,49 @@ def build(out: str):
         n_key_value_heads=c["n_kv_heads"], normalization_type="RMS", positional_embedding_type="rotary",
         rotary_adjacent_pairs=False, rotary_dim=c["d_model"] // c["n_heads"], rotary_base=10000.0, final_rms=True,
         gated_mlp=True, original_architecture="LlamaForCausalLM", device="cpu", dtype=torch.float32)
-    model = TransformerLensReplacementModel(tl_cfg, tokenizer=tok)
-    model.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False,
-                                      refactor_factored_attn_matrices=False)
     tc_dir = os.path.join(out, "transcoders")
     write_transcoders(tc_dir, seed=1)
     tcs = load_transcoder_set({i: os.path.join(tc_dir, f"layer_{i}.safetensors") for i in range(c["n_layers"])},
                               scan="hooked-mlx-test", feature_input_hook="ln2.hook_normalized",
                               feature_output_hook="hook_mlp_out", device=torch.device("cpu"), dtype=torch.float32,
                               lazy_encoder=False, lazy_decoder=False)
-    model._configure_replacement_model(tcs)
-    model.eval()
-    return model
+    clt_dir = os.path.join(out, "clt")
+    write_clt(clt_dir, seed=2)
+    clt = load_clt(clt_dir, feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out",
+                   scan="hooked-mlx-test", device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    models = []
+    for replacement in (tcs, clt):
+        model = TransformerLensReplacementModel(tl_cfg, tokenizer=tok)
+        model.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False,
+                                          center_writing_weights=False, center_unembed=False, fold_value_biases=False,
+                                          refactor_factored_attn_matrices=False)
+        model._configure_replacement_model(replacement)
+        model.eval()
+        models.append(model)
+    return models
+
+
+def write_clt(folder: str, seed: int) -> None:
+    """A JumpReLU cross-layer transcoder in circuit-tracer's layout (``load_clt``): ``W_enc_{l}.safetensors``
+    (W_enc_l [F, d], b_enc_l, b_dec_l, threshold_l) and ``W_dec_{l}.safetensors`` (W_dec_l [F, L-l, d]), with a
+    config.yaml (``model_kind: cross_layer_transcoder``, reading ``hook_resid_mid``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    d, F, L = CFG["d_model"], 40, CFG["n_layers"]
+    os.makedirs(folder)
+    for layer in range(L):
+        save_file({f"W_enc_{layer}": torch.randn(F, d, generator=g) / d**0.5,
+                   f"b_enc_{layer}": torch.randn(F, generator=g) * 0.3,
+                   f"b_dec_{layer}": torch.randn(d, generator=g) * 0.05,
+                   f"threshold_{layer}": torch.rand(F, generator=g) * 0.4},
+                  os.path.join(folder, f"W_enc_{layer}.safetensors"))
+        save_file({f"W_dec_{layer}": torch.randn(F, L - layer, d, generator=g) * 0.3 / F**0.5},
+                  os.path.join(folder, f"W_dec_{layer}.safetensors"))
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write("model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\n"
+                "feature_output_hook: hook_mlp_out\nscan: hooked-mlx-test\n")
 
 
 def main(argv=None) -> None:
@@ -140,29 +174,29 @@ def main(argv=None) -> None:
             sys.exit(f"{args.out} exists; give a new folder.")
         shutil.rmtree(args.out)  # (this script's own fixture folder only)
     os.makedirs(args.out)
-    model = build(args.out)
     tokens = torch.tensor(PROMPT)
-    with torch.no_grad():
-        logits = model(tokens[None])[0]
-    graph = attribute(tokens, model, max_n_logits=MAX_N_LOGITS, desired_logit_prob=DESIRED_LOGIT_PROB,
-                      batch_size=64, max_feature_nodes=None)
-    save_file({
-        "tokens": tokens.to(torch.int64),
-        "logits": logits.float().contiguous(),
-        "adjacency": graph.adjacency_matrix.float().contiguous(),
-        "active_features": graph.active_features.to(torch.int64).contiguous(),
-        "activation_values": graph.activation_values.float().contiguous(),
-        "logit_targets": torch.tensor([int(t.vocab_idx) if hasattr(t, "vocab_idx") else int(t)
-                                       for t in graph.logit_targets], dtype=torch.int64),
-        "logit_probabilities": graph.logit_probabilities.float().contiguous(),
-        "selected_features": graph.selected_features.to(torch.int64).contiguous(),
-    }, os.path.join(args.out, "expected.safetensors"))
+    for model, name in zip(build(args.out), ("expected.safetensors", "expected_clt.safetensors")):
+        with torch.no_grad():
+            logits = model(tokens[None])[0]
+        graph = attribute(tokens, model, max_n_logits=MAX_N_LOGITS, desired_logit_prob=DESIRED_LOGIT_PROB,
+                          batch_size=64, max_feature_nodes=None)
+        save_file({
+            "tokens": tokens.to(torch.int64),
+            "logits": logits.float().contiguous(),
+            "adjacency": graph.adjacency_matrix.float().contiguous(),
+            "active_features": graph.active_features.to(torch.int64).contiguous(),
+            "activation_values": graph.activation_values.float().contiguous(),
+            "logit_targets": torch.tensor([int(t.vocab_idx) if hasattr(t, "vocab_idx") else int(t)
+                                           for t in graph.logit_targets], dtype=torch.int64),
+            "logit_probabilities": graph.logit_probabilities.float().contiguous(),
+            "selected_features": graph.selected_features.to(torch.int64).contiguous(),
+        }, os.path.join(args.out, name))
+        n = graph.adjacency_matrix.shape[0]
+        print(f"wrote {name}: {len(graph.active_features)} features, {n} nodes, "
+              f"{int((graph.adjacency_matrix != 0).sum())} non-zero edges")
     with open(os.path.join(args.out, "versions.json"), "w") as f:
         json.dump({"circuit_tracer": getattr(circuit_tracer, "__version__", "0.5.0"), "torch": torch.__version__,
                    "max_n_logits": MAX_N_LOGITS, "desired_logit_prob": DESIRED_LOGIT_PROB}, f, indent=1)
-    n = graph.adjacency_matrix.shape[0]
-    print(f"wrote {args.out}: {len(graph.active_features)} features, {n} nodes, "
-          f"{int((graph.adjacency_matrix != 0).sum())} non-zero edges")
 
 
 if __name__ == "__main__":

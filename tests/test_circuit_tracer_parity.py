@@ -107,8 +107,8 @@ def test_transcoder_set_errors(tmp_path):
     (d / "config.yaml").write_text(cfg.replace("transcoder_set", "cross_layer_transcoder"))
     with pytest.raises(ValueError, match="cross_layer_transcoder"):
         load_circuit_tracer_set(str(d))
-    (d / "config.yaml").write_text(cfg.replace("ln2.hook_normalized", "hook_resid_mid"))
-    with pytest.raises(ValueError, match="hook_resid_mid.*not supported"):
+    (d / "config.yaml").write_text(cfg.replace("ln2.hook_normalized", "mlp.hook_in"))
+    with pytest.raises(ValueError, match="mlp.hook_in.*not supported"):
         load_circuit_tracer_set(str(d))
     (d / "config.yaml").write_text(cfg.replace("layer_2.safetensors", "layer_9.safetensors"))
     with pytest.raises(FileNotFoundError, match="layer_9"):
@@ -137,3 +137,61 @@ def test_live_circuit_tracer_reproduces_the_fixture(tmp_path):
     _, _, g, exp = _graph(out)
     assert_close(g.adjacency, exp["adjacency"], 1e-4)
     assert sys.executable  # (hooked_mlx ran in this interpreter, circuit-tracer in the other)
+
+
+# -- cross-layer transcoder ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clt_parity():
+    from hooked_mlx.circuits import CrossLayerTranscoder
+
+    exp = _expected_clt = {k: np.array(v) for k, v in mx.load(str(ROOT / "expected_clt.safetensors")).items()}
+    model = HookedTransformer.from_pretrained(str(ROOT / "model"))
+    clt = load_transcoders(str(ROOT / "clt"))
+    assert isinstance(clt, CrossLayerTranscoder)
+    graph = attribute(model, clt, exp["tokens"].tolist(), max_n_logits=5, max_logit_prob=0.95)
+    return model, clt, graph, _expected_clt
+
+
+def test_circuit_tracer_clt_loads(clt_parity):
+    _, clt, _, _ = clt_parity
+    assert clt.n_layers == 3 and clt.hook_in == "hook_resid_mid" and clt.threshold is not None
+    assert [tuple(w.shape) for w in clt.W_dec] == [(40, 3, 32), (40, 2, 32), (40, 1, 32)]
+
+
+def test_clt_graph_same_as_circuit_tracer(clt_parity):
+    """Features of layer l write to layers l..L-1: their edges sum the effects at every output layer."""
+    _, _, g, exp = clt_parity
+    np.testing.assert_array_equal(g.active_features, exp["active_features"])
+    assert_close(g.activations, exp["activation_values"], 1e-5)
+    assert g.logit_tokens == exp["logit_targets"].tolist()
+    assert np.count_nonzero(exp["adjacency"]) > 10_000
+    assert_close(g.adjacency, exp["adjacency"], 1e-4)
+
+
+def test_clt_graph_is_complete_and_the_replacement_exact(clt_parity):
+    from hooked_mlx.circuits import ReplacementModel
+
+    model, clt, g, exp = clt_parity
+    rows = list(range(g.n_features)) + list(range(g.logit_start, g.n_nodes))
+    total = g.adjacency[rows].astype(np.float64).sum(axis=1) + g.target_biases
+    assert_close(total, g.target_values, 1e-4)
+    rm = ReplacementModel(model, clt)
+    tokens = mx.array(exp["tokens"])
+    state = rm.freeze(tokens)
+    assert_close(rm.run(tokens, state), exp["logits"], 1e-5)
+
+
+def test_clt_interventions(clt_parity):
+    """Zeroing a layer-0 feature in the replacement model moves the top logit; the real-model splice refuses a CLT."""
+    from hooked_mlx.circuits import ReplacementModel, intervene, intervene_replacement, zero
+
+    model, clt, g, exp = clt_parity
+    rm = ReplacementModel(model, clt)
+    tokens = mx.array(exp["tokens"])
+    base = rm.run(tokens, rm.freeze(tokens))
+    layer, pos, f = (int(v) for v in g.active_features[0])
+    edited = intervene_replacement(rm, tokens, [(layer, pos, f, zero)])
+    assert float(mx.max(mx.abs(edited - base))) > 1e-4
+    assert_close(edited[:pos], base[:pos], 1e-6)  # causal: earlier positions are untouched
+    with pytest.raises(TypeError, match="cross-layer"):
+        intervene(model, clt, tokens, [(layer, pos, f, zero)])

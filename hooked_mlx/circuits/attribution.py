@@ -33,8 +33,8 @@ import numpy as np
 
 from ..host import to_floats, to_ints
 from ..sae.analysis import unembedding
-from ..sae.config import RUN_TIME_NORMS
 from ..sae.sae import SAE
+from .transcoders import HOOK_OUT, PerLayer, Replacement, as_replacement
 
 
 @dataclass
@@ -80,54 +80,38 @@ class Graph:
         return self.logit_start + len(self.logit_tokens)
 
 
-def _linear_transcoder(sae: SAE, layer: int) -> None:
-    cfg = sae.cfg
-    if cfg.architecture == "gated" or cfg.normalize_activations in RUN_TIME_NORMS:
-        raise ValueError(f"Layer {layer}'s transcoder is {cfg.architecture} / {cfg.normalize_activations}: attribution "
-                         f"needs an encoder input that is linear in the MLP input (relu, topk, batchtopk, jumprelu "
-                         f"without a run-time normalisation).")
-
-
 class ReplacementModel:
-    """``model`` with per-layer transcoders ``{layer: SAE}`` (each reading ``blocks.l.ln2.hook_normalized`` and
-    writing ``blocks.l.hook_mlp_out``), frozen at one prompt (``freeze``)."""
+    """``model`` with its MLPs replaced: per-layer transcoders ``{layer: SAE}`` (each reading
+    ``blocks.l.ln2.hook_normalized`` and writing ``blocks.l.hook_mlp_out``) or a ``CrossLayerTranscoder``; frozen at
+    one prompt (``freeze``)."""
 
-    def __init__(self, model, transcoders: dict[int, SAE]):
+    def __init__(self, model, transcoders: dict[int, SAE] | Replacement):
         self.model = model
         self.n_layers = model.cfg.n_layers
-        missing = [layer for layer in range(self.n_layers) if layer not in transcoders]
-        if missing:
-            raise ValueError(f"Attribution replaces every MLP: no transcoder for layer(s) {missing}; pass one per "
-                             f"layer, {{0: tc0, ..., {self.n_layers - 1}: tc{self.n_layers - 1}}}.")
-        for layer, tc in transcoders.items():
-            want = (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
-            if (tc.cfg.hook_name, tc.cfg.hook_name_out or tc.cfg.hook_name) != want:
-                raise ValueError(f"Layer {layer}'s transcoder reads {tc.cfg.hook_name!r} and writes "
-                                 f"{tc.cfg.hook_name_out!r}; expected {want[0]!r} -> {want[1]!r}.")
-            _linear_transcoder(tc, layer)
-        self.transcoders = {int(k): v for k, v in transcoders.items()}
+        #: what replaces the MLPs (``transcoders.Replacement``)
+        self.rep = as_replacement(transcoders, self.n_layers)
+        #: the per-layer transcoders {layer: SAE} (None for a cross-layer transcoder)
+        self.transcoders = self.rep.transcoders if isinstance(self.rep, PerLayer) else None
 
     # -- the real forward, recorded -------------------------------------------------------------------
     def freeze(self, tokens: mx.array) -> dict:
         """One real forward on tokens [P]: everything the frozen model and the graph need."""
         L = self.n_layers
         names = [n for n in self.model.hook_dict if self._is_frozen(n)]
-        names += ["hook_embed"] + [f"blocks.{layer}.ln2.hook_normalized" for layer in range(L)]
-        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+        names += ["hook_embed"] + [f"blocks.{layer}.{self.rep.hook_in}" for layer in range(L)]
+        names += [f"blocks.{layer}.{HOOK_OUT}" for layer in range(L)]
         logits, cache = self.model.run_with_cache(tokens[None], names_filter=names)
         frozen = {n: mx.stop_gradient(cache[n]) for n in names if n in cache}
-        acts, decoded, mlp, errors = [], [], [], []
+        xs = [cache[f"blocks.{layer}.{self.rep.hook_in}"][0].astype(mx.float32) for layer in range(L)]
+        acts = [self.rep.encode(layer, x) for layer, x in enumerate(xs)]  # [P, F] per layer
+        decoded = self.rep.decode(acts)  # [P, d] per layer, without the skip terms (the frozen model computes them)
+        mlp, errors = [], []
         for layer in range(L):
-            tc = self.transcoders[layer]
-            x = cache[f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
-            f = tc.encode(x)  # [P, F]
-            acts.append(f)
-            decoded.append(tc.decode(f))  # [P, d_out] (without the skip term, which the frozen model computes)
             # the MLP output less the skip term (the frozen model adds it live): decode + error
-            skip = tc.skip_term(x)
-            true = cache[f"blocks.{layer}.hook_mlp_out"][0].astype(mx.float32)
+            skip = self.rep.skip_term(layer, xs[layer])
+            true = cache[f"blocks.{layer}.{HOOK_OUT}"][0].astype(mx.float32)
             mlp.append(true if skip is None else true - skip)
-            errors.append(mlp[-1] - decoded[-1])
+            errors.append(mlp[-1] - decoded[layer])
         mx.eval(logits, frozen, acts, decoded, mlp, errors)
         return {"logits": logits[0], "frozen": frozen, "acts": acts, "decoded": decoded, "mlp": mlp, "errors": errors}
 
@@ -151,8 +135,8 @@ class ReplacementModel:
 
         hooks: list = [(n, const(n)) for n in frozen if self._is_frozen(n)]
         for layer in range(self.n_layers):
-            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
+            hooks.append((f"blocks.{layer}.{self.rep.hook_in}", record))
+            hooks.append((f"blocks.{layer}.{HOOK_OUT}", mlp_out(layer)))
         return hooks + [(name, record) for name in also_record]
 
     # -- the frozen, affine model ----------------------------------------------------------------------
@@ -165,11 +149,10 @@ class ReplacementModel:
         reads: dict[str, mx.array] = {}
 
         def mlp_out(layer):
-            tc = self.transcoders[layer]
-            name_in = f"blocks.{layer}.ln2.hook_normalized"
+            name_in = f"blocks.{layer}.{self.rep.hook_in}"
 
             def fn(act, hook):
-                skip = tc.skip_term(reads[name_in].astype(mx.float32))  # (linear in this forward's MLP input)
+                skip = self.rep.skip_term(layer, reads[name_in].astype(mx.float32))  # (linear in the MLP input)
                 return (mlp[layer] if skip is None else mlp[layer] + skip).astype(act.dtype)
 
             return fn
@@ -177,7 +160,7 @@ class ReplacementModel:
         hooks = self._hooks(state, B, mlp_out, reads, also_record=("unembed.hook_in",))
         hooks.append(("hook_embed", lambda act, hook: embed.astype(act.dtype)))
         self.model.run_with_hooks(mx.broadcast_to(tokens[None], (B, tokens.shape[0])), fwd_hooks=hooks)
-        names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(self.n_layers)] + ["unembed.hook_in"]
+        names = [f"blocks.{layer}.{self.rep.hook_in}" for layer in range(self.n_layers)] + ["unembed.hook_in"]
         return [reads[n].astype(mx.float32) for n in names]
 
     def run(self, tokens: mx.array, state: dict, edit=None) -> mx.array:
@@ -187,16 +170,16 @@ class ReplacementModel:
         the model's (to float rounding)."""
         errors = state["errors"]
         reads: dict[str, mx.array] = {}
+        acts: list[mx.array] = []  # this forward's features, layer by layer (a CLT's layer reads all earlier ones)
 
         def mlp_out(layer):
-            tc = self.transcoders[layer]
-
             def fn(act, hook):
-                x = reads[f"blocks.{layer}.ln2.hook_normalized"][0].astype(mx.float32)
-                f = tc.encode(x)
-                if edit is not None:
-                    f = edit(layer, f)
-                return (tc.predict(f, x) + errors[layer])[None].astype(act.dtype)
+                x = reads[f"blocks.{layer}.{self.rep.hook_in}"][0].astype(mx.float32)
+                f = self.rep.encode(layer, x)
+                acts.append(f if edit is None else edit(layer, f))
+                y = self.rep.decode_layer(layer, acts)
+                skip = self.rep.skip_term(layer, x)
+                return ((y if skip is None else y + skip) + errors[layer])[None].astype(act.dtype)
 
             return fn
 
@@ -235,10 +218,11 @@ def auto_batch_size(n_layers: int, n_pos: int, d_model: int, memory_gb: float = 
     return int(min(1024, max(16, memory_gb * 1e9 // per_copy)))
 
 
-def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int = 10, max_logit_prob: float = 0.95,
+def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n_logits: int = 10, max_logit_prob: float = 0.95,
               batch_size: int | None = None, prepend_bos: bool | None = None, zero_positions: int = 1,
               memory_gb: float = 1.0) -> Graph:
-    """The attribution graph of ``prompt`` (a string or token ids [P]) through per-layer ``transcoders``.
+    """The attribution graph of ``prompt`` (a string or token ids [P]) through ``transcoders``: per-layer
+    transcoders {layer: SAE} or a ``CrossLayerTranscoder`` (whose features have edges into every later layer).
 
     ``batch_size``: targets per vector-Jacobian product (copies of the prompt in one frozen forward); by default
     as many as fit in about ``memory_gb`` of activations (``auto_batch_size``), at most 1024.
@@ -281,13 +265,15 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
     # per layer: the active features' positions, decoder rows and activations (source side)
     # (features are sorted by layer, then position: each (layer, position) is a contiguous run of columns, whose
     # edges are one GEMM of that position's gradients with the run's decoder rows scaled by the activations)
-    src = []  # per (layer, position) with features: (layer, position, first column, [d, n] scaled decoder rows)
+    src = []  # per (layer, position) with features: (layer, position, first column, [n_out * d, n] decoder rows)
+    rep = rm.rep
     for layer in range(L):
         for p in range(P):
             cols = np.nonzero((active[:, 0] == layer) & (active[:, 1] == p))[0]
             if len(cols):
-                dec = rm.transcoders[layer].W_dec[mx.array(active[cols, 2])] * mx.array(acts[cols])[:, None]
-                src.append((layer, p, int(cols[0]), dec.T))
+                rows = rep.decoder_rows(layer, mx.array(active[cols, 2])) * mx.array(acts[cols])[:, None, None]
+                n, n_out, d = rows.shape  # what each feature writes to each of its output layers
+                src.append((layer, p, int(cols[0]), rows.transpose(1, 2, 0).reshape(n_out * d, n)))
 
     # targets: every feature (its encoder input), then every logit
     targets = [("feature", i) for i in range(nF)] + [("logit", j) for j in range(nL)]
@@ -295,16 +281,16 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
     # left of an MLP output is its transcoder's b_dec (a bias, like the attention and norm biases)
     # (at the zeroed positions the whole MLP output is such a constant)
     zeros = [mx.zeros((1, P, embed.shape[-1]))] + [
-        mx.where(keep, rm.transcoders[layer].b_dec, m)[None] for layer, m in enumerate(mlp)]
+        mx.where(keep, rep.b_dec(layer), m)[None] for layer, m in enumerate(mlp)]
     values, biases = [], []
 
     # host copies of what the targets read: each layer's encoder columns, the de-meaned unembedding columns
-    W_enc_host = [np.array(rm.transcoders[layer].W_enc.astype(mx.float32)) for layer in range(L)]
+    W_enc_host = [np.array(rep.encoder(layer).astype(mx.float32)) for layer in range(L)]
     U_host = np.array(U)
 
     def readout_vectors(batch):
         """Per readout (L transcoder inputs, the unembed input): the cotangent [B, P, d] of each target."""
-        cts = [np.zeros((len(batch), P, embed.shape[-1] if r == L else rm.transcoders[r].d_in), dtype=np.float32)
+        cts = [np.zeros((len(batch), P, embed.shape[-1] if r == L else W_enc_host[r].shape[0]), dtype=np.float32)
                for r in range(L + 1)]
         for b, (kind, i) in enumerate(batch):
             if kind == "feature":
@@ -342,7 +328,9 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
         tok = mx.sum(g_embed * embed[None], axis=-1)  # [B, P]
         # error sources, and feature sources: activation * (decoder row . gradient)
         err = mx.stack([mx.sum(g_mlp[layer] * errors[layer][None], axis=-1) for layer in range(L)], axis=1)  # [B,L,P]
-        feat = [g_mlp[layer][:, p] @ decT for layer, p, _, decT in src]  # [B, n] per (layer, position)
+        # [B, n] per (layer, position): its gradients at every output layer . the decoder rows written there
+        feat = [mx.concatenate([g_mlp[t][:, p] for t in rep.out_layers(layer)], axis=-1) @ decT
+                for layer, p, _, decT in src]
         mx.eval(tok, err, feat, val, bias)
         adjacency[rows_t, nF + nE:nF + nE + nT] = np.array(tok)
         adjacency[rows_t, nF:nF + nE] = np.array(err).reshape(B, L * P)
@@ -352,5 +340,5 @@ def attribute(model, transcoders: dict[int, SAE], prompt, *, max_n_logits: int =
         biases.extend(to_floats(bias))
     return Graph(prompt_tokens=to_ints(tokens), str_tokens=list(model.to_str_tokens(tokens)), active_features=active,
                  activations=acts, logit_tokens=logit_tokens, logit_probabilities=logit_probs.astype(np.float32),
-                 adjacency=adjacency, n_layers=L, hook_in=[rm.transcoders[layer].cfg.hook_name for layer in range(L)],
+                 adjacency=adjacency, n_layers=L, hook_in=[f"blocks.{layer}.{rep.hook_in}" for layer in range(L)],
                  target_values=np.array(values, dtype=np.float64), target_biases=np.array(biases, dtype=np.float64))

@@ -30,7 +30,12 @@ def cmd_attribute(args) -> int:
                   batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     pr = prune_graph(g, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    contexts = graph_contexts(model, tcs, g, args.corpus, prune=pr, max_docs=args.max_docs) if args.corpus else None
+    contexts = None
+    if args.corpus:
+        if not isinstance(tcs, dict):
+            raise SystemExit("hooked-mlx attribute: --corpus (top contexts per feature) needs per-layer transcoders; "
+                             "a cross-layer transcoder's contexts are not built yet. Leave --corpus out.")
+        contexts = graph_contexts(model, tcs, g, args.corpus, prune=pr, max_docs=args.max_docs)
     write_graph(g, json_path=args.out, html_path=args.html, prune=pr, model_id=args.model, decode=model.to_string,
                 contexts=contexts, overwrite=args.overwrite)
     replacement, completeness = graph_scores(g)
@@ -48,7 +53,8 @@ def add_subcommand(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder (mlx-lm, Hugging Face, hooked_mlx checkpoint) or .gguf file")
     p.add_argument("prompt", help="the prompt")
-    p.add_argument("--transcoders", required=True, help="folder with one transcoder subfolder per layer")
+    p.add_argument("--transcoders", required=True, help="folder with one transcoder subfolder per layer, or circuit-tracer's config.yaml layout (a transcoder set or a "
+                   "cross-layer transcoder)")
     p.add_argument("--out", help="graph JSON (circuit-tracer's format)")
     p.add_argument("--html", help="HTML viewer")
     p.add_argument("--corpus", help="documents in which to find each kept feature's top contexts (for --html)")

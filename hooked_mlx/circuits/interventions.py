@@ -48,15 +48,15 @@ def apply_interventions(acts: mx.array, edits: Sequence[Intervention]) -> mx.arr
     return acts
 
 
-def _by_layer(interventions: Sequence[Intervention], transcoders: dict[int, SAE]) -> dict[int, list[Intervention]]:
+def _by_layer(interventions: Sequence[Intervention], n_features: dict[int, int]) -> dict[int, list[Intervention]]:
     out: dict[int, list[Intervention]] = {}
     for iv in interventions:
         layer, _, f, _ = iv
-        if layer not in transcoders:
-            raise ValueError(f"Intervention on layer {layer}: there is no transcoder there ({sorted(transcoders)}).")
-        if not 0 <= f < transcoders[layer].d_sae:
+        if layer not in n_features:
+            raise ValueError(f"Intervention on layer {layer}: there is no transcoder there ({sorted(n_features)}).")
+        if not 0 <= f < n_features[layer]:
             raise ValueError(f"Intervention on feature {f} of layer {layer}: expected 0 <= feature < "
-                             f"{transcoders[layer].d_sae}.")
+                             f"{n_features[layer]}.")
         out.setdefault(layer, []).append(iv)
     return out
 
@@ -68,10 +68,13 @@ def intervene(model, transcoders: dict[int, SAE], tokens: mx.array, intervention
     positions while the continuation is generated (one full forward per new token)."""
     from ..sae.splice import HookedSAETransformer
 
+    if not isinstance(transcoders, dict):
+        raise TypeError("intervene splices per-layer transcoders into the real model; a cross-layer transcoder is not "
+                        "spliced yet: use intervene_replacement (the frozen replacement model) for it.")
     if not isinstance(model, HookedSAETransformer):
         raise TypeError("intervene splices transcoders into the model: load it as HookedSAETransformer.from_pretrained"
                         "(...) (the graph itself works on any HookedTransformer).")
-    edits = _by_layer(interventions, transcoders)
+    edits = _by_layer(interventions, {layer: tc.d_sae for layer, tc in transcoders.items()})
     hooks = []
     for layer, ivs in edits.items():
         name = f"{transcoders[layer].cfg.hook_name_out}.hook_sae_acts_post"
@@ -92,6 +95,6 @@ def intervene(model, transcoders: dict[int, SAE], tokens: mx.array, intervention
 def intervene_replacement(rm: ReplacementModel, tokens: mx.array, interventions: Sequence[Intervention],
                           state: dict | None = None) -> mx.array:
     """The same edits in the local replacement model frozen at ``tokens``: logits [P, V]."""
-    edits = _by_layer(interventions, rm.transcoders)
+    edits = _by_layer(interventions, {layer: rm.rep.n_features(layer) for layer in range(rm.n_layers)})
     state = rm.freeze(tokens) if state is None else state
     return rm.run(tokens, state, edit=lambda layer, acts: apply_interventions(acts, edits.get(layer, [])))

@@ -9,6 +9,10 @@
   ``b_dec``; a JumpReLU's ``activation_function.threshold``; a skip transcoder's ``W_skip`` [d, d], applied as
   x @ W_skip.T) or Gemma Scope 2's (``w_enc`` [d, F], ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``,
   ``affine_skip_connection``), as circuit-tracer's ``load_transcoder_set`` reads them.
+* circuit-tracer's cross-layer transcoder layout (``model_kind: cross_layer_transcoder``; ``W_enc_{l}`` and
+  ``W_dec_{l}`` files, as its ``load_clt`` reads them): a ``CrossLayerTranscoder``.
+
+The input hook may be ``ln2.hook_normalized`` or ``hook_resid_mid``; the output hook is ``hook_mlp_out``.
 """
 
 from __future__ import annotations
@@ -22,20 +26,21 @@ from ..readers import load_safetensors
 from ..sae.config import SAEConfig
 from ..sae.files import load_sae
 from ..sae.sae import SAE
+from .transcoders import CrossLayerTranscoder
 
 #: circuit-tracer's hook names (TransformerLens names inside a block) that map onto this library's hooks
-CT_INPUT_HOOKS = {"ln2.hook_normalized": "ln2.hook_normalized"}
+CT_INPUT_HOOKS = {"ln2.hook_normalized": "ln2.hook_normalized", "hook_resid_mid": "hook_resid_mid"}
 CT_OUTPUT_HOOKS = {"hook_mlp_out": "hook_mlp_out"}
 
 
-def load_transcoders(path: str) -> dict[int, SAE]:
-    """{layer: transcoder} from ``path``: circuit-tracer's layout when it has a ``config.yaml``, else its
-    subfolders (the layer is read from each one's input hook, ``blocks.L...``); a folder that is itself one
-    transcoder gives one layer."""
+def load_transcoders(path: str) -> dict[int, SAE] | CrossLayerTranscoder:
+    """{layer: transcoder} from ``path``: circuit-tracer's layout when it has a ``config.yaml`` (a cross-layer
+    transcoder there gives a ``CrossLayerTranscoder``), else its subfolders (the layer is read from each one's input
+    hook, ``blocks.L...``); a folder that is itself one transcoder gives one layer."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder of transcoders.")
     if os.path.isfile(os.path.join(path, "config.yaml")):
-        return load_circuit_tracer_set(path)
+        return load_circuit_tracer(path)
     subs = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isdir(os.path.join(path, f)))
     out: dict[int, SAE] = {}
     for folder in subs or [path]:
@@ -61,24 +66,74 @@ def load_transcoders(path: str) -> dict[int, SAE]:
     return out
 
 
-def load_circuit_tracer_set(path: str) -> dict[int, SAE]:
-    """A circuit-tracer transcoder set (``config.yaml`` + one safetensors file per layer; see the module doc)."""
+def _ct_config(path: str) -> tuple[dict, str, str]:
     import yaml
 
     with open(os.path.join(path, "config.yaml")) as f:
         cfg = yaml.safe_load(f) or {}
-    kind = cfg.get("model_kind")
-    if kind != "transcoder_set":
-        raise ValueError(f"{path}/config.yaml: model_kind {kind!r}; only circuit-tracer's per-layer "
-                         f"'transcoder_set' is read (cross-layer transcoders are not supported yet).")
     hooks = []
     for key, known in (("feature_input_hook", CT_INPUT_HOOKS), ("feature_output_hook", CT_OUTPUT_HOOKS)):
         name = cfg.get(key)
         if name not in known:
             raise ValueError(f"{path}/config.yaml: {key} {name!r} is not supported; supported: {sorted(known)} "
-                             f"(the transcoders must read the MLP's normalised input before the norm's weight and "
-                             f"write the MLP's output).")
+                             f"(the transcoders must read the MLP's input, normalised before the norm's weight or "
+                             f"the residual stream before the norm, and write the MLP's output).")
         hooks.append(known[name])
+    return cfg, hooks[0], hooks[1]
+
+
+def load_circuit_tracer(path: str) -> dict[int, SAE] | CrossLayerTranscoder:
+    """circuit-tracer's ``config.yaml`` folder: a transcoder set or a cross-layer transcoder."""
+    cfg, _, _ = _ct_config(path)
+    kind = cfg.get("model_kind")
+    if kind == "cross_layer_transcoder":
+        return load_circuit_tracer_clt(path)
+    if kind == "transcoder_set":
+        return load_circuit_tracer_set(path)
+    raise ValueError(f"{path}/config.yaml: model_kind {kind!r}; expected 'transcoder_set' or 'cross_layer_transcoder'.")
+
+
+def load_circuit_tracer_clt(path: str) -> CrossLayerTranscoder:
+    """circuit-tracer's cross-layer transcoder layout (its ``load_clt``): ``W_enc_{l}.safetensors`` holding
+    ``W_enc_{l}`` [F, d], ``b_enc_{l}``, ``b_dec_{l}`` and a JumpReLU's ``threshold_{l}``, and ``W_dec_{l}.safetensors``
+    holding ``W_dec_{l}`` [F, L-l, d]."""
+    cfg, hook_in, _ = _ct_config(path)
+    L = len([f for f in os.listdir(path) if re.fullmatch(r"W_enc_\d+\.safetensors", f)])
+    if L == 0:
+        raise ValueError(f"{path}: a cross-layer transcoder needs W_enc_0.safetensors, W_dec_0.safetensors, ...")
+    W_enc, b_enc, b_dec, thr, W_dec = [], [], [], [], []
+    for layer in range(L):
+        files = [os.path.join(path, f"W_{kind}_{layer}.safetensors") for kind in ("enc", "dec")]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path}: {os.path.basename(file)} is missing ({L} encoder files).")
+        enc = load_safetensors(files[0])
+        dec = load_safetensors(files[1])
+        try:
+            W_enc.append(enc[f"W_enc_{layer}"].astype(mx.float32).T)
+            b_enc.append(enc[f"b_enc_{layer}"].astype(mx.float32))
+            b_dec.append(enc[f"b_dec_{layer}"].astype(mx.float32))
+            if f"threshold_{layer}" in enc:
+                thr.append(enc[f"threshold_{layer}"].astype(mx.float32).reshape(-1))
+            W_dec.append(dec[f"W_dec_{layer}"].astype(mx.float32))
+        except KeyError as e:
+            raise ValueError(f"{path}: layer {layer}'s files lack {e.args[0]!r} (circuit-tracer's CLT layout).") from e
+    if thr and len(thr) != L:
+        raise ValueError(f"{path}: only some layers have a JumpReLU threshold.")
+    clt = CrossLayerTranscoder(W_enc=W_enc, b_enc=mx.stack(b_enc), W_dec=W_dec, b_dec_=mx.stack(b_dec),
+                               threshold=mx.stack(thr) if thr else None, hook_in=hook_in)
+    mx.eval(clt.W_enc, clt.W_dec, clt.b_enc, clt.b_dec_, clt.threshold)
+    return clt
+
+
+def load_circuit_tracer_set(path: str) -> dict[int, SAE]:
+    """A circuit-tracer transcoder set (``config.yaml`` + one safetensors file per layer; see the module doc)."""
+    cfg, hook_in, hook_out = _ct_config(path)
+    kind = cfg.get("model_kind")
+    if kind != "transcoder_set":
+        raise ValueError(f"{path}/config.yaml: model_kind {kind!r}; this reads circuit-tracer's per-layer "
+                         f"'transcoder_set' (load_transcoders reads both kinds).")
+    hooks = [hook_in, hook_out]
     files = cfg.get("transcoders")
     if files is None:
         n = len([f for f in os.listdir(path) if re.fullmatch(r"layer_\d+\.safetensors", f)])
