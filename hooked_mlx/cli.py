@@ -143,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_sae(sub)
     from .circuits.cli import add_subcommand as add_attribute
+    from .circuits.cli import add_train_clt_subcommand as add_train_clt
     from .dashboard_cli import add_subcommand as add_dashboard
 
     add_dashboard(sub)
     add_attribute(sub)
+    add_train_clt(sub)
     try:
         from .demo import add_subcommand as add_demo
     except ImportError:

@@ -54,7 +54,7 @@ _SKIP = {"d_in", "hook_name", "extra", "d_out", "hook_name_out", "skip_connectio
 _ALIASES = {"architecture": "--arch", "expansion_factor": "--expansion", "training_tokens": "--tokens"}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser) -> None:
     defaults = SAEConfig.defaults()
     hints = typing.get_type_hints(SAEConfig)
     # (the trainer's choices: a gated SAE or a run-time normalisation comes only from a loaded file)
@@ -82,7 +82,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(*flags, type=typ, default=None, help=text)
 
 
-def _config_from_args(args, hook: str) -> SAEConfig:
+def config_from_args(args, hook: str) -> SAEConfig:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(SAEConfig):
         if f.name in _SKIP:
@@ -116,8 +116,8 @@ def _transcoder_pairs(args) -> list[tuple[str, str]]:
 def _configs(args, hooks: list[str]) -> list[SAEConfig]:
     """One config per --hook (train-transcoders: per pair, with its output hook and skip connection)."""
     if not args.transcoders:
-        return [_config_from_args(args, h) for h in hooks]
-    return [_config_from_args(args, h).replace(hook_name_out=o, skip_connection=args.skip_connection,
+        return [config_from_args(args, h) for h in hooks]
+    return [config_from_args(args, h).replace(hook_name_out=o, skip_connection=args.skip_connection,
                                                apply_b_dec_to_input=False) for h, o in _transcoder_pairs(args)]
 
 
@@ -317,7 +317,7 @@ def _add_train_parser(subparsers, name: str, help_text: str, transcoders: bool) 
                        help="the hook each transcoder predicts, in the order of --hook (default: the block's "
                             "hook_mlp_out for an MLP-input hook such as blocks.L.ln2.hook_normalized)")
         p.add_argument("--skip-connection", action="store_true", help="add a trained linear skip term x @ W_skip.T")
-    _add_config_flags(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_train_sae, transcoders=transcoders)
 
 

@@ -1,0 +1,265 @@
+"""Training cross-layer transcoders with the SAE engine's kernels and streaming.
+
+``train_clt(cfg, source, n_layers=L)`` trains one ``CrossLayerTranscoder``: layer l's encoder reads
+``blocks.l.{hook_in}`` and its TopK features (``cfg.k`` per token and layer) write to the MLP outputs
+``blocks.t.hook_mlp_out`` of every layer t >= l. All 2L hooks come from one streamed forward per batch
+(``sae.ActivationStore``). The loss is the mean over layers of each layer's fraction of variance unexplained. The
+step is compiled and runs on the SAE engine's ops (``sae.kernels``: the device's top-k selection and the sparse
+decode, whose backward touches only the kept latents), with Adam, a linear warm-up and global gradient-norm
+clipping. Checkpoints are atomic and resume exactly (parameters, Adam state, step and the source's position).
+``save_clt`` writes circuit-tracer's CLT layout, which ``load_transcoders`` (and circuit-tracer) read.
+
+``cfg`` is an ``SAEConfig`` for the shared settings: ``k``, ``d_sae`` (features per layer; or ``expansion_factor``
+x d_model), ``lr``, ``lr_warmup_steps``, ``adam_beta1/2``, ``adam_eps``, ``grad_clip_norm``,
+``train_batch_size_tokens``, ``training_tokens``, ``log_every_steps``, ``checkpoint_every_steps``, ``seed``.
+Not built yet: JumpReLU CLTs, AuxK for dead features, several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_unflatten
+
+from ..host import flat_items, to_float, to_int
+from ..outputs import write_text_atomic
+from ..sae.checkpoint import load_checkpoint
+from ..sae.config import SAEConfig
+from ..sae.forward import lr_schedule
+from ..sae.kernels import fused as FU
+from .transcoders import HOOK_INS, HOOK_OUT, CrossLayerTranscoder
+
+CHECKPOINT = "clt_checkpoint.safetensors"
+
+
+class CLTModule(nn.Module):
+    """The trainable CLT: ``W_enc`` [L, d, F], ``b_enc`` [L, F], ``W_dec_l`` [F, (L-l) * d] (layer l's decoder rows
+    to layers l..L-1, flattened: one sparse decode per source layer), ``b_dec`` [L, d]."""
+
+    def __init__(self, n_layers: int, d_model: int, d_transcoder: int, seed: int = 0):
+        super().__init__()
+        L, d, F = n_layers, d_model, d_transcoder
+        k1, k2 = mx.random.split(mx.random.key(seed))
+        self.W_enc = mx.random.normal((L, d, F), key=k1) / d**0.5
+        self.b_enc = mx.zeros((L, F))
+        keys = mx.random.split(k2, L)
+        # decoder rows start small, scaled by the number of source layers writing to each output
+        self.W_dec = [mx.random.normal((F, (L - layer) * d), key=keys[layer]) / (F**0.5 * (layer + 1)) for layer in
+                      range(L)]
+        self.b_dec = mx.zeros((L, d))
+        self.n_layers, self.d_model, self.d_transcoder = L, d, F
+
+    def __call__(self, xs: list[mx.array], k: int) -> tuple[list[mx.array], list[tuple[mx.array, mx.array]]]:
+        """Per layer the prediction [B, d] of the MLP output from the features of layers <= it, and each layer's
+        (values, indices) [B, k]."""
+        L, d = self.n_layers, self.d_model
+        outs = [mx.broadcast_to(self.b_dec[t], xs[0].shape) for t in range(L)]
+        feats = []
+        for layer in range(L):
+            pre = xs[layer] @ self.W_enc[layer] + self.b_enc[layer]
+            vals, idx = FU.topk_select(pre, k)
+            feats.append((vals, idx))
+            y = FU.sparse_decode(vals, idx, self.W_dec[layer])  # [B, (L - layer) * d]
+            for j, t in enumerate(range(layer, L)):
+                outs[t] = outs[t] + y[:, j * d:(j + 1) * d]
+        return outs, feats
+
+    def to_clt(self, hook_in: str) -> CrossLayerTranscoder:
+        L, d, F = self.n_layers, self.d_model, self.d_transcoder
+        return CrossLayerTranscoder(W_enc=[self.W_enc[layer] for layer in range(L)], b_enc=self.b_enc,
+                                    W_dec=[w.reshape(F, L - layer, d) for layer, w in enumerate(self.W_dec)],
+                                    b_dec_=self.b_dec, hook_in=hook_in)
+
+
+def _fvu(y: mx.array, yhat: mx.array) -> mx.array:
+    var = mx.sum(mx.square(y - mx.mean(y, axis=0)))
+    return mx.sum(mx.square(y - yhat)) / mx.maximum(var, 1e-12)
+
+
+class CLTTrainer:
+    """The CLT, its Adam state and its compiled step."""
+
+    def __init__(self, cfg: SAEConfig, n_layers: int, d_model: int, hook_in: str = HOOK_INS[0]):
+        if cfg.architecture != "topk":
+            raise ValueError(f"Cross-layer transcoders train with architecture 'topk' here; got {cfg.architecture!r} "
+                             f"(JumpReLU CLTs are not built yet).")
+        if hook_in not in HOOK_INS:
+            raise ValueError(f"hook_in {hook_in!r}; a CLT reads one of {HOOK_INS}.")
+        self.cfg, self.hook_in = cfg, hook_in
+        F = cfg.d_sae or int(cfg.expansion_factor * d_model)
+        self.module = CLTModule(n_layers, d_model, F, seed=cfg.seed)
+        self.optimizer = optim.Adam(learning_rate=lr_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2],
+                                    eps=cfg.adam_eps, bias_correction=True)
+        self.optimizer.init(self.module.trainable_parameters())
+        self.step_count = 0
+        self.sums = {"loss": mx.array(0.0), "fvu_last": mx.array(0.0), "l0": mx.array(0.0), "count": mx.array(0)}
+        self._step = None
+
+    def state(self):
+        return [self.module.state, self.optimizer.state, self.sums]
+
+    def _build(self):
+        cfg, module, opt = self.cfg, self.module, self.optimizer
+        L, k = module.n_layers, cfg.k
+
+        def loss_fn(xs, ys):
+            outs, feats = module(xs, k)
+            fvus = [_fvu(y, o) for y, o in zip(ys, outs)]
+            return sum(fvus) / L, (fvus, feats)
+
+        grad_fn = nn.value_and_grad(module, loss_fn)
+
+        def step(xs, ys):
+            (loss, (fvus, feats)), grads = grad_fn(xs, ys)
+            if cfg.grad_clip_norm > 0:
+                grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
+            opt.update(module, grads)
+            s = self.sums
+            s["loss"] = s["loss"] + loss
+            s["fvu_last"] = s["fvu_last"] + fvus[-1]
+            s["l0"] = s["l0"] + sum(mx.mean(mx.sum(v > 0, axis=-1).astype(mx.float32)) for v, _ in feats) / L
+            s["count"] = s["count"] + 1
+            return loss
+
+        self._step = mx.compile(step, inputs=self.state(), outputs=self.state())
+
+    def step(self, xs: list[mx.array], ys: list[mx.array]) -> mx.array:
+        """One update on per-layer inputs xs[l] [B, d] and targets ys[l] [B, d] (lazy; ``mx.eval(trainer.state())``)."""
+        if self.step_count == 0:  # a new CLT: each layer's b_dec starts at its first batch's mean output
+            self.module.b_dec = mx.stack([mx.mean(y.astype(mx.float32), axis=0) for y in ys])
+            mx.eval(self.module.parameters())
+        if self._step is None:
+            self._build()
+        assert self._step is not None
+        loss = self._step([x.astype(mx.float32) for x in xs], [y.astype(mx.float32) for y in ys])
+        self.step_count += 1
+        return loss
+
+    def read_metrics(self) -> dict[str, float]:
+        """Means since the last read: loss (mean per-layer FVU), the last layer's FVU, L0 per layer."""
+        s = self.sums
+        n = max(1, to_int(s["count"]))
+        out = {"loss": to_float(s["loss"]) / n, "fvu_last_layer": to_float(s["fvu_last"]) / n,
+               "l0": to_float(s["l0"]) / n}
+        if not all(v == v and abs(v) != float("inf") for v in out.values()):
+            raise FloatingPointError(f"CLT training became non-finite at step {self.step_count}: {out}.")
+        for key in ("loss", "fvu_last", "l0"):
+            s[key] = mx.array(0.0)
+        s["count"] = mx.array(0)
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, mx.array]:
+        out = {f"param.{k}": v for k, v in flat_items(self.module.parameters())}
+        out.update({f"opt.{k}": v for k, v in flat_items(self.optimizer.state)})
+        return out
+
+    def load_tensors(self, tensors: dict[str, mx.array], step: int) -> None:
+        self.module.update(tree_unflatten([(k[len("param."):], v) for k, v in tensors.items()
+                                           if k.startswith("param.")]))
+        self.optimizer.state = tree_unflatten([(k[len("opt."):], v) for k, v in tensors.items()
+                                               if k.startswith("opt.")])
+        self.step_count = step
+        self._step = None
+        mx.eval(self.state())
+
+
+def _save_checkpoint(path: str, trainer: CLTTrainer, source, step: int) -> None:
+    os.makedirs(path, exist_ok=True)
+    tensors = trainer.tensors()
+    src_arrays, src_meta = source.state_dict() if hasattr(source, "state_dict") else ({}, {})
+    tensors.update({f"source.{k}": mx.array(v) for k, v in src_arrays.items()})
+    meta = {"step": step, "config": trainer.cfg.to_dict(), "hook_in": trainer.hook_in, "source": src_meta,
+            "n_layers": trainer.module.n_layers}
+    fd, tmp = tempfile.mkstemp(prefix=".clt-", suffix=".tmp.safetensors", dir=path)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, tensors, metadata={"hooked_mlx": json.dumps(meta)})
+        os.replace(tmp, os.path.join(path, CHECKPOINT))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_clt(cfg: SAEConfig, source, *, n_layers: int, hook_in: str = HOOK_INS[0], checkpoint_path: str | None = None,
+              resume: bool = False, overwrite: bool = False, progress: bool = True,
+              callback: Callable[[int, dict], None] | None = None) -> CrossLayerTranscoder:
+    """Train a cross-layer transcoder (see the module doc) on ``source`` (``ActivationStore`` or any source
+    yielding {hook: [B, d]} for ``blocks.l.{hook_in}`` and ``blocks.l.hook_mlp_out``, l < ``n_layers``).
+    ``checkpoint_path``: a folder; a checkpoint is written there every ``checkpoint_every_steps`` steps and at the
+    end; ``resume=True`` continues from it with the same result as an uninterrupted run. An existing checkpoint
+    is refused unless ``resume`` or ``overwrite``."""
+    ins = [f"blocks.{layer}.{hook_in}" for layer in range(n_layers)]
+    outs = [f"blocks.{layer}.{HOOK_OUT}" for layer in range(n_layers)]
+    missing = [h for h in ins + outs if h not in source.hook_names]
+    if missing:
+        raise ValueError(f"The source does not produce {missing[:4]}{' ...' if len(missing) > 4 else ''}; a CLT over "
+                         f"{n_layers} layers needs every layer's {hook_in} and {HOOK_OUT}.")
+    d = source.d_in(ins[0])
+    trainer = CLTTrainer(cfg, n_layers, d, hook_in)
+    ckpt = os.path.join(checkpoint_path, CHECKPOINT) if checkpoint_path else None
+    start = 0
+    if ckpt and os.path.exists(ckpt):
+        if resume:
+            tensors, meta = load_checkpoint(ckpt)
+            if meta["config"] != cfg.to_dict() or meta["hook_in"] != hook_in or meta["n_layers"] != n_layers:
+                raise ValueError(f"Cannot resume from {ckpt}: it was written for another configuration.")
+            start = int(meta["step"])
+            trainer.load_tensors(tensors, start)
+            if hasattr(source, "load_state_dict"):
+                source.load_state_dict({k[len("source."):]: v for k, v in tensors.items() if k.startswith("source.")},
+                                       meta["source"])
+        elif not overwrite:
+            raise FileExistsError(f"{ckpt} exists: pass resume=True to continue it or overwrite=True to replace it.")
+    total = cfg.total_steps
+    t0 = time.perf_counter()
+    for step in range(start, total):
+        batch = source.next_batch()
+        trainer.step([batch[h] for h in ins], [batch[h] for h in outs])
+        mx.async_eval(trainer.state())
+        done = step + 1
+        if done % cfg.log_every_steps == 0 or done == total:
+            m = trainer.read_metrics()
+            if progress:
+                rate = (done - start) * cfg.train_batch_size_tokens / max(time.perf_counter() - t0, 1e-9)
+                print(f"clt step {done}/{total}: FVU {m['loss']:.4f} (last layer {m['fvu_last_layer']:.4f}), "
+                      f"L0 {m['l0']:.1f}, {rate:,.0f} tok/s", flush=True)
+            if callback is not None:
+                callback(done, m)
+        if ckpt and cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < total:
+            mx.eval(trainer.state())
+            _save_checkpoint(checkpoint_path, trainer, source, done)  # type: ignore[arg-type]
+    mx.eval(trainer.state())
+    if ckpt and total > start:
+        _save_checkpoint(checkpoint_path, trainer, source, total)  # type: ignore[arg-type]
+    return trainer.module.to_clt(hook_in)
+
+
+def save_clt(clt: CrossLayerTranscoder, path: str, *, overwrite: bool = False) -> str:
+    """Write ``clt`` in circuit-tracer's CLT layout: ``W_enc_{l}.safetensors`` (W_enc_l [F, d], b_enc_l, b_dec_l,
+    threshold_l for a JumpReLU) and ``W_dec_{l}.safetensors`` (W_dec_l [F, L-l, d]), and a ``config.yaml``. The
+    folder must be new or empty unless ``overwrite`` (which replaces only these files)."""
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{path} is not empty; give a new folder or overwrite=True.")
+    os.makedirs(path, exist_ok=True)
+    for layer in range(clt.n_layers):
+        enc = {f"W_enc_{layer}": clt.W_enc[layer].T, f"b_enc_{layer}": clt.b_enc[layer],
+               f"b_dec_{layer}": clt.b_dec_[layer]}
+        if clt.threshold is not None:
+            enc[f"threshold_{layer}"] = clt.threshold[layer]
+        for name, tensors in ((f"W_enc_{layer}", enc), (f"W_dec_{layer}", {f"W_dec_{layer}": clt.W_dec[layer]})):
+            fd, tmp = tempfile.mkstemp(prefix=".clt-", suffix=".tmp.safetensors", dir=path)
+            os.close(fd)
+            mx.save_safetensors(tmp, {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()})
+            os.replace(tmp, os.path.join(path, f"{name}.safetensors"))
+    write_text_atomic(os.path.join(path, "config.yaml"),
+                      f"model_kind: cross_layer_transcoder\nfeature_input_hook: {clt.hook_in}\n"
+                      f"feature_output_hook: {HOOK_OUT}\nscan: hooked-mlx\n", overwrite=True)
+    return path
