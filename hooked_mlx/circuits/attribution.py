@@ -220,12 +220,13 @@ def auto_batch_size(n_layers: int, n_pos: int, d_model: int, memory_gb: float = 
 
 def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n_logits: int = 10, max_logit_prob: float = 0.95,
               batch_size: int | None = None, prepend_bos: bool | None = None, zero_positions: int = 1,
-              memory_gb: float = 1.0) -> Graph:
+              memory_gb: float | None = None) -> Graph:
     """The attribution graph of ``prompt`` (a string or token ids [P]) through ``transcoders``: per-layer
     transcoders {layer: SAE} or a ``CrossLayerTranscoder`` (whose features have edges into every later layer).
 
-    ``batch_size``: targets per vector-Jacobian product (copies of the prompt in one frozen forward); by default
-    as many as fit in about ``memory_gb`` of activations (``auto_batch_size``), at most 1024.
+    ``batch_size``: targets per vector-Jacobian product; by default as many as fit in about ``memory_gb`` of
+    activations (``auto_batch_size``), at most 1024. ``memory_gb`` defaults to 1 on the CPU and, on a GPU, to an
+    eighth of MLX's memory limit (at most 8): larger batches amortise the per-batch work.
 
     ``zero_positions``: the first positions (by default 1: the BOS token, as circuit-tracer does) carry no feature
     and no error nodes; their MLP outputs are constants of the frozen model, like the biases. 0 attributes every
@@ -241,6 +242,8 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     state = rm.freeze(tokens)
     embed, mlp = rm.sources(state)
     if batch_size is None:
+        if memory_gb is None:
+            memory_gb = 1.0 if mx.default_device() == mx.cpu else min(8.0, max(1.0, mx.get_memory_limit() / 8e9))
         batch_size = auto_batch_size(L, P, embed.shape[-1], memory_gb)
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}; expected a positive number of targets per batch.")
@@ -284,21 +287,27 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         mx.where(keep, rep.b_dec(layer), m)[None] for layer, m in enumerate(mlp)]
     values, biases = [], []
 
-    # host copies of what the targets read: each layer's encoder columns, the de-meaned unembedding columns
-    W_enc_host = [np.array(rep.encoder(layer).astype(mx.float32)) for layer in range(L)]
-    U_host = np.array(U)
+    # each target's cotangent: its readout (layer r's transcoder input, or the unembedding input r = L), its
+    # position, and its vector (a feature's encoder column, a logit's de-meaned unembedding column); built on the
+    # device per batch by one scatter per readout
+    t_read = np.array([feats[i][0] if kind == "feature" else L for kind, i in targets], dtype=np.int64)
+    t_pos = np.array([feats[i][1] if kind == "feature" else P - 1 for kind, i in targets], dtype=np.int64)
+    t_col = np.array([feats[i][2] if kind == "feature" else i for kind, i in targets], dtype=np.int64)
+    widths = [rep.encoder(r).shape[0] for r in range(L)] + [embed.shape[-1]]
 
-    def readout_vectors(batch):
-        """Per readout (L transcoder inputs, the unembed input): the cotangent [B, P, d] of each target."""
-        cts = [np.zeros((len(batch), P, embed.shape[-1] if r == L else W_enc_host[r].shape[0]), dtype=np.float32)
-               for r in range(L + 1)]
-        for b, (kind, i) in enumerate(batch):
-            if kind == "feature":
-                layer, p, f = feats[i]
-                cts[layer][b, p] = W_enc_host[layer][:, f]
-            else:
-                cts[L][b, P - 1] = U_host[:, i]
-        return [mx.array(c) for c in cts]
+    def readout_vectors(start, stop):
+        """Per readout (L transcoder inputs, the unembed input): the cotangent [B, P, d] of targets start:stop."""
+        B = stop - start
+        cts = []
+        for r in range(L + 1):
+            sel = np.nonzero(t_read[start:stop] == r)[0]
+            ct = mx.zeros((B, P, widths[r]), dtype=mx.float32)
+            if len(sel):
+                cols = mx.array(t_col[start + sel])
+                vecs = (U[:, cols] if r == L else rep.encoder(r)[:, cols].astype(mx.float32)).T  # [n, d]
+                ct = ct.at[mx.array(sel), mx.array(t_pos[start + sel])].add(vecs)
+            cts.append(ct)
+        return cts
 
     def frozen(e, *m):
         return rm.frozen_forward(tokens, state, e, list(m))
@@ -318,7 +327,7 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     for start in range(0, len(targets), batch_size):
         batch = targets[start:start + batch_size]
         B = len(batch)
-        cts = readout_vectors(batch)
+        cts = readout_vectors(start, start + B)
         grads = [g[:, 0] for g in batched_vjp(*[c[:, None] for c in cts])]
         val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(real_outs, cts)]).sum(axis=0)
         bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
