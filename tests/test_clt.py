@@ -113,12 +113,30 @@ def test_interrupted_run_resumes_exactly(stories, tmp_path):
                   resume=True)
 
 
+def test_jumprelu_clt(stories, tmp_path):
+    """A JumpReLU CLT: thresholds trained by the straight-through gradients, the L0 penalty lowering the active
+    fraction, the thresholds written and read back, and a complete graph."""
+    cfg = _cfg(80, architecture="jumprelu", l0_coefficient=2.0, sparsity_warmup_steps=20, jumprelu_init_threshold=0.05)
+    history = []
+    clt = train_clt(cfg, _source(stories, cfg), n_layers=5, progress=False, callback=lambda s, m: history.append(m))
+    assert clt.threshold is not None and float(mx.min(clt.threshold)) >= 0
+    assert float(mx.max(mx.abs(clt.threshold - 0.05))) > 1e-3  # trained
+    assert history[-1]["fvu"] < 0.8 * history[0]["fvu"]
+    assert history[-1]["l0"] < 0.5 * 256  # well under half of the 256 features per layer
+    back = load_transcoders(save_clt(clt, str(tmp_path / "jclt")))
+    assert back.threshold is not None
+    assert_close(back.threshold, clt.threshold, 1e-7)
+    g = attribute(stories, back, PROMPT)
+    rows = list(range(g.n_features)) + list(range(g.logit_start, g.n_nodes))
+    assert_close(g.adjacency[rows].astype(np.float64).sum(axis=1) + g.target_biases, g.target_values, 1e-4)
+
+
 def test_bad_input_is_refused(stories):
     cfg = _cfg(4)
     with pytest.raises(ValueError, match="does not produce"):
         train_clt(cfg, ActivationStore(stories, ["blocks.0.ln2.hook_normalized"], DOCS, cfg), n_layers=5)
-    with pytest.raises(ValueError, match="jumprelu"):
-        train_clt(cfg.replace(architecture="jumprelu"), _source(stories, cfg), n_layers=5, progress=False)
+    with pytest.raises(ValueError, match="'topk' or 'jumprelu'"):
+        train_clt(cfg.replace(architecture="relu"), _source(stories, cfg), n_layers=5, progress=False)
     with pytest.raises(ValueError, match="shape"):
         CrossLayerTranscoder(W_enc=[mx.zeros((4, 8))] * 2, b_enc=mx.zeros((2, 8)),
                              W_dec=[mx.zeros((8, 2, 4)), mx.zeros((8, 2, 4))], b_dec_=mx.zeros((2, 4)))

@@ -288,8 +288,9 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     values, biases = [], []
 
     # each target's cotangent: its readout (layer r's transcoder input, or the unembedding input r = L), its
-    # position, and its vector (a feature's encoder column, a logit's de-meaned unembedding column); built on the
-    # device per batch by one scatter per readout
+    # position, and its vector (a feature's encoder column, a logit's de-meaned unembedding column). Per batch and
+    # readout: a one-hot [B, P] of the positions (host, small) times the gathered vectors [B, d] (device): one
+    # broadcast product, no scatter and no host array of B x P x d
     t_read = np.array([feats[i][0] if kind == "feature" else L for kind, i in targets], dtype=np.int64)
     t_pos = np.array([feats[i][1] if kind == "feature" else P - 1 for kind, i in targets], dtype=np.int64)
     t_col = np.array([feats[i][2] if kind == "feature" else i for kind, i in targets], dtype=np.int64)
@@ -301,12 +302,15 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         cts = []
         for r in range(L + 1):
             sel = np.nonzero(t_read[start:stop] == r)[0]
-            ct = mx.zeros((B, P, widths[r]), dtype=mx.float32)
-            if len(sel):
-                cols = mx.array(t_col[start + sel])
-                vecs = (U[:, cols] if r == L else rep.encoder(r)[:, cols].astype(mx.float32)).T  # [n, d]
-                ct = ct.at[mx.array(sel), mx.array(t_pos[start + sel])].add(vecs)
-            cts.append(ct)
+            if not len(sel):
+                cts.append(mx.broadcast_to(mx.array(0.0), (B, P, widths[r])))
+                continue
+            onehot = np.zeros((B, P), dtype=np.float32)
+            onehot[sel, t_pos[start + sel]] = 1.0
+            cols = np.zeros(B, dtype=np.int64)
+            cols[sel] = t_col[start + sel]
+            source = U if r == L else rep.encoder(r).astype(mx.float32)
+            cts.append(mx.array(onehot)[:, :, None] * source[:, mx.array(cols)].T[:, None, :])
         return cts
 
     def frozen(e, *m):

@@ -1,18 +1,20 @@
 """Training cross-layer transcoders with the SAE engine's kernels and streaming.
 
 ``train_clt(cfg, source, n_layers=L)`` trains one ``CrossLayerTranscoder``: layer l's encoder reads
-``blocks.l.{hook_in}`` and its TopK features (``cfg.k`` per token and layer) write to the MLP outputs
-``blocks.t.hook_mlp_out`` of every layer t >= l. All 2L hooks come from one streamed forward per batch
-(``sae.ActivationStore``). The loss is the mean over layers of each layer's fraction of variance unexplained. The
-step is compiled and runs on the SAE engine's ops (``sae.kernels``: the device's top-k selection and the sparse
-decode, whose backward touches only the kept latents), with Adam, a linear warm-up and global gradient-norm
-clipping. Checkpoints are atomic and resume exactly (parameters, Adam state, step and the source's position).
+``blocks.l.{hook_in}`` and its features write to the MLP outputs ``blocks.t.hook_mlp_out`` of every layer t >= l.
+All 2L hooks come from one streamed forward per batch (``sae.ActivationStore``). The loss is the mean over layers
+of each layer's fraction of variance unexplained. TopK (``cfg.k`` per token and layer) runs on the SAE engine's
+ops (``sae.kernels``: the device's top-k selection and the sparse decode, whose backward touches only the kept
+latents); JumpReLU uses the engine's straight-through threshold gradients and adds ``l0_coefficient`` times the
+mean fraction of features active per token and layer (ramped over ``sparsity_warmup_steps``). The step is compiled, with Adam, a linear warm-up and
+global gradient-norm clipping. Checkpoints are atomic and resume exactly (parameters, Adam state, step and the source's position).
 ``save_clt`` writes circuit-tracer's CLT layout, which ``load_transcoders`` (and circuit-tracer) read.
 
-``cfg`` is an ``SAEConfig`` for the shared settings: ``k``, ``d_sae`` (features per layer; or ``expansion_factor``
+``cfg`` is an ``SAEConfig`` for the shared settings: ``architecture`` (topk / jumprelu), ``k``, ``l0_coefficient``,
+``jumprelu_bandwidth``, ``jumprelu_init_threshold``, ``d_sae`` (features per layer; or ``expansion_factor``
 x d_model), ``lr``, ``lr_warmup_steps``, ``adam_beta1/2``, ``adam_eps``, ``grad_clip_norm``,
 ``train_batch_size_tokens``, ``training_tokens``, ``log_every_steps``, ``checkpoint_every_steps``, ``seed``.
-Not built yet: JumpReLU CLTs, AuxK for dead features, several processes.
+Not built yet: AuxK for dead features, several processes.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ CHECKPOINT = "clt_checkpoint.safetensors"
 
 class CLTModule(nn.Module):
     """The trainable CLT: ``W_enc`` [L, d, F], ``b_enc`` [L, F], ``W_dec_l`` [F, (L-l) * d] (layer l's decoder rows
-    to layers l..L-1, flattened: one sparse decode per source layer), ``b_dec`` [L, d]."""
+    to layers l..L-1, flattened: one decode per source layer), ``b_dec`` [L, d], and for a JumpReLU CLT
+    ``threshold`` [L, F]."""
 
-    def __init__(self, n_layers: int, d_model: int, d_transcoder: int, seed: int = 0):
+    def __init__(self, n_layers: int, d_model: int, d_transcoder: int, seed: int = 0,
+                 init_threshold: float | None = None):
         super().__init__()
         L, d, F = n_layers, d_model, d_transcoder
         k1, k2 = mx.random.split(mx.random.key(seed))
@@ -54,28 +58,40 @@ class CLTModule(nn.Module):
         self.W_dec = [mx.random.normal((F, (L - layer) * d), key=keys[layer]) / (F**0.5 * (layer + 1)) for layer in
                       range(L)]
         self.b_dec = mx.zeros((L, d))
+        if init_threshold is not None:
+            self.threshold = mx.full((L, F), float(init_threshold))
         self.n_layers, self.d_model, self.d_transcoder = L, d, F
 
-    def __call__(self, xs: list[mx.array], k: int) -> tuple[list[mx.array], list[tuple[mx.array, mx.array]]]:
-        """Per layer the prediction [B, d] of the MLP output from the features of layers <= it, and each layer's
-        (values, indices) [B, k]."""
+    def __call__(self, xs: list[mx.array], k: int, bandwidth: float = 0.05
+                 ) -> tuple[list[mx.array], list[mx.array], mx.array]:
+        """Per layer the prediction [B, d] of the MLP output from the features of layers <= it; each layer's
+        active-feature count per token [B]; and (JumpReLU) the straight-through L0 summed over layers, mean over
+        tokens (0 for TopK). TopK: the device's top-k and the sparse decode; JumpReLU: dense features."""
         L, d = self.n_layers, self.d_model
         outs = [mx.broadcast_to(self.b_dec[t], xs[0].shape) for t in range(L)]
-        feats = []
+        counts = []
+        l0_ste = mx.array(0.0)
         for layer in range(L):
             pre = xs[layer] @ self.W_enc[layer] + self.b_enc[layer]
-            vals, idx = FU.topk_select(pre, k)
-            feats.append((vals, idx))
-            y = FU.sparse_decode(vals, idx, self.W_dec[layer])  # [B, (L - layer) * d]
+            if "threshold" in self:
+                f = FU.jumprelu(pre, self.threshold[layer], bandwidth)
+                y = f @ self.W_dec[layer]
+                counts.append(mx.sum(mx.stop_gradient(f) > 0, axis=-1))
+                l0_ste = l0_ste + mx.mean(mx.sum(FU.heaviside(pre, self.threshold[layer], bandwidth), axis=-1))
+            else:
+                vals, idx = FU.topk_select(pre, k)
+                y = FU.sparse_decode(vals, idx, self.W_dec[layer])  # [B, (L - layer) * d]
+                counts.append(mx.sum(mx.stop_gradient(vals) > 0, axis=-1))
             for j, t in enumerate(range(layer, L)):
                 outs[t] = outs[t] + y[:, j * d:(j + 1) * d]
-        return outs, feats
+        return outs, counts, l0_ste
 
     def to_clt(self, hook_in: str) -> CrossLayerTranscoder:
         L, d, F = self.n_layers, self.d_model, self.d_transcoder
         return CrossLayerTranscoder(W_enc=[self.W_enc[layer] for layer in range(L)], b_enc=self.b_enc,
                                     W_dec=[w.reshape(F, L - layer, d) for layer, w in enumerate(self.W_dec)],
-                                    b_dec_=self.b_dec, hook_in=hook_in)
+                                    b_dec_=self.b_dec, threshold=self.threshold if "threshold" in self else None,
+                                    hook_in=hook_in)
 
 
 def _fvu(y: mx.array, yhat: mx.array) -> mx.array:
@@ -87,19 +103,21 @@ class CLTTrainer:
     """The CLT, its Adam state and its compiled step."""
 
     def __init__(self, cfg: SAEConfig, n_layers: int, d_model: int, hook_in: str = HOOK_INS[0]):
-        if cfg.architecture != "topk":
-            raise ValueError(f"Cross-layer transcoders train with architecture 'topk' here; got {cfg.architecture!r} "
-                             f"(JumpReLU CLTs are not built yet).")
+        if cfg.architecture not in ("topk", "jumprelu"):
+            raise ValueError(f"Cross-layer transcoders train with architecture 'topk' or 'jumprelu'; got "
+                             f"{cfg.architecture!r}.")
         if hook_in not in HOOK_INS:
             raise ValueError(f"hook_in {hook_in!r}; a CLT reads one of {HOOK_INS}.")
         self.cfg, self.hook_in = cfg, hook_in
         F = cfg.d_sae or int(cfg.expansion_factor * d_model)
-        self.module = CLTModule(n_layers, d_model, F, seed=cfg.seed)
+        self.module = CLTModule(n_layers, d_model, F, seed=cfg.seed, init_threshold=cfg.jumprelu_init_threshold
+                                if cfg.architecture == "jumprelu" else None)
         self.optimizer = optim.Adam(learning_rate=lr_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2],
                                     eps=cfg.adam_eps, bias_correction=True)
         self.optimizer.init(self.module.trainable_parameters())
         self.step_count = 0
-        self.sums = {"loss": mx.array(0.0), "fvu_last": mx.array(0.0), "l0": mx.array(0.0), "count": mx.array(0)}
+        self.sums = {"loss": mx.array(0.0), "fvu": mx.array(0.0), "fvu_last": mx.array(0.0), "l0": mx.array(0.0),
+                     "count": mx.array(0), "step": mx.array(0)}
         self._step = None
 
     def state(self):
@@ -109,23 +127,34 @@ class CLTTrainer:
         cfg, module, opt = self.cfg, self.module, self.optimizer
         L, k = module.n_layers, cfg.k
 
-        def loss_fn(xs, ys):
-            outs, feats = module(xs, k)
+        warm = cfg.sparsity_warmup_steps
+        jump = cfg.architecture == "jumprelu"
+
+        def loss_fn(xs, ys, sp):
+            outs, counts, l0_ste = module(xs, k, cfg.jumprelu_bandwidth)
             fvus = [_fvu(y, o) for y, o in zip(ys, outs)]
-            return sum(fvus) / L, (fvus, feats)
+            fvu = sum(fvus) / L
+            # (the penalty is the mean fraction of features active per token and layer: on the FVU's scale)
+            loss = fvu + cfg.l0_coefficient * sp * l0_ste / (L * module.d_transcoder) if jump else fvu
+            return loss, (fvu, fvus, counts)
 
         grad_fn = nn.value_and_grad(module, loss_fn)
 
         def step(xs, ys):
-            (loss, (fvus, feats)), grads = grad_fn(xs, ys)
+            s = self.sums
+            sp = mx.minimum((s["step"] + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
+            (loss, (fvu, fvus, counts)), grads = grad_fn(xs, ys, sp)
             if cfg.grad_clip_norm > 0:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
             opt.update(module, grads)
-            s = self.sums
+            if jump:
+                module.threshold = mx.maximum(module.threshold, 0.0)
             s["loss"] = s["loss"] + loss
+            s["fvu"] = s["fvu"] + fvu
             s["fvu_last"] = s["fvu_last"] + fvus[-1]
-            s["l0"] = s["l0"] + sum(mx.mean(mx.sum(v > 0, axis=-1).astype(mx.float32)) for v, _ in feats) / L
+            s["l0"] = s["l0"] + sum(mx.mean(c.astype(mx.float32)) for c in counts) / L
             s["count"] = s["count"] + 1
+            s["step"] = s["step"] + 1
             return loss
 
         self._step = mx.compile(step, inputs=self.state(), outputs=self.state())
@@ -143,14 +172,14 @@ class CLTTrainer:
         return loss
 
     def read_metrics(self) -> dict[str, float]:
-        """Means since the last read: loss (mean per-layer FVU), the last layer's FVU, L0 per layer."""
+        """Means since the last read: loss, mean per-layer FVU, the last layer's FVU, L0 per layer."""
         s = self.sums
         n = max(1, to_int(s["count"]))
-        out = {"loss": to_float(s["loss"]) / n, "fvu_last_layer": to_float(s["fvu_last"]) / n,
-               "l0": to_float(s["l0"]) / n}
+        out = {"loss": to_float(s["loss"]) / n, "fvu": to_float(s["fvu"]) / n,
+               "fvu_last_layer": to_float(s["fvu_last"]) / n, "l0": to_float(s["l0"]) / n}
         if not all(v == v and abs(v) != float("inf") for v in out.values()):
             raise FloatingPointError(f"CLT training became non-finite at step {self.step_count}: {out}.")
-        for key in ("loss", "fvu_last", "l0"):
+        for key in ("loss", "fvu", "fvu_last", "l0"):
             s[key] = mx.array(0.0)
         s["count"] = mx.array(0)
         return out
@@ -167,6 +196,7 @@ class CLTTrainer:
         self.optimizer.state = tree_unflatten([(k[len("opt."):], v) for k, v in tensors.items()
                                                if k.startswith("opt.")])
         self.step_count = step
+        self.sums["step"] = mx.array(step)  # (the sparsity warm-up reads it)
         self._step = None
         mx.eval(self.state())
 
@@ -229,7 +259,7 @@ def train_clt(cfg: SAEConfig, source, *, n_layers: int, hook_in: str = HOOK_INS[
             m = trainer.read_metrics()
             if progress:
                 rate = (done - start) * cfg.train_batch_size_tokens / max(time.perf_counter() - t0, 1e-9)
-                print(f"clt step {done}/{total}: FVU {m['loss']:.4f} (last layer {m['fvu_last_layer']:.4f}), "
+                print(f"clt step {done}/{total}: FVU {m['fvu']:.4f} (last layer {m['fvu_last_layer']:.4f}), "
                       f"L0 {m['l0']:.1f}, {rate:,.0f} tok/s", flush=True)
             if callback is not None:
                 callback(done, m)
