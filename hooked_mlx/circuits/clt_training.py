@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,10 +29,11 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from ..host import flat_items, to_float, to_int
 from ..outputs import write_text_atomic
+from ..sae import distributed as D
 from ..sae.checkpoint import load_checkpoint
 from ..sae.config import SAEConfig
 from ..sae.forward import lr_schedule
@@ -94,21 +96,30 @@ class CLTModule(nn.Module):
                                     hook_in=hook_in)
 
 
-def _fvu(y: mx.array, yhat: mx.array) -> mx.array:
-    var = mx.sum(mx.square(y - mx.mean(y, axis=0)))
-    return mx.sum(mx.square(y - yhat)) / mx.maximum(var, 1e-12)
+def _variance_sums(y: mx.array) -> mx.array:
+    """[sum_b |y_b|^2, count, sum_b y_b (d entries)] of a batch: summed over ranks, they give the global batch's
+    total variance sum_b |y_b - mean|^2 = sum |y|^2 - |sum y|^2 / n."""
+    y = y.astype(mx.float32)
+    return mx.concatenate([mx.sum(mx.square(y))[None], mx.array([float(y.shape[0])]), mx.sum(y, axis=0)])
+
+
+def _total_variance(sums: mx.array) -> mx.array:
+    return mx.maximum(sums[0] - mx.sum(mx.square(sums[2:])) / sums[1], 1e-12)
 
 
 class CLTTrainer:
     """The CLT, its Adam state and its compiled step."""
 
-    def __init__(self, cfg: SAEConfig, n_layers: int, d_model: int, hook_in: str = HOOK_INS[0]):
+    def __init__(self, cfg: SAEConfig, n_layers: int, d_model: int, hook_in: str = HOOK_INS[0],
+                 world: D.World | None = None):
         if cfg.architecture not in ("topk", "jumprelu"):
             raise ValueError(f"Cross-layer transcoders train with architecture 'topk' or 'jumprelu'; got "
                              f"{cfg.architecture!r}.")
         if hook_in not in HOOK_INS:
             raise ValueError(f"hook_in {hook_in!r}; a CLT reads one of {HOOK_INS}.")
         self.cfg, self.hook_in = cfg, hook_in
+        #: data-parallel ranks: each steps on its slice of the global batch; gradients and statistics are summed
+        self.world = world if world is not None and world.distributed else None
         F = cfg.d_sae or int(cfg.expansion_factor * d_model)
         self.module = CLTModule(n_layers, d_model, F, seed=cfg.seed, init_threshold=cfg.jumprelu_init_threshold
                                 if cfg.architecture == "jumprelu" else None)
@@ -130,20 +141,33 @@ class CLTTrainer:
         warm = cfg.sparsity_warmup_steps
         jump = cfg.architecture == "jumprelu"
 
-        def loss_fn(xs, ys, sp):
+        w = self.world
+        n_ranks = w.size if w is not None else 1
+
+        def all_sum(a):
+            return w.all_sum(a) if w is not None else a
+
+        def loss_fn(xs, ys, sp, variances):
+            # the global batch's loss, this rank's part: its squared errors over the global variances (and its
+            # share of the mean L0), so that the ranks' gradients sum to the global batch's gradient
             outs, counts, l0_ste = module(xs, k, cfg.jumprelu_bandwidth)
-            fvus = [_fvu(y, o) for y, o in zip(ys, outs)]
+            fvus = [mx.sum(mx.square(y - o)) / v for y, o, v in zip(ys, outs, variances)]
             fvu = sum(fvus) / L
-            # (the penalty is the mean fraction of features active per token and layer: on the FVU's scale)
-            loss = fvu + cfg.l0_coefficient * sp * l0_ste / (L * module.d_transcoder) if jump else fvu
-            return loss, (fvu, fvus, counts)
+            sparsity = cfg.l0_coefficient * sp * l0_ste / (L * module.d_transcoder * n_ranks) if jump else 0.0
+            return fvu + sparsity, (fvu, fvus, counts)
 
         grad_fn = nn.value_and_grad(module, loss_fn)
 
         def step(xs, ys):
             s = self.sums
             sp = mx.minimum((s["step"] + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
-            (loss, (fvu, fvus, counts)), grads = grad_fn(xs, ys, sp)
+            variances = [_total_variance(v) for v in all_sum(mx.stack([_variance_sums(y) for y in ys]))]
+            (loss, (fvu, fvus, counts)), grads = grad_fn(xs, ys, sp, variances)
+            if w is not None:
+                grads = tree_map(w.all_sum, grads)
+                loss, fvu, last = (all_sum(v) for v in (loss, fvu, fvus[-1]))
+            else:
+                last = fvus[-1]
             if cfg.grad_clip_norm > 0:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip_norm)
             opt.update(module, grads)
@@ -151,8 +175,8 @@ class CLTTrainer:
                 module.threshold = mx.maximum(module.threshold, 0.0)
             s["loss"] = s["loss"] + loss
             s["fvu"] = s["fvu"] + fvu
-            s["fvu_last"] = s["fvu_last"] + fvus[-1]
-            s["l0"] = s["l0"] + sum(mx.mean(c.astype(mx.float32)) for c in counts) / L
+            s["fvu_last"] = s["fvu_last"] + last
+            s["l0"] = s["l0"] + all_sum(sum(mx.mean(c.astype(mx.float32)) for c in counts) / L) / n_ranks
             s["count"] = s["count"] + 1
             s["step"] = s["step"] + 1
             return loss
@@ -161,8 +185,9 @@ class CLTTrainer:
 
     def step(self, xs: list[mx.array], ys: list[mx.array]) -> mx.array:
         """One update on per-layer inputs xs[l] [B, d] and targets ys[l] [B, d] (lazy; ``mx.eval(trainer.state())``)."""
-        if self.step_count == 0:  # a new CLT: each layer's b_dec starts at its first batch's mean output
-            self.module.b_dec = mx.stack([mx.mean(y.astype(mx.float32), axis=0) for y in ys])
+        if self.step_count == 0:  # a new CLT: each layer's b_dec starts at its first (global) batch's mean output
+            gather = self.world.gather_rows if self.world is not None else (lambda a: a)
+            self.module.b_dec = mx.stack([mx.mean(gather(y.astype(mx.float32)), axis=0) for y in ys])
             mx.eval(self.module.parameters())
         if self._step is None:
             self._build()
@@ -202,12 +227,18 @@ class CLTTrainer:
 
 
 def _save_checkpoint(path: str, trainer: CLTTrainer, source, step: int) -> None:
+    """Collective with several ranks (the per-rank source states are gathered); rank 0 writes, atomically."""
+    w = trainer.world
+    if w is not None:
+        source = D.gathered_source_state(source, w)
+        if not w.is_main:
+            return
     os.makedirs(path, exist_ok=True)
     tensors = trainer.tensors()
     src_arrays, src_meta = source.state_dict() if hasattr(source, "state_dict") else ({}, {})
     tensors.update({f"source.{k}": mx.array(v) for k, v in src_arrays.items()})
     meta = {"step": step, "config": trainer.cfg.to_dict(), "hook_in": trainer.hook_in, "source": src_meta,
-            "n_layers": trainer.module.n_layers}
+            "n_layers": trainer.module.n_layers, "extra": {"world_size": w.size if w is not None else 1}}
     fd, tmp = tempfile.mkstemp(prefix=".clt-", suffix=".tmp.safetensors", dir=path)
     os.close(fd)
     try:
@@ -220,20 +251,30 @@ def _save_checkpoint(path: str, trainer: CLTTrainer, source, step: int) -> None:
 
 def train_clt(cfg: SAEConfig, source, *, n_layers: int, hook_in: str = HOOK_INS[0], checkpoint_path: str | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True,
-              callback: Callable[[int, dict], None] | None = None) -> CrossLayerTranscoder:
+              callback: Callable[[int, dict], None] | None = None, world: D.World | None = None
+              ) -> CrossLayerTranscoder:
     """Train a cross-layer transcoder (see the module doc) on ``source`` (``ActivationStore`` or any source
     yielding {hook: [B, d]} for ``blocks.l.{hook_in}`` and ``blocks.l.hook_mlp_out``, l < ``n_layers``).
     ``checkpoint_path``: a folder; a checkpoint is written there every ``checkpoint_every_steps`` steps and at the
     end; ``resume=True`` continues from it with the same result as an uninterrupted run. An existing checkpoint
-    is refused unless ``resume`` or ``overwrite``."""
+    is refused unless ``resume`` or ``overwrite``.
+
+    ``world`` (default ``sae.distributed.world()``: several ranks under ``mlx.launch``): each rank takes its slice
+    of every global batch of ``train_batch_size_tokens``; the loss uses the global batch's variances, the
+    gradients are summed over the ranks, and rank 0 writes the checkpoints, as in ``train_saes``."""
     ins = [f"blocks.{layer}.{hook_in}" for layer in range(n_layers)]
     outs = [f"blocks.{layer}.{HOOK_OUT}" for layer in range(n_layers)]
     missing = [h for h in ins + outs if h not in source.hook_names]
     if missing:
         raise ValueError(f"The source does not produce {missing[:4]}{' ...' if len(missing) > 4 else ''}; a CLT over "
                          f"{n_layers} layers needs every layer's {hook_in} and {HOOK_OUT}.")
+    w = world if world is not None else D.world()
+    if w.distributed:
+        w.local_rows(cfg.train_batch_size_tokens)
+        D.shard_source(source, w)
+        progress = progress and w.is_main
     d = source.d_in(ins[0])
-    trainer = CLTTrainer(cfg, n_layers, d, hook_in)
+    trainer = CLTTrainer(cfg, n_layers, d, hook_in, world=w)
     ckpt = os.path.join(checkpoint_path, CHECKPOINT) if checkpoint_path else None
     start = 0
     if ckpt and os.path.exists(ckpt):
@@ -241,11 +282,11 @@ def train_clt(cfg: SAEConfig, source, *, n_layers: int, hook_in: str = HOOK_INS[
             tensors, meta = load_checkpoint(ckpt)
             if meta["config"] != cfg.to_dict() or meta["hook_in"] != hook_in or meta["n_layers"] != n_layers:
                 raise ValueError(f"Cannot resume from {ckpt}: it was written for another configuration.")
+            D.check_resume_world(meta, source, w, ckpt, sys.stderr)
             start = int(meta["step"])
             trainer.load_tensors(tensors, start)
             if hasattr(source, "load_state_dict"):
-                source.load_state_dict({k[len("source."):]: v for k, v in tensors.items() if k.startswith("source.")},
-                                       meta["source"])
+                D.load_source_state(source, tensors, meta, w)
         elif not overwrite:
             raise FileExistsError(f"{ckpt} exists: pass resume=True to continue it or overwrite=True to replace it.")
     total = cfg.total_steps

@@ -82,6 +82,30 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batches(tmp_path, c
         np.testing.assert_array_equal(np.array(t.sae.W_dec), r0[f"{h}/W_dec"])
 
 
+def test_two_ranks_train_a_cross_layer_transcoder_like_one_process(tmp_path):
+    """Data-parallel CLT training (hooked_mlx.circuits.clt_training): TopK and JumpReLU CLTs on two ranks equal
+    the single-process run on the same global batches (global variances in the loss, summed gradients); rank 0's
+    checkpoint resumes in one process to the same parameters."""
+    sys.path.insert(0, str(HERE))
+    import clt_dist_worker as C
+
+    ck = tmp_path / "ck"
+    launch([str(HERE / "clt_dist_worker.py"), str(tmp_path), str(ck)])
+    for arch in ("topk", "jumprelu"):
+        r0, r1 = np.load(tmp_path / f"clt_{arch}_rank0.npz"), np.load(tmp_path / f"clt_{arch}_rank1.npz")
+        assert int(r0["size"]) == 2
+        single = C.params(C.train(arch=arch))
+        assert set(single) == set(r0.files) - {"size"}
+        for k, ref in single.items():
+            np.testing.assert_array_equal(r0[k], r1[k], err_msg=f"{arch} {k} differs between the ranks")
+            np.testing.assert_allclose(r0[k], ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())),
+                                       err_msg=f"{arch} {k}")
+        assert (Path(f"{ck}_{arch}") / "clt_checkpoint.safetensors").exists()
+        resumed = C.params(C.train(checkpoint_path=f"{ck}_{arch}", resume=True, arch=arch))  # (at its last step)
+        for k in single:
+            np.testing.assert_array_equal(resumed[k], r0[k], err_msg=f"{arch} {k} after resuming")
+
+
 def test_bfloat16_gradient_all_sum_tracks_the_float32_run(tmp_path):
     """``grad_reduce_dtype="bfloat16"`` (the GPU default, "auto") halves the bytes of the large all_sums; the
     ranks stay identical to each other and the run stays within bf16 rounding of the float32 one."""
