@@ -14,7 +14,7 @@ global gradient-norm clipping. Checkpoints are atomic and resume exactly (parame
 ``jumprelu_bandwidth``, ``jumprelu_init_threshold``, ``d_sae`` (features per layer; or ``expansion_factor``
 x d_model), ``lr``, ``lr_warmup_steps``, ``adam_beta1/2``, ``adam_eps``, ``grad_clip_norm``,
 ``train_batch_size_tokens``, ``training_tokens``, ``log_every_steps``, ``checkpoint_every_steps``, ``seed``.
-Not built yet: AuxK for dead features, several processes.
+Not built yet: AuxK for dead features.
 """
 
 from __future__ import annotations
