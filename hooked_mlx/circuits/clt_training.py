@@ -14,7 +14,8 @@ global gradient-norm clipping. Checkpoints are atomic and resume exactly (parame
 ``jumprelu_bandwidth``, ``jumprelu_init_threshold``, ``d_sae`` (features per layer; or ``expansion_factor``
 x d_model), ``lr``, ``lr_warmup_steps``, ``adam_beta1/2``, ``adam_eps``, ``grad_clip_norm``,
 ``train_batch_size_tokens``, ``training_tokens``, ``log_every_steps``, ``checkpoint_every_steps``, ``seed``.
-Not built yet: AuxK for dead features.
+TopK CLTs train with AuxK (``aux_k``, ``aux_k_coefficient``, ``dead_tokens_window``): per source layer the
+``aux_k`` largest dead features decode into every later layer, fitting each layer's residual.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,29 +66,41 @@ class CLTModule(nn.Module):
             self.threshold = mx.full((L, F), float(init_threshold))
         self.n_layers, self.d_model, self.d_transcoder = L, d, F
 
-    def __call__(self, xs: list[mx.array], k: int, bandwidth: float = 0.05
-                 ) -> tuple[list[mx.array], list[mx.array], mx.array]:
-        """Per layer the prediction [B, d] of the MLP output from the features of layers <= it; each layer's
-        active-feature count per token [B]; and (JumpReLU) the straight-through L0 summed over layers, mean over
-        tokens (0 for TopK). TopK: the device's top-k and the sparse decode; JumpReLU: dense features."""
-        L, d = self.n_layers, self.d_model
+    def __call__(self, xs: list[mx.array], k: int, bandwidth: float = 0.05, dead: mx.array | None = None,
+                 k_aux: int = 0):
+        """(outs, counts, l0_ste, fired, aux_outs): per layer the prediction [B, d] of the MLP output from the
+        features of layers <= it; each layer's active-feature count per token [B]; (JumpReLU) the straight-through
+        L0 summed over layers, mean over tokens (0 for TopK); per layer the features that fired [F] (bool); and
+        with ``dead`` [L, F] (TopK's AuxK) per layer what the ``k_aux`` largest dead features of every layer <= it
+        decode to (else None). TopK: the device's top-k and the sparse decode; JumpReLU: dense features."""
+        L, d, F = self.n_layers, self.d_model, self.d_transcoder
         outs = [mx.broadcast_to(self.b_dec[t], xs[0].shape) for t in range(L)]
-        counts = []
+        aux_outs = [mx.zeros(xs[0].shape) for _ in range(L)] if dead is not None else None
+        counts, fired = [], []
         l0_ste = mx.array(0.0)
         for layer in range(L):
             pre = xs[layer] @ self.W_enc[layer] + self.b_enc[layer]
             if "threshold" in self:
                 f = FU.jumprelu(pre, self.threshold[layer], bandwidth)
                 y = f @ self.W_dec[layer]
-                counts.append(mx.sum(mx.stop_gradient(f) > 0, axis=-1))
+                active = mx.stop_gradient(f) > 0
+                counts.append(mx.sum(active, axis=-1))
+                fired.append(mx.any(active, axis=0))
                 l0_ste = l0_ste + mx.mean(mx.sum(FU.heaviside(pre, self.threshold[layer], bandwidth), axis=-1))
             else:
                 vals, idx = FU.topk_select(pre, k)
                 y = FU.sparse_decode(vals, idx, self.W_dec[layer])  # [B, (L - layer) * d]
-                counts.append(mx.sum(mx.stop_gradient(vals) > 0, axis=-1))
+                active = mx.stop_gradient(vals) > 0
+                counts.append(mx.sum(active, axis=-1))
+                fired.append(mx.zeros((F,)).at[idx.reshape(-1)].add(active.reshape(-1).astype(mx.float32)) > 0)
+                if aux_outs is not None and dead is not None:
+                    va, ia = FU.topk_select(mx.where(dead[layer], pre, -mx.inf), k_aux)  # (live picks are 0)
+                    ya = FU.sparse_decode(va, ia, self.W_dec[layer])
+                    for j, t in enumerate(range(layer, L)):
+                        aux_outs[t] = aux_outs[t] + ya[:, j * d:(j + 1) * d]
             for j, t in enumerate(range(layer, L)):
                 outs[t] = outs[t] + y[:, j * d:(j + 1) * d]
-        return outs, counts, l0_ste
+        return outs, counts, l0_ste, fired, aux_outs
 
     def to_clt(self, hook_in: str) -> CrossLayerTranscoder:
         L, d, F = self.n_layers, self.d_model, self.d_transcoder
@@ -128,44 +142,59 @@ class CLTTrainer:
         self.optimizer.init(self.module.trainable_parameters())
         self.step_count = 0
         self.sums = {"loss": mx.array(0.0), "fvu": mx.array(0.0), "fvu_last": mx.array(0.0), "l0": mx.array(0.0),
-                     "count": mx.array(0), "step": mx.array(0)}
-        self._step = None
+                     "aux": mx.array(0.0), "count": mx.array(0), "step": mx.array(0),
+                     # tokens since each feature last fired (AuxK's dead features: >= dead_tokens_window)
+                     "tsf": mx.zeros((n_layers, F), dtype=mx.int64)}
+        self._steps: dict[bool, Any] = {}
 
     def state(self):
         return [self.module.state, self.optimizer.state, self.sums]
 
-    def _build(self):
+    def _build(self, use_dead: bool):
         cfg, module, opt = self.cfg, self.module, self.optimizer
         L, k = module.n_layers, cfg.k
-
         warm = cfg.sparsity_warmup_steps
         jump = cfg.architecture == "jumprelu"
-
+        aux_on = use_dead and not jump and cfg.aux_k_coefficient > 0
+        k_aux = min(cfg.aux_k or max(1, module.d_model // 2), module.d_transcoder)
         w = self.world
         n_ranks = w.size if w is not None else 1
 
         def all_sum(a):
             return w.all_sum(a) if w is not None else a
 
-        def loss_fn(xs, ys, sp, variances):
+        def loss_fn(xs, ys, sp, variances, dead):
             # the global batch's loss, this rank's part: its squared errors over the global variances (and its
             # share of the mean L0), so that the ranks' gradients sum to the global batch's gradient
-            outs, counts, l0_ste = module(xs, k, cfg.jumprelu_bandwidth)
+            outs, counts, l0_ste, fired, aux_outs = module(xs, k, cfg.jumprelu_bandwidth, dead if aux_on else None,
+                                                           k_aux)
             fvus = [mx.sum(mx.square(y - o)) / v for y, o, v in zip(ys, outs, variances)]
             fvu = sum(fvus) / L
             sparsity = cfg.l0_coefficient * sp * l0_ste / (L * module.d_transcoder * n_ranks) if jump else 0.0
-            return fvu + sparsity, (fvu, fvus, counts)
+            aux = mx.array(0.0)
+            if aux_outs is not None:
+                # AuxK (Gao et al. 2024), per output layer: the dead features model the residual, normalised by
+                # the residual's global variance
+                es = [mx.stop_gradient(y - o) for y, o in zip(ys, outs)]
+                ves = [_total_variance(v) for v in all_sum(mx.stack([_variance_sums(e) for e in es]))]
+                aux = sum(mx.sum(mx.square(e - a)) / v for e, a, v in zip(es, aux_outs, ves)) / L
+                aux = cfg.aux_k_coefficient * mx.where(mx.any(dead), aux, 0.0)
+            return fvu + sparsity + aux, (fvu, fvus, counts, fired, aux)
 
         grad_fn = nn.value_and_grad(module, loss_fn)
+        B_global = cfg.train_batch_size_tokens
 
         def step(xs, ys):
             s = self.sums
             sp = mx.minimum((s["step"] + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
             variances = [_total_variance(v) for v in all_sum(mx.stack([_variance_sums(y) for y in ys]))]
-            (loss, (fvu, fvus, counts)), grads = grad_fn(xs, ys, sp, variances)
+            dead = s["tsf"] >= cfg.dead_tokens_window
+            (loss, (fvu, fvus, counts, fired, aux)), grads = grad_fn(xs, ys, sp, variances, dead)
+            fired_all = mx.stack(fired)  # [L, F]
             if w is not None:
                 grads = tree_map(w.all_sum, grads)
-                loss, fvu, last = (all_sum(v) for v in (loss, fvu, fvus[-1]))
+                loss, fvu, last, aux = (all_sum(v) for v in (loss, fvu, fvus[-1], aux))
+                fired_all = all_sum(fired_all.astype(mx.float32)) > 0
             else:
                 last = fvus[-1]
             if cfg.grad_clip_norm > 0:
@@ -173,15 +202,17 @@ class CLTTrainer:
             opt.update(module, grads)
             if jump:
                 module.threshold = mx.maximum(module.threshold, 0.0)
+            s["tsf"] = mx.where(fired_all, 0, s["tsf"] + B_global)
             s["loss"] = s["loss"] + loss
             s["fvu"] = s["fvu"] + fvu
             s["fvu_last"] = s["fvu_last"] + last
+            s["aux"] = s["aux"] + aux
             s["l0"] = s["l0"] + all_sum(sum(mx.mean(c.astype(mx.float32)) for c in counts) / L) / n_ranks
             s["count"] = s["count"] + 1
             s["step"] = s["step"] + 1
             return loss
 
-        self._step = mx.compile(step, inputs=self.state(), outputs=self.state())
+        return mx.compile(step, inputs=self.state(), outputs=self.state())
 
     def step(self, xs: list[mx.array], ys: list[mx.array]) -> mx.array:
         """One update on per-layer inputs xs[l] [B, d] and targets ys[l] [B, d] (lazy; ``mx.eval(trainer.state())``)."""
@@ -189,22 +220,26 @@ class CLTTrainer:
             gather = self.world.gather_rows if self.world is not None else (lambda a: a)
             self.module.b_dec = mx.stack([mx.mean(gather(y.astype(mx.float32)), axis=0) for y in ys])
             mx.eval(self.module.parameters())
-        if self._step is None:
-            self._build()
-        assert self._step is not None
-        loss = self._step([x.astype(mx.float32) for x in xs], [y.astype(mx.float32) for y in ys])
+        # no feature can be dead before dead_tokens_window tokens were seen: the AuxK pass is skipped until then
+        use_dead = self.step_count * self.cfg.train_batch_size_tokens >= self.cfg.dead_tokens_window
+        if use_dead not in self._steps:
+            self._steps[use_dead] = self._build(use_dead)
+        loss = self._steps[use_dead]([x.astype(mx.float32) for x in xs], [y.astype(mx.float32) for y in ys])
         self.step_count += 1
         return loss
 
     def read_metrics(self) -> dict[str, float]:
-        """Means since the last read: loss, mean per-layer FVU, the last layer's FVU, L0 per layer."""
+        """Means since the last read: loss, mean per-layer FVU, the last layer's FVU, L0 per layer, the AuxK loss;
+        and the fraction of features now dead."""
         s = self.sums
         n = max(1, to_int(s["count"]))
         out = {"loss": to_float(s["loss"]) / n, "fvu": to_float(s["fvu"]) / n,
-               "fvu_last_layer": to_float(s["fvu_last"]) / n, "l0": to_float(s["l0"]) / n}
+               "fvu_last_layer": to_float(s["fvu_last"]) / n, "l0": to_float(s["l0"]) / n,
+               "aux_loss": to_float(s["aux"]) / n,
+               "dead_fraction": to_float(mx.mean((s["tsf"] >= self.cfg.dead_tokens_window).astype(mx.float32)))}
         if not all(v == v and abs(v) != float("inf") for v in out.values()):
             raise FloatingPointError(f"CLT training became non-finite at step {self.step_count}: {out}.")
-        for key in ("loss", "fvu", "fvu_last", "l0"):
+        for key in ("loss", "fvu", "fvu_last", "l0", "aux"):
             s[key] = mx.array(0.0)
         s["count"] = mx.array(0)
         return out
@@ -213,6 +248,7 @@ class CLTTrainer:
     def tensors(self) -> dict[str, mx.array]:
         out = {f"param.{k}": v for k, v in flat_items(self.module.parameters())}
         out.update({f"opt.{k}": v for k, v in flat_items(self.optimizer.state)})
+        out["aux.tsf"] = self.sums["tsf"]
         return out
 
     def load_tensors(self, tensors: dict[str, mx.array], step: int) -> None:
@@ -222,7 +258,8 @@ class CLTTrainer:
                                                if k.startswith("opt.")])
         self.step_count = step
         self.sums["step"] = mx.array(step)  # (the sparsity warm-up reads it)
-        self._step = None
+        self.sums["tsf"] = tensors["aux.tsf"]
+        self._steps = {}
         mx.eval(self.state())
 
 

@@ -29,12 +29,13 @@ def data() -> dict[str, np.ndarray]:
     return out
 
 
-def train(checkpoint_path=None, resume=False, arch="topk"):
-    cfg = SAEConfig(architecture=arch, k=4, d_sae=32, lr=3e-3, lr_warmup_steps=2, train_batch_size_tokens=B,
+def train(checkpoint_path=None, resume=False, arch="topk", callback=None):
+    # (256 features, k 2, a window of 2 batches: over half the features are dead from step 3, so AuxK runs)
+    cfg = SAEConfig(architecture=arch, k=2, d_sae=256, lr=3e-3, lr_warmup_steps=2, train_batch_size_tokens=B,
                     training_tokens=B * STEPS, log_every_steps=4, seed=3, checkpoint_every_steps=4,
-                    sparsity_warmup_steps=4)
+                    sparsity_warmup_steps=4, dead_tokens_window=2 * B)  # (AuxK runs from step 3)
     return train_clt(cfg, ArraySource(data(), B, seed=1), n_layers=L, checkpoint_path=checkpoint_path, resume=resume,
-                     progress=False)
+                     progress=False, callback=callback)
 
 
 def params(clt) -> dict[str, np.ndarray]:

@@ -101,6 +101,10 @@ def test_two_ranks_train_a_cross_layer_transcoder_like_one_process(tmp_path):
             np.testing.assert_allclose(r0[k], ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())),
                                        err_msg=f"{arch} {k}")
         assert (Path(f"{ck}_{arch}") / "clt_checkpoint.safetensors").exists()
+        if arch == "topk":  # the cross-rank AuxK path ran (global dead mask, global residual variances)
+            hist = []
+            C.train(arch=arch, callback=lambda step, m: hist.append(m["aux_loss"]))
+            assert max(hist) > 0
         resumed = C.params(C.train(checkpoint_path=f"{ck}_{arch}", resume=True, arch=arch))  # (at its last step)
         for k in single:
             np.testing.assert_array_equal(resumed[k], r0[k], err_msg=f"{arch} {k} after resuming")
