@@ -102,9 +102,9 @@ def test_two_ranks_train_a_cross_layer_transcoder_like_one_process(tmp_path):
                                        err_msg=f"{arch} {k}")
         assert (Path(f"{ck}_{arch}") / "clt_checkpoint.safetensors").exists()
         if arch == "topk":  # the cross-rank AuxK path ran (global dead mask, global residual variances)
-            hist = []
-            C.train(arch=arch, callback=lambda step, m: hist.append(m["aux_loss"]))
-            assert max(hist) > 0
+            aux: list[float] = []
+            C.train(arch=arch, callback=lambda step, m, aux=aux: aux.append(m["aux_loss"]))
+            assert max(aux) > 0
         resumed = C.params(C.train(checkpoint_path=f"{ck}_{arch}", resume=True, arch=arch))  # (at its last step)
         for k in single:
             np.testing.assert_array_equal(resumed[k], r0[k], err_msg=f"{arch} {k} after resuming")
