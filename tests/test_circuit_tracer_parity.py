@@ -182,7 +182,8 @@ def test_clt_graph_is_complete_and_the_replacement_exact(clt_parity):
 
 
 def test_clt_interventions(clt_parity):
-    """Zeroing a layer-0 feature in the replacement model moves the top logit; the real-model splice refuses a CLT."""
+    """Zeroing a layer-0 feature moves the logits in the replacement model and in the real model with the CLT
+    spliced in (error term kept); unedited, the splice is the model; earlier positions never move."""
     from hooked_mlx.circuits import ReplacementModel, intervene, intervene_replacement, zero
 
     model, clt, g, exp = clt_parity
@@ -193,5 +194,8 @@ def test_clt_interventions(clt_parity):
     edited = intervene_replacement(rm, tokens, [(layer, pos, f, zero)])
     assert float(mx.max(mx.abs(edited - base))) > 1e-4
     assert_close(edited[:pos], base[:pos], 1e-6)  # causal: earlier positions are untouched
-    with pytest.raises(TypeError, match="cross-layer"):
-        intervene(model, clt, tokens, [(layer, pos, f, zero)])
+    same, _ = intervene(model, clt, tokens, [])
+    assert_close(same, exp["logits"], 1e-5)
+    real, new = intervene(model, clt, tokens, [(layer, pos, f, zero)], max_new_tokens=2)
+    assert float(mx.max(mx.abs(real - same))) > 1e-4 and len(new) == 2
+    assert_close(real[:pos], same[:pos], 1e-6)

@@ -20,6 +20,7 @@ import mlx.core as mx
 from ..host import to_int
 from ..sae.sae import SAE
 from .attribution import ReplacementModel
+from .transcoders import HOOK_OUT, CrossLayerTranscoder
 
 Intervention = tuple[int, int | None, int, float | Callable[[mx.array], mx.array]]
 
@@ -61,16 +62,20 @@ def _by_layer(interventions: Sequence[Intervention], n_features: dict[int, int])
     return out
 
 
-def intervene(model, transcoders: dict[int, SAE], tokens: mx.array, interventions: Sequence[Intervention], *,
-              max_new_tokens: int = 0) -> tuple[mx.array, list[int]]:
-    """The real model with the transcoders spliced in (``use_error_term=True``) and the features edited: (logits
-    [P, V] of the prompt, greedy continuation of ``max_new_tokens`` tokens). The edits stay at their prompt
-    positions while the continuation is generated (one full forward per new token)."""
+def intervene(model, transcoders: dict[int, SAE] | CrossLayerTranscoder, tokens: mx.array,
+              interventions: Sequence[Intervention], *, max_new_tokens: int = 0) -> tuple[mx.array, list[int]]:
+    """The real model with the transcoders spliced in (error term kept: unedited, it is the model) and the features
+    edited: (logits [P, V] of the prompt, greedy continuation of ``max_new_tokens`` tokens). The edits stay at their
+    prompt positions while the continuation is generated (one full forward per new token).
+
+    Per-layer transcoders splice through ``HookedSAETransformer`` (``use_error_term=True``). A cross-layer
+    transcoder splices through hooks: each layer's features are computed from this forward's MLP input, and layer
+    t's MLP output becomes itself minus the CLT's output from the unedited features of layers <= t plus its output
+    from the edited ones (so any model class works)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return _intervene_clt(model, transcoders, tokens, interventions, max_new_tokens)
     from ..sae.splice import HookedSAETransformer
 
-    if not isinstance(transcoders, dict):
-        raise TypeError("intervene splices per-layer transcoders into the real model; a cross-layer transcoder is not "
-                        "spliced yet: use intervene_replacement (the frozen replacement model) for it.")
     if not isinstance(model, HookedSAETransformer):
         raise TypeError("intervene splices transcoders into the model: load it as HookedSAETransformer.from_pretrained"
                         "(...) (the graph itself works on any HookedTransformer).")
@@ -79,17 +84,57 @@ def intervene(model, transcoders: dict[int, SAE], tokens: mx.array, intervention
     for layer, ivs in edits.items():
         name = f"{transcoders[layer].cfg.hook_name_out}.hook_sae_acts_post"
         hooks.append((name, lambda acts, hook, ivs=ivs: apply_interventions(acts, ivs)))
+    with model.saes(list(transcoders.values()), use_error_term=True):
+        return _generate(model, tokens, hooks, max_new_tokens)
+
+
+def _generate(model, tokens: mx.array, hooks: list, max_new_tokens: int) -> tuple[mx.array, list[int]]:
     seq = tokens[None] if tokens.ndim == 1 else tokens
     new: list[int] = []
-    with model.saes(list(transcoders.values()), use_error_term=True):
+    logits = model.run_with_hooks(seq, fwd_hooks=hooks)
+    first = logits
+    for _ in range(max_new_tokens):
+        nxt = to_int(mx.argmax(logits[0, -1]))
+        new.append(nxt)
+        seq = mx.concatenate([seq, mx.array([[nxt]], dtype=seq.dtype)], axis=1)
         logits = model.run_with_hooks(seq, fwd_hooks=hooks)
-        first = logits
-        for _ in range(max_new_tokens):
-            nxt = to_int(mx.argmax(logits[0, -1]))
-            new.append(nxt)
-            seq = mx.concatenate([seq, mx.array([[nxt]], dtype=seq.dtype)], axis=1)
-            logits = model.run_with_hooks(seq, fwd_hooks=hooks)
     return first[0], new
+
+
+def _intervene_clt(model, clt: CrossLayerTranscoder, tokens: mx.array, interventions: Sequence[Intervention],
+                   max_new_tokens: int) -> tuple[mx.array, list[int]]:
+    L = clt.n_layers
+    if L != model.cfg.n_layers:
+        raise ValueError(f"The cross-layer transcoder has {L} layers; the model has {model.cfg.n_layers}.")
+    edits = _by_layer(interventions, {layer: clt.n_features(layer) for layer in range(L)})
+    clean: list[mx.array] = []
+    edited: list[mx.array] = []
+
+    def read(layer):
+        def fn(act, hook):
+            if layer == 0:
+                clean.clear()
+                edited.clear()
+            f = clt.encode(layer, act[0].astype(mx.float32))  # [P, F] (batch 1)
+            clean.append(f)
+            edited.append(apply_interventions(f, edits.get(layer, [])))
+            return act
+
+        return fn
+
+    def write(layer):
+        def fn(act, hook):
+            delta = clt.decode_layer(layer, edited) - clt.decode_layer(layer, clean)
+            return act + delta[None].astype(act.dtype)
+
+        return fn
+
+    hooks = [(f"blocks.{layer}.{clt.hook_in}", read(layer)) for layer in range(L)]
+    hooks += [(f"blocks.{layer}.{HOOK_OUT}", write(layer)) for layer in range(L)]
+    seq = tokens[None] if tokens.ndim == 1 else tokens
+    if seq.shape[0] != 1:
+        raise ValueError(f"intervene takes one prompt; got a batch of {seq.shape[0]}.")
+    return _generate(model, tokens, hooks, max_new_tokens)
 
 
 def intervene_replacement(rm: ReplacementModel, tokens: mx.array, interventions: Sequence[Intervention],
