@@ -156,6 +156,10 @@ def test_circuit_tracer_clt_loads(clt_parity):
     _, clt, _, _ = clt_parity
     assert clt.n_layers == 3 and clt.hook_in == "hook_resid_mid" and clt.threshold is not None
     assert [tuple(w.shape) for w in clt.W_dec] == [(40, 3, 32), (40, 2, 32), (40, 1, 32)]
+    assert clt.k is None  # circuit-tracer's CLTs are JumpReLU or ReLU
+    x = mx.random.normal((7, 32), key=mx.random.key(0))
+    for layer in range(3):  # its per-layer encoders as SAEs (the dashboards' top contexts) give the same features
+        np.testing.assert_array_equal(np.array(clt.layer_transcoder(layer).encode(x)), np.array(clt.encode(layer, x)))
 
 
 def test_clt_graph_same_as_circuit_tracer(clt_parity):

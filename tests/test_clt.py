@@ -64,8 +64,11 @@ def test_training_lowers_the_fvu(trained):
 
 def test_trained_clt_graph_is_complete_and_exact(stories, trained):
     clt, _ = trained
+    assert clt.k == 8  # a TopK CLT stays TopK outside the trainer
     g = attribute(stories, clt, PROMPT)
     assert g.n_features > 100
+    _, per_site = np.unique(g.active_features[:, :2], axis=0, return_counts=True)
+    assert per_site.max() <= 8  # at most k features per (layer, position)
     rows = list(range(g.n_features)) + list(range(g.logit_start, g.n_nodes))
     total = g.adjacency[rows].astype(np.float64).sum(axis=1) + g.target_biases
     assert_close(total, g.target_values, 1e-4)
@@ -84,7 +87,7 @@ def test_save_clt_round_trips_through_circuit_tracer_layout(stories, trained, tm
     assert sorted(p.name for p in Path(out).iterdir()) == sorted(
         ["config.yaml"] + [f"W_{k}_{layer}.safetensors" for k in ("enc", "dec") for layer in range(5)])
     back = load_transcoders(out)
-    assert isinstance(back, CrossLayerTranscoder)
+    assert isinstance(back, CrossLayerTranscoder) and back.k == 8
     a, b = attribute(stories, clt, PROMPT), attribute(stories, back, PROMPT)
     np.testing.assert_array_equal(a.active_features, b.active_features)
     assert_close(a.adjacency, b.adjacency, 1e-6)
@@ -166,3 +169,20 @@ def test_train_clt_command(stories_path, tmp_path, capsys):
         rc = e.code
     assert rc not in (0, None)
     assert "not empty" in capsys.readouterr().err
+
+
+def test_clt_layers_as_transcoders_give_the_same_features_and_dashboard_contexts(stories, trained, tmp_path):
+    """``layer_transcoder(l)`` reads features exactly as the CLT does (TopK here, JumpReLU in the parity fixture),
+    so the graph's top contexts (``graph_contexts``, ``hooked-mlx attribute --corpus``) work for CLT features."""
+    from hooked_mlx.circuits import graph_contexts, prune_graph
+
+    clt, _ = trained
+    _, cache = stories.run_with_cache(stories.to_tokens(PROMPT), names_filter=lambda n: n.endswith("hook_normalized"))
+    for layer in range(clt.n_layers):
+        x = cache[f"blocks.{layer}.ln2.hook_normalized"][0]
+        np.testing.assert_array_equal(np.array(clt.layer_transcoder(layer).encode(x)), np.array(clt.encode(layer, x)))
+    g = attribute(stories, clt, PROMPT)
+    pr = prune_graph(g)
+    ctx = graph_contexts(stories, clt, g, DOCS[:8], prune=pr, max_docs=8)
+    assert ctx and all(isinstance(v, list) for v in ctx.values())
+    assert any(len(v) > 0 for v in ctx.values())

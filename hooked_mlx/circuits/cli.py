@@ -30,12 +30,7 @@ def cmd_attribute(args) -> int:
                   batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     pr = prune_graph(g, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    contexts = None
-    if args.corpus:
-        if not isinstance(tcs, dict):
-            raise SystemExit("hooked-mlx attribute: --corpus (top contexts per feature) needs per-layer transcoders; "
-                             "a cross-layer transcoder's contexts are not built yet. Leave --corpus out.")
-        contexts = graph_contexts(model, tcs, g, args.corpus, prune=pr, max_docs=args.max_docs)
+    contexts = graph_contexts(model, tcs, g, args.corpus, prune=pr, max_docs=args.max_docs) if args.corpus else None
     write_graph(g, json_path=args.out, html_path=args.html, prune=pr, model_id=args.model, decode=model.to_string,
                 contexts=contexts, overwrite=args.overwrite)
     replacement, completeness = graph_scores(g)

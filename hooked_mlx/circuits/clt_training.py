@@ -102,12 +102,12 @@ class CLTModule(nn.Module):
                 outs[t] = outs[t] + y[:, j * d:(j + 1) * d]
         return outs, counts, l0_ste, fired, aux_outs
 
-    def to_clt(self, hook_in: str) -> CrossLayerTranscoder:
+    def to_clt(self, hook_in: str, k: int) -> CrossLayerTranscoder:
         L, d, F = self.n_layers, self.d_model, self.d_transcoder
         return CrossLayerTranscoder(W_enc=[self.W_enc[layer] for layer in range(L)], b_enc=self.b_enc,
                                     W_dec=[w.reshape(F, L - layer, d) for layer, w in enumerate(self.W_dec)],
                                     b_dec_=self.b_dec, threshold=self.threshold if "threshold" in self else None,
-                                    hook_in=hook_in)
+                                    hook_in=hook_in, k=None if "threshold" in self else k)
 
 
 def _variance_sums(y: mx.array) -> mx.array:
@@ -347,7 +347,7 @@ def train_clt(cfg: SAEConfig, source, *, n_layers: int, hook_in: str = HOOK_INS[
     mx.eval(trainer.state())
     if ckpt and total > start:
         _save_checkpoint(checkpoint_path, trainer, source, total)  # type: ignore[arg-type]
-    return trainer.module.to_clt(hook_in)
+    return trainer.module.to_clt(hook_in, cfg.k)
 
 
 def save_clt(clt: CrossLayerTranscoder, path: str, *, overwrite: bool = False) -> str:
@@ -367,7 +367,9 @@ def save_clt(clt: CrossLayerTranscoder, path: str, *, overwrite: bool = False) -
             os.close(fd)
             mx.save_safetensors(tmp, {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()})
             os.replace(tmp, os.path.join(path, f"{name}.safetensors"))
+    # (a TopK CLT: ``k`` is recorded for load_transcoders; circuit-tracer, which has no TopK CLT, ignores the key)
     write_text_atomic(os.path.join(path, "config.yaml"),
                       f"model_kind: cross_layer_transcoder\nfeature_input_hook: {clt.hook_in}\n"
-                      f"feature_output_hook: {HOOK_OUT}\nscan: hooked-mlx\n", overwrite=True)
+                      f"feature_output_hook: {HOOK_OUT}\nscan: hooked-mlx\n"
+                      + (f"activation: topk\nk: {clt.k}\n" if clt.k is not None else ""), overwrite=True)
     return path

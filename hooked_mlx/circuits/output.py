@@ -12,11 +12,17 @@ from ..sae.sae import SAE
 from ..viz import render_graph_page
 from .attribution import Graph
 from .graph import PruneResult, graph_to_json
+from .transcoders import CrossLayerTranscoder
 
 
-def graph_contexts(model, transcoders: dict[int, SAE], g: Graph, corpus, *, prune: PruneResult | None = None,
-                   n: int = 5, window: tuple[int, int] = (8, 3), max_docs: int | None = 100) -> dict[str, list[dict]]:
-    """{node_id: [{"tokens", "values"}]}: each (kept) feature node's top contexts in ``corpus``."""
+def graph_contexts(model, transcoders: dict[int, SAE] | CrossLayerTranscoder, g: Graph, corpus, *,
+                   prune: PruneResult | None = None, n: int = 5, window: tuple[int, int] = (8, 3),
+                   max_docs: int | None = 100) -> dict[str, list[dict]]:
+    """{node_id: [{"tokens", "values"}]}: each (kept) feature node's top contexts in ``corpus`` (per-layer
+    transcoders, or a cross-layer transcoder's per-layer encoders)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        clt = transcoders
+        transcoders = {layer: clt.layer_transcoder(layer) for layer in range(clt.n_layers)}
     wanted: dict[int, set[int]] = {}
     for i in range(g.n_features):
         if prune is None or prune.node_mask[i]:

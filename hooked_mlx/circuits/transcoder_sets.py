@@ -120,8 +120,10 @@ def load_circuit_tracer_clt(path: str) -> CrossLayerTranscoder:
             raise ValueError(f"{path}: layer {layer}'s files lack {e.args[0]!r} (circuit-tracer's CLT layout).") from e
     if thr and len(thr) != L:
         raise ValueError(f"{path}: only some layers have a JumpReLU threshold.")
+    k = cfg.get("k") if cfg.get("activation") == "topk" else None  # (hooked_mlx's TopK CLTs record k)
     clt = CrossLayerTranscoder(W_enc=W_enc, b_enc=mx.stack(b_enc), W_dec=W_dec, b_dec_=mx.stack(b_dec),
-                               threshold=mx.stack(thr) if thr else None, hook_in=hook_in)
+                               threshold=mx.stack(thr) if thr else None, hook_in=hook_in,
+                               k=int(k) if k is not None else None)
     mx.eval(clt.W_enc, clt.W_dec, clt.b_enc, clt.b_dec_, clt.threshold)
     return clt
 

@@ -117,7 +117,8 @@ class CrossLayerTranscoder(Replacement):
     """A cross-layer transcoder (see the module doc). Arrays: ``W_enc[l]`` [d, F], ``b_enc`` [L, F], ``W_dec[l]``
     [F, L-l, d], ``b_dec`` [L, d], optional ``threshold`` [L, F] (JumpReLU: pre * (pre > threshold); else ReLU)
     and ``W_skip`` [L, d, d] (layer l's skip term x @ W_skip[l]). ``hook_in``: what each layer's encoder reads, one of
-    ``HOOK_INS``."""
+    ``HOOK_INS``. ``k``: a TopK CLT (the k largest pre-activations per token and layer, relu'd; what ``train_clt``
+    trains with ``architecture="topk"``)."""
 
     W_enc: list[mx.array]
     b_enc: mx.array
@@ -126,6 +127,7 @@ class CrossLayerTranscoder(Replacement):
     threshold: mx.array | None = None
     W_skip: mx.array | None = None
     hook_in: str = HOOK_INS[0]
+    k: int | None = None
 
     def __post_init__(self):
         self.n_layers = len(self.W_enc)
@@ -143,9 +145,16 @@ class CrossLayerTranscoder(Replacement):
         self.d_model, self.d_transcoder = d, F
         if self.hook_in not in HOOK_INS:
             raise ValueError(f"Cross-layer transcoder: hook_in {self.hook_in!r}; expected one of {HOOK_INS}.")
+        if self.k is not None and (self.threshold is not None or not 1 <= self.k <= F):
+            raise ValueError(f"Cross-layer transcoder: k = {self.k} needs 1 <= k <= {F} and no JumpReLU threshold.")
 
     def encode(self, layer, x):
         pre = x.astype(mx.float32) @ self.W_enc[layer] + self.b_enc[layer]
+        if self.k is not None:
+            F = pre.shape[-1]
+            idx = mx.argpartition(pre, F - self.k, axis=-1)[..., F - self.k:]
+            vals = mx.maximum(mx.take_along_axis(pre, idx, axis=-1), 0)
+            return mx.put_along_axis(mx.zeros_like(pre), idx, vals, axis=-1)
         if self.threshold is None:
             return mx.maximum(pre, 0)
         return mx.where(pre > self.threshold[layer], pre, 0.0)
@@ -170,6 +179,27 @@ class CrossLayerTranscoder(Replacement):
 
     def decoder_rows(self, layer, features):
         return self.W_dec[layer][features]
+
+    def layer_transcoder(self, layer: int) -> SAE:
+        """Layer ``layer``'s encoder as a transcoder ``SAE`` (its decoder: the rows this layer writes to its own MLP
+        output), for what reads features through an ``SAE`` such as ``sae.analysis.top_contexts``. Its features
+        equal the CLT's wherever the thresholds are >= 0 (an ``SAE``'s JumpReLU also applies relu)."""
+        from ..sae.config import SAEConfig
+
+        arch = "topk" if self.k is not None else "jumprelu" if self.threshold is not None else "relu"
+        cfg = SAEConfig(architecture=arch, k=self.k or SAEConfig.defaults()["k"], d_in=self.d_model,
+                        d_sae=self.d_transcoder,
+                        d_out=self.d_model, hook_name=f"blocks.{layer}.{self.hook_in}",
+                        hook_name_out=f"blocks.{layer}.{HOOK_OUT}", apply_b_dec_to_input=False,
+                        decoder_unit_norm=False, normalize_activations="none",
+                        extra={"cross_layer_transcoder_layer": layer})
+        sae = SAE(cfg)
+        params = {"W_enc": self.W_enc[layer], "b_enc": self.b_enc[layer], "W_dec": self.W_dec[layer][:, 0],
+                  "b_dec": self.b_dec_[layer]}
+        if self.threshold is not None:
+            params["threshold"] = self.threshold[layer]
+        sae.update(params)
+        return sae
 
 
 def as_replacement(transcoders, n_layers: int) -> Replacement:
