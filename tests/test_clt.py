@@ -186,3 +186,17 @@ def test_clt_layers_as_transcoders_give_the_same_features_and_dashboard_contexts
     ctx = graph_contexts(stories, clt, g, DOCS[:8], prune=pr, max_docs=8)
     assert ctx and all(isinstance(v, list) for v in ctx.values())
     assert any(len(v) > 0 for v in ctx.values())
+
+
+def test_a_non_finite_step_writes_no_checkpoint(tmp_path):
+    from hooked_mlx.sae import ArraySource
+
+    rng = np.random.default_rng(0)
+    arrays = {f"blocks.{layer}.{h}": rng.normal(size=(256, 8)).astype(np.float32)
+              for layer in range(2) for h in ("ln2.hook_normalized", "hook_mlp_out")}
+    arrays["blocks.1.hook_mlp_out"][:] = np.inf  # every batch's targets are infinite
+    cfg = _cfg(4, k=2, d_sae=16, checkpoint_every_steps=2, log_every_steps=100)
+    ckpt = tmp_path / "ck"
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_clt(cfg, ArraySource(arrays, 256, seed=0), n_layers=2, progress=False, checkpoint_path=str(ckpt))
+    assert not (ckpt / CHECKPOINT).exists()

@@ -3,19 +3,23 @@
 ``train_clt(cfg, source, n_layers=L)`` trains one ``CrossLayerTranscoder``: layer l's encoder reads
 ``blocks.l.{hook_in}`` and its features write to the MLP outputs ``blocks.t.hook_mlp_out`` of every layer t >= l.
 All 2L hooks come from one streamed forward per batch (``sae.ActivationStore``). The loss is the mean over layers
-of each layer's fraction of variance unexplained. TopK (``cfg.k`` per token and layer) runs on the SAE engine's
-ops (``sae.kernels``: the device's top-k selection and the sparse decode, whose backward touches only the kept
-latents); JumpReLU uses the engine's straight-through threshold gradients and adds ``l0_coefficient`` times the
-mean fraction of features active per token and layer (ramped over ``sparsity_warmup_steps``). The step is compiled, with Adam, a linear warm-up and
-global gradient-norm clipping. Checkpoints are atomic and resume exactly (parameters, Adam state, step and the source's position).
-``save_clt`` writes circuit-tracer's CLT layout, which ``load_transcoders`` (and circuit-tracer) read.
+of each layer's fraction of variance unexplained.
+
+* TopK (``cfg.k`` per token and layer) runs on the SAE engine's ops (``sae.kernels``: the device's top-k selection
+  and the sparse decode, whose backward touches only the kept latents), with AuxK (``aux_k``,
+  ``aux_k_coefficient``, ``dead_tokens_window``): per source layer the ``aux_k`` largest dead features decode into
+  every later layer, fitting each layer's residual.
+* JumpReLU uses the engine's straight-through threshold gradients and adds ``l0_coefficient`` times the mean
+  fraction of features active per token and layer (ramped over ``sparsity_warmup_steps``).
+
+The step is compiled, with Adam, a linear warm-up and global gradient-norm clipping. Checkpoints are atomic, hold
+only finite states, and resume exactly (parameters, Adam state, step, dead-feature counters and the source's
+position). ``save_clt`` writes circuit-tracer's CLT layout, which ``load_transcoders`` (and circuit-tracer) read.
 
 ``cfg`` is an ``SAEConfig`` for the shared settings: ``architecture`` (topk / jumprelu), ``k``, ``l0_coefficient``,
 ``jumprelu_bandwidth``, ``jumprelu_init_threshold``, ``d_sae`` (features per layer; or ``expansion_factor``
 x d_model), ``lr``, ``lr_warmup_steps``, ``adam_beta1/2``, ``adam_eps``, ``grad_clip_norm``,
 ``train_batch_size_tokens``, ``training_tokens``, ``log_every_steps``, ``checkpoint_every_steps``, ``seed``.
-TopK CLTs train with AuxK (``aux_k``, ``aux_k_coefficient``, ``dead_tokens_window``): per source layer the
-``aux_k`` largest dead features decode into every later layer, fitting each layer's residual.
 """
 
 from __future__ import annotations
@@ -265,6 +269,10 @@ class CLTTrainer:
 
 def _save_checkpoint(path: str, trainer: CLTTrainer, source, step: int) -> None:
     """Collective with several ranks (the per-rank source states are gathered); rank 0 writes, atomically."""
+    loss = to_float(trainer.sums["loss"])
+    if not loss == loss or abs(loss) == float("inf"):  # (every rank: the sums are global)
+        raise FloatingPointError(f"CLT training became non-finite before step {step}; the checkpoint in {path} "
+                                 f"(if any) is the last good one and is left untouched.")
     w = trainer.world
     if w is not None:
         source = D.gathered_source_state(source, w)
@@ -280,6 +288,8 @@ def _save_checkpoint(path: str, trainer: CLTTrainer, source, step: int) -> None:
     os.close(fd)
     try:
         mx.save_safetensors(tmp, tensors, metadata={"hooked_mlx": json.dumps(meta)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, os.path.join(path, CHECKPOINT))
     finally:
         if os.path.exists(tmp):
