@@ -10,6 +10,22 @@ it at ``--ct-venv`` when it is missing (torch 2.13.0 CPU from ``/opt/wheels`` wh
     python3 -m venv /work/ctvenv && /work/ctvenv/bin/pip install torch==2.13.0 circuit-tracer==0.5.0 \
         transformer-lens==2.16.1 datasets==3.6.0 pyarrow==18.1.0 "numpy<2"
 
+On the GPU machine (no registry; torch is there), circuit-tracer's stack travels as wheels and runs on CUDA::
+
+    # here: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    #   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .gpu6 \
+    #   circuit-tracer==0.5.0 transformer-lens==2.16.1 transformers==4.57.3 huggingface-hub==0.36.0 \
+    #   tokenizers==0.22.1 datasets==3.6.0 pydantic pydantic-core annotated-types typing-inspection wandb==0.19.11 \
+    #   protobuf==5.29.5 rich markdown-it-py mdurl accelerate better-abc fancy-einsum typeguard beartype \
+    #   dill==0.3.8 multiprocess==0.70.16 xxhash gitpython gitdb smmap sentry-sdk setproctitle platformdirs pytz \
+    #   tzdata docker-pycreds                                        (44 MB: one transfer)
+    # there: pip install --no-index --no-deps --target /tmp/ctsite .gpu6/*.whl; a /tmp/ctv/bin/python that runs
+    #   python3 with PYTHONPATH=/tmp/ctsite; then, with MLX staged (benchmarks/gpu_run.sh):
+    MLX_ENABLE_TF32=0 python benchmarks/circuits.py --configs small --ct-venv /tmp/ctv --ct-device cuda \
+        --device-name "NVIDIA H200" --json benchmarks/results/circuits_h200.json
+
+(``MLX_ENABLE_TF32=0``: float32 matmuls in float32 on both sides, so that both find the same active features.)
+
 For each configuration a worker in that venv builds a random Hugging Face Llama (``hf_llama.build``), saves it,
 writes random per-layer skip transcoders in circuit-tracer's transcoder-set layout (``config.yaml`` +
 ``layer_{i}.safetensors``; ReLU, about 1% of latents active), loads them with circuit-tracer's
@@ -65,7 +81,7 @@ def write_transcoders(cfg: dict, folder: Path) -> None:
     (folder / "config.yaml").write_text("\n".join(lines) + "\n")
 
 
-def ct_worker(cfg: dict, out_dir: Path, threads: int) -> None:
+def ct_worker(cfg: dict, out_dir: Path, threads: int, device: str = "cpu") -> None:
     import numpy as np
     import torch
     from circuit_tracer import attribute
@@ -78,26 +94,34 @@ def ct_worker(cfg: dict, out_dir: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tok = word_tokenizer(cfg["vocab"], out_dir)
-    _, model = build(cfg, out_dir, cls=TransformerLensReplacementModel, tokenizer=tok)
+    _, model = build(cfg, out_dir, cls=TransformerLensReplacementModel, tokenizer=tok, device=device)
     write_transcoders(cfg, out_dir / "transcoders")
     tcs = load_transcoder_set({i: str(out_dir / "transcoders" / f"layer_{i}.safetensors")
                                for i in range(cfg["n_layers"])}, scan="hooked-mlx-benchmark",
                               feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                              device=torch.device("cpu"), dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
+                              device=torch.device(device), dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
     model._configure_replacement_model(tcs)
     g = torch.Generator().manual_seed(2)
     tokens = torch.cat([torch.tensor([1]), torch.randint(3, cfg["vocab"], (cfg["n_tokens"] - 1,), generator=g)])
+    tokens = tokens.to(device)
+    cuda = device.startswith("cuda")
     (out_dir / "ct.json").write_text(json.dumps({"tokens": tokens.tolist(), "torch": torch.__version__,
                                                  "threads": torch.get_num_threads()}))
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         graph = attribute(tokens, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=CT_BATCH)
+        if cuda:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        np.save(out_dir / "ct_adjacency.npy", graph.adjacency_matrix.numpy())
-        print(json.dumps({"time": dt, "n_features": len(graph.active_features)}), flush=True)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        np.save(out_dir / "ct_adjacency.npy", graph.adjacency_matrix.cpu().numpy())
+        print(json.dumps({"time": dt, "n_features": len(graph.active_features), "peak_gb": peak}), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,17 +140,19 @@ def ensure_venv(venv: Path) -> str:
     return str(py)
 
 
-def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int) -> dict:
+def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int, ct_device: str = "cpu") -> dict:
     import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
     from hooked_mlx import HookedTransformer
     from hooked_mlx.circuits import attribute, load_transcoders
+    import mlx.core as mx
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix=f"circuitbench_{name}_") as d:
         d = Path(d)
         log = open(d / "worker.log", "w")
         proc = subprocess.Popen([ct_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads",
-                                 str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                                 str(threads), "--ct-device", ct_device], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=log, text=True)
         try:
             if proc.stdout.readline().strip() != "ready":
                 proc.wait(timeout=60)
@@ -145,6 +171,7 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int)
             tcs = load_transcoders(str(d / "transcoders"))
 
             def hm_run():
+                mx.reset_peak_memory()
                 t = time.perf_counter()
                 graph = attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95)
                 return time.perf_counter() - t, graph
@@ -152,11 +179,14 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int)
             ct_run()  # warm-ups
             hm_run()
             times: dict[str, list[float]] = {"ct": [], "hm": []}
+            peaks: dict[str, list[float]] = {"ct": [], "hm": []}
             for _ in range(repeats):  # interleaved, so that both see the same machine load
                 r = ct_run()
                 times["ct"].append(r["time"])
+                peaks["ct"].append(r.get("peak_gb") or float("nan"))
                 dt, graph = hm_run()
                 times["hm"].append(dt)
+                peaks["hm"].append(mx.get_peak_memory() / 1e9)
             A, B = graph.adjacency, np.load(d / "ct_adjacency.npy")
         finally:
             if proc.poll() is None:
@@ -168,7 +198,8 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int)
     return dict(name=name, n_features=int(len(graph.active_features)), ct_features=r["n_features"],
                 n_nodes=int(A.shape[0]), best=best, times=times, ratio=best["ct"] / best["hm"],
                 max_rel_diff=float(np.abs(A - B).max() / max(1.0, np.abs(B).max())) if same_shape else None,
-                torch=ct["torch"], threads=ct["threads"], ct_batch_size=CT_BATCH)
+                torch=ct["torch"], threads=ct["threads"], ct_batch_size=CT_BATCH, ct_device=ct_device,
+                peak_gb={k: max(v) for k, v in peaks.items()}, hm_device=str(mx.default_device()))
 
 
 def smollm2(gguf: str | None, repeats: int) -> dict:
@@ -210,12 +241,18 @@ def smollm2(gguf: str | None, repeats: int) -> dict:
                 peak_gb=mx.get_peak_memory() / 1e9, device=str(mx.default_device()))
 
 
+def _num(v) -> str:
+    return "shapes differ" if v is None else f"{v:.2e}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="small")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for circuit-tracer")
     ap.add_argument("--ct-venv", default=os.environ.get("CT_VENV", "/work/ctvenv"))
+    ap.add_argument("--ct-device", default="cpu", help="circuit-tracer's torch device (cuda on the GPU machine; peak "
+                    "memory is then torch's max_memory_allocated beside MLX's peak)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -237,30 +274,34 @@ def main(argv=None):
                                                    "date": time.strftime("%Y-%m-%d"), **r}, indent=2))
         return
     if args.worker:
-        ct_worker(json.loads(args.worker), Path(args.dir), args.threads)
+        ct_worker(json.loads(args.worker), Path(args.dir), args.threads, args.ct_device)
         return
     ct_python = ensure_venv(Path(args.ct_venv))
     import platform
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"attribution graph, random Llama + skip transcoders, float32, CPU ({os.cpu_count()} cores, load "
-          f"{load:.1f}); best of {args.repeats} interleaved runs after a warm-up")
-    print(f"{'config':<44} {'features':>8} {'ct s':>7} {'hm s':>7} {'ratio':>7} {'max rel diff':>12}")
+    where = f"circuit-tracer on {args.ct_device}" if args.ct_device != "cpu" else f"CPU ({os.cpu_count()} cores)"
+    print(f"attribution graph, random Llama + skip transcoders, float32, {where}, load {load:.1f}; best of "
+          f"{args.repeats} interleaved runs after a warm-up")
+    print(f"{'config':<44} {'features':>8} {'ct s':>7} {'hm s':>7} {'ratio':>7} {'max rel diff':>12} "
+          f"{'peak GB ct / hm':>16}")
     rows, summary = [], []
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        r = run_config(name, cfg, ct_python, args.repeats, args.threads)
+        r = run_config(name, cfg, ct_python, args.repeats, args.threads, args.ct_device)
         rows.append({**r, "config": cfg})
         label = (f"{name}: {cfg['n_layers']}L d{cfg['d_model']} F{cfg['d_transcoder']} {cfg['n_tokens']}tok "
                  f"V{cfg['vocab']}")
+        pk = r["peak_gb"]
         print(f"{label:<44} {r['n_features']:>8} {r['best']['ct']:>7.2f} {r['best']['hm']:>7.2f} "
-              f"{r['ratio']:>6.2f}x {r['max_rel_diff']:>12.2e}", flush=True)
+              f"{r['ratio']:>6.2f}x {_num(r['max_rel_diff']):>12} {pk['ct']:>7.2f} / {pk['hm']:<6.2f}", flush=True)
         summary.append({"row": f"attribution graph, {label}, {r['n_features']} features",
                         "value": f"{r['best']['hm']:.2f} s", "anchor": f"circuit-tracer 0.5.0 {r['best']['ct']:.2f} s "
                         f"(torch {r['threads']} threads, batch_size {CT_BATCH})", "ratio": round(r["ratio"], 2),
                         "goal": ">= 2x"})
     if args.json:
-        meta = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "command": " ".join(sys.argv),
+        meta = {"device": args.device_name or f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+                "ct_device": args.ct_device, "command": " ".join(sys.argv),
                 "date": time.strftime("%Y-%m-%d"), "circuit_tracer": "0.5.0", "torch": rows[-1]["torch"]}
         Path(args.json).write_text(json.dumps({"benchmark": "circuits", "meta": meta, "rows": rows,
                                                "summary": summary}, indent=2, default=str))

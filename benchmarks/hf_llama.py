@@ -5,13 +5,13 @@ torch, transformers and transformer-lens; never imports hooked_mlx).
 the call), saved in Hugging Face's layout to ``out_dir``, and ``cls`` (``HookedTransformer`` or a subclass, e.g.
 circuit-tracer's replacement model) built from a ``HookedTransformerConfig`` with those weights converted by TL's
 ``convert_llama_weights``, without weight processing (hooked_mlx loads the saved folder unprocessed too).
-``cfg``: n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab.
+``cfg``: n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab. ``device``: the TransformerLens model's torch device.
 """
 
 from __future__ import annotations
 
 
-def build(cfg: dict, out_dir, cls=None, tokenizer=None, initializer_range: float = 0.08):
+def build(cfg: dict, out_dir, cls=None, tokenizer=None, initializer_range: float = 0.08, device: str = "cpu"):
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
@@ -30,7 +30,7 @@ def build(cfg: dict, out_dir, cls=None, tokenizer=None, initializer_range: float
         d_mlp=cfg["d_mlp"], n_layers=cfg["n_layers"], n_ctx=256, eps=1e-5, d_vocab=cfg["vocab"], act_fn="silu",
         n_key_value_heads=cfg["n_kv_heads"], normalization_type="RMS", positional_embedding_type="rotary",
         rotary_adjacent_pairs=False, rotary_dim=cfg["d_model"] // cfg["n_heads"], rotary_base=10000.0,
-        final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM", device="cpu", dtype=torch.float32,
+        final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM", device=device, dtype=torch.float32,
     )
     model = (cls or HookedTransformer)(tl_cfg, tokenizer=tokenizer)
     model.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False, center_writing_weights=False,
