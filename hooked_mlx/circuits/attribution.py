@@ -112,8 +112,8 @@ class ReplacementModel:
             true = cache[f"blocks.{layer}.{HOOK_OUT}"][0].astype(mx.float32)
             mlp.append(true if skip is None else true - skip)
             errors.append(mlp[-1] - decoded[layer])
-        mx.eval(logits, frozen, acts, decoded, mlp, errors)
-        return {"logits": logits[0], "frozen": frozen, "acts": acts, "decoded": decoded, "mlp": mlp, "errors": errors}
+        mx.eval(logits, frozen, acts, mlp, errors)
+        return {"logits": logits[0], "frozen": frozen, "acts": acts, "mlp": mlp, "errors": errors}
 
     @staticmethod
     def _is_frozen(name: str) -> bool:
@@ -265,10 +265,10 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     nF, nE, nT, nL = len(feats), L * P, P, len(logit_tokens)
     n = nF + nE + nT + nL
     adjacency = np.zeros((n, n), dtype=np.float32)
-    # per layer: the active features' positions, decoder rows and activations (source side)
-    # (features are sorted by layer, then position: each (layer, position) is a contiguous run of columns, whose
-    # edges are one GEMM of that position's gradients with the run's decoder rows scaled by the activations)
-    src = []  # per (layer, position) with features: (layer, position, first column, [n_out * d, n] decoder rows)
+    # source side: features are sorted by layer, then position, so each (layer, position) is a contiguous run of
+    # columns, whose edges are one GEMM of that position's gradients with the run's decoder rows scaled by the
+    # activations
+    src = []  # per (layer, position) with features, in column order: (layer, position, [n_out * d, n] decoder rows)
     rep = rm.rep
     for layer in range(L):
         for p in range(P):
@@ -276,7 +276,7 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
             if len(cols):
                 rows = rep.decoder_rows(layer, mx.array(active[cols, 2])) * mx.array(acts[cols])[:, None, None]
                 n, n_out, d = rows.shape  # what each feature writes to each of its output layers
-                src.append((layer, p, int(cols[0]), rows.transpose(1, 2, 0).reshape(n_out * d, n)))
+                src.append((layer, p, rows.transpose(1, 2, 0).reshape(n_out * d, n)))
 
     # targets: every feature (its encoder input), then every logit
     targets = [("feature", i) for i in range(nF)] + [("logit", j) for j in range(nL)]
@@ -294,7 +294,7 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     t_read = np.array([feats[i][0] if kind == "feature" else L for kind, i in targets], dtype=np.int64)
     t_pos = np.array([feats[i][1] if kind == "feature" else P - 1 for kind, i in targets], dtype=np.int64)
     t_col = np.array([feats[i][2] if kind == "feature" else i for kind, i in targets], dtype=np.int64)
-    widths = [rep.encoder(r).shape[0] for r in range(L)] + [embed.shape[-1]]
+    readouts = [rep.encoder(r).astype(mx.float32) for r in range(L)] + [U]  # [d, columns] per readout
 
     def readout_vectors(start, stop):
         """Per readout (L transcoder inputs, the unembed input): the cotangent [B, P, d] of targets start:stop."""
@@ -303,14 +303,13 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         for r in range(L + 1):
             sel = np.nonzero(t_read[start:stop] == r)[0]
             if not len(sel):
-                cts.append(mx.broadcast_to(mx.array(0.0), (B, P, widths[r])))
+                cts.append(mx.broadcast_to(mx.array(0.0), (B, P, readouts[r].shape[0])))
                 continue
             onehot = np.zeros((B, P), dtype=np.float32)
             onehot[sel, t_pos[start + sel]] = 1.0
             cols = np.zeros(B, dtype=np.int64)
             cols[sel] = t_col[start + sel]
-            source = U if r == L else rep.encoder(r).astype(mx.float32)
-            cts.append(mx.array(onehot)[:, :, None] * source[:, mx.array(cols)].T[:, None, :])
+            cts.append(mx.array(onehot)[:, :, None] * readouts[r][:, mx.array(cols)].T[:, None, :])
         return cts
 
     def frozen(e, *m):
@@ -343,7 +342,7 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         err = mx.stack([mx.sum(g_mlp[layer] * errors[layer][None], axis=-1) for layer in range(L)], axis=1)  # [B,L,P]
         # [B, n] per (layer, position): its gradients at every output layer . the decoder rows written there
         feat = [mx.concatenate([g_mlp[t][:, p] for t in rep.out_layers(layer)], axis=-1) @ decT
-                for layer, p, _, decT in src]
+                for layer, p, decT in src]
         mx.eval(tok, err, feat, val, bias)
         adjacency[rows_t, nF + nE:nF + nE + nT] = np.array(tok)
         adjacency[rows_t, nF:nF + nE] = np.array(err).reshape(B, L * P)
