@@ -24,12 +24,11 @@ x d_model), ``lr``, ``lr_warmup_steps``, ``adam_beta1/2``, ``adam_eps``, ``grad_
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -38,9 +37,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_unflatten
 
 from ..host import flat_items, to_float, to_int
-from ..outputs import write_text_atomic
+from ..outputs import check_output_dir, write_file_atomic, write_text_atomic
 from ..sae import distributed as D
-from ..sae.checkpoint import load_checkpoint
+from ..sae.checkpoint import load_checkpoint, write_checkpoint
 from ..sae.config import SAEConfig
 from ..sae.forward import lr_schedule
 from ..sae.kernels import fused as FU
@@ -278,22 +277,9 @@ def _save_checkpoint(path: str, trainer: CLTTrainer, source, step: int) -> None:
         source = D.gathered_source_state(source, w)
         if not w.is_main:
             return
-    os.makedirs(path, exist_ok=True)
-    tensors = trainer.tensors()
-    src_arrays, src_meta = source.state_dict() if hasattr(source, "state_dict") else ({}, {})
-    tensors.update({f"source.{k}": mx.array(v) for k, v in src_arrays.items()})
-    meta = {"step": step, "config": trainer.cfg.to_dict(), "hook_in": trainer.hook_in, "source": src_meta,
+    meta = {"step": step, "config": trainer.cfg.to_dict(), "hook_in": trainer.hook_in,
             "n_layers": trainer.module.n_layers, "extra": {"world_size": w.size if w is not None else 1}}
-    fd, tmp = tempfile.mkstemp(prefix=".clt-", suffix=".tmp.safetensors", dir=path)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, tensors, metadata={"hooked_mlx": json.dumps(meta)})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, os.path.join(path, CHECKPOINT))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_checkpoint(path, trainer.tensors(), meta, source, CHECKPOINT)
 
 
 def train_clt(cfg: SAEConfig, source, *, n_layers: int, hook_in: str = HOOK_INS[0], checkpoint_path: str | None = None,
@@ -364,19 +350,16 @@ def save_clt(clt: CrossLayerTranscoder, path: str, *, overwrite: bool = False) -
     """Write ``clt`` in circuit-tracer's CLT layout: ``W_enc_{l}.safetensors`` (W_enc_l [F, d], b_enc_l, b_dec_l,
     threshold_l for a JumpReLU) and ``W_dec_{l}.safetensors`` (W_dec_l [F, L-l, d]), and a ``config.yaml``. The
     folder must be new or empty unless ``overwrite`` (which replaces only these files)."""
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; give a new folder or overwrite=True.")
-    os.makedirs(path, exist_ok=True)
+    check_output_dir(path, overwrite=overwrite, what="save_clt")
     for layer in range(clt.n_layers):
         enc = {f"W_enc_{layer}": clt.W_enc[layer].T, f"b_enc_{layer}": clt.b_enc[layer],
                f"b_dec_{layer}": clt.b_dec_[layer]}
         if clt.threshold is not None:
             enc[f"threshold_{layer}"] = clt.threshold[layer]
         for name, tensors in ((f"W_enc_{layer}", enc), (f"W_dec_{layer}", {f"W_dec_{layer}": clt.W_dec[layer]})):
-            fd, tmp = tempfile.mkstemp(prefix=".clt-", suffix=".tmp.safetensors", dir=path)
-            os.close(fd)
-            mx.save_safetensors(tmp, {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()})
-            os.replace(tmp, os.path.join(path, f"{name}.safetensors"))
+            arrays = {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()}
+            write_file_atomic(os.path.join(path, f"{name}.safetensors"), partial(mx.save_safetensors, arrays=arrays),
+                              overwrite=True, what="save_clt", suffix=".safetensors")
     # (a TopK CLT: ``k`` is recorded for load_transcoders; circuit-tracer, which has no TopK CLT, ignores the key)
     write_text_atomic(os.path.join(path, "config.yaml"),
                       f"model_kind: cross_layer_transcoder\nfeature_input_hook: {clt.hook_in}\n"

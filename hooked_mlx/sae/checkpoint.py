@@ -19,29 +19,37 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def save_checkpoint(path: str, trainers: list[SAETrainer], source, step: int, extra: dict | None = None) -> str:
-    """Write every trainer's state and the source's state to ``path``/checkpoint.safetensors atomically.
-
-    The file is written beside its destination under a temporary name, flushed, then ``os.replace``-d,
-    so a crash leaves either the previous checkpoint or the new one, never a partial file.
-    """
-    os.makedirs(path, exist_ok=True)
+    """Write every trainer's state and the source's state to ``path``/checkpoint.safetensors atomically
+    (``write_checkpoint``)."""
     tensors: dict[str, mx.array] = {}
     for i, t in enumerate(trainers):
         tensors.update(t.tensors(f"t{i}."))
-    src_meta = {}
-    if source is not None and hasattr(source, "state_dict"):
-        src_arrays, src_meta = source.state_dict()
-        for k, v in src_arrays.items():
-            tensors[f"source.{k}"] = mx.array(v)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "configs": [t.cfg.to_dict() for t in trainers],
         "input_scales": [t.input_scale for t in trainers],
-        "source": src_meta,
         "extra": extra or {},
     }
-    dest = os.path.join(path, CHECKPOINT_FILE)
+    return write_checkpoint(path, tensors, meta, source)
+
+
+def write_checkpoint(path: str, tensors: dict[str, mx.array], meta: dict, source, file: str = CHECKPOINT_FILE) -> str:
+    """``tensors`` and the source's state (``source.state_dict()``, as ``source.*`` tensors and ``meta["source"]``)
+    in ``path``/``file``, with ``meta`` as the file's ``hooked_mlx`` metadata.
+
+    The file is written beside its destination under a temporary name, flushed, then ``os.replace``-d,
+    so a crash leaves either the previous checkpoint or the new one, never a partial file.
+    """
+    os.makedirs(path, exist_ok=True)
+    tensors = dict(tensors)
+    src_meta = {}
+    if source is not None and hasattr(source, "state_dict"):
+        src_arrays, src_meta = source.state_dict()
+        for k, v in src_arrays.items():
+            tensors[f"source.{k}"] = mx.array(v)
+    meta = {**meta, "source": src_meta}
+    dest = os.path.join(path, file)
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp.safetensors", dir=path)  # MLX appends .safetensors otherwise
     os.close(fd)
     try:
