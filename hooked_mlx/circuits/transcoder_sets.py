@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from ..readers import load_safetensors
 from ..sae.config import SAEConfig
-from ..sae.files import load_sae
+from ..sae.files import build_sae, load_sae
 from ..sae.sae import SAE
 from .transcoders import CrossLayerTranscoder
 
@@ -185,16 +185,9 @@ def _load_ct_file(file: str, layer: int, hook_in: str, hook_out: str) -> SAE:
                     hook_name=f"blocks.{layer}.{hook_in}", hook_name_out=f"blocks.{layer}.{hook_out}",
                     skip_connection="W_skip" in t, apply_b_dec_to_input=False, decoder_unit_norm=False,
                     normalize_activations="none", extra={"imported_from": "circuit_tracer", "path": file})
-    sae = SAE(cfg)
-    params = {"W_enc": t["W_enc"].T, "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"]}
+    tensors = {"W_enc": t["W_enc"].T, "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"]}
     if jump:
-        params["threshold"] = t["activation_function.threshold"]
+        tensors["threshold"] = t["activation_function.threshold"]
     if "W_skip" in t:
-        params["W_skip"] = t["W_skip"]
-    for k, v in params.items():
-        want = getattr(sae, k).shape
-        if tuple(v.shape) != tuple(want):
-            raise ValueError(f"{file}: {k} has shape {tuple(v.shape)}; expected {tuple(want)}.")
-    sae.update(params)
-    mx.eval(sae.parameters())
-    return sae
+        tensors["W_skip"] = t["W_skip"]
+    return build_sae(cfg, tensors, file)

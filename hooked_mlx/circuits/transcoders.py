@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..sae.config import RUN_TIME_NORMS
+from ..sae.config import RUN_TIME_NORMS, SAEConfig
+from ..sae.files import build_sae
 from ..sae.sae import SAE
 
 #: where a replacement may read (the MLP's normalised input before the norm's weight, or the residual stream before
@@ -184,7 +185,6 @@ class CrossLayerTranscoder(Replacement):
         """Layer ``layer``'s encoder as a transcoder ``SAE`` (its decoder: the rows this layer writes to its own MLP
         output), for what reads features through an ``SAE`` such as ``sae.analysis.top_contexts``. Its features
         equal the CLT's wherever the thresholds are >= 0 (an ``SAE``'s JumpReLU also applies relu)."""
-        from ..sae.config import SAEConfig
 
         arch = "topk" if self.k is not None else "jumprelu" if self.threshold is not None else "relu"
         cfg = SAEConfig(architecture=arch, k=self.k or SAEConfig.defaults()["k"], d_in=self.d_model,
@@ -193,13 +193,11 @@ class CrossLayerTranscoder(Replacement):
                         hook_name_out=f"blocks.{layer}.{HOOK_OUT}", apply_b_dec_to_input=False,
                         decoder_unit_norm=False, normalize_activations="none",
                         extra={"cross_layer_transcoder_layer": layer})
-        sae = SAE(cfg)
-        params = {"W_enc": self.W_enc[layer], "b_enc": self.b_enc[layer], "W_dec": self.W_dec[layer][:, 0],
-                  "b_dec": self.b_dec_[layer]}
+        tensors = {"W_enc": self.W_enc[layer], "b_enc": self.b_enc[layer], "W_dec": self.W_dec[layer][:, 0],
+                   "b_dec": self.b_dec_[layer]}
         if self.threshold is not None:
-            params["threshold"] = self.threshold[layer]
-        sae.update(params)
-        return sae
+            tensors["threshold"] = self.threshold[layer]
+        return build_sae(cfg, tensors, f"cross-layer transcoder layer {layer}")
 
 
 def as_replacement(transcoders, n_layers: int) -> Replacement:

@@ -71,7 +71,9 @@ def _load_tensors(path: str) -> dict[str, mx.array]:
     return load_safetensors(path)
 
 
-def _build(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
+def build_sae(cfg: SAEConfig, tensors: dict[str, mx.array], source: str) -> SAE:
+    """An ``SAE`` of ``cfg`` holding ``tensors`` (float32), each checked against the shape ``cfg`` gives it;
+    ``source`` names where they came from in the errors."""
     sae = SAE(cfg)
     D, F, Do = cfg.d_in, cfg.resolved_d_sae, cfg.resolved_d_out
     expected = {"W_enc": (D, F), "b_enc": (F,), "W_dec": (F, Do), "b_dec": (Do,)}
@@ -126,7 +128,7 @@ def load_sae(path: str) -> SAE:
     version = d.pop("format_version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer hooked_mlx (format {version}); upgrade hooked_mlx.")
-    return _build(SAEConfig.from_dict(d), _load_tensors(os.path.join(path, NATIVE_WEIGHTS)), path)
+    return build_sae(SAEConfig.from_dict(d), _load_tensors(os.path.join(path, NATIVE_WEIGHTS)), path)
 
 
 def detect_format(path: str) -> str:
@@ -300,7 +302,7 @@ def load_saelens(path: str, hook_name_out: str | None = None) -> SAE:
     unexpected = sorted(set(t) - set(tensors) - {"log_threshold"})
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected} for architecture {arch!r}.")
-    sae = _build(cfg, tensors, path)
+    sae = build_sae(cfg, tensors, path)
     if ours == "topk" and d.get("rescale_acts_by_decoder_norm", False):
         # SAELens: h *= ||W_dec,i|| before top-k, decode with W_dec / ||W_dec,i||. Fold (SAELens _fold_norm_topk).
         n = sae.decoder_norms()
@@ -389,4 +391,4 @@ def load_sparsify(path: str, hookpoint: str | None = None) -> SAE:
         decoder_unit_norm=bool(d.get("normalize_decoder", True)), normalize_activations="none",
         extra={"imported_from": "sparsify", "hookpoint": hookpoint, "path": os.path.abspath(folder)},
     )
-    return _build(cfg, {"W_enc": W_enc, "b_enc": t["encoder.bias"], "W_dec": W_dec, "b_dec": t["b_dec"]}, folder)
+    return build_sae(cfg, {"W_enc": W_enc, "b_enc": t["encoder.bias"], "W_dec": W_dec, "b_dec": t["b_dec"]}, folder)

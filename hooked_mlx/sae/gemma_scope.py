@@ -18,7 +18,7 @@ import numpy as np
 
 from ..readers import load_safetensors
 from .config import SAEConfig
-from .files import _build
+from .files import build_sae
 from .sae import SAE
 
 GEMMA_SCOPE_FILES = ("params.npz", "params.safetensors")
@@ -83,4 +83,4 @@ def load_gemma_scope(path: str, hook_name: str | None = None, hook_name_out: str
                "threshold": raw["threshold"]}
     if skip:
         tensors["W_skip"] = raw["affine_skip_connection"].T
-    return _build(cfg, tensors, path)
+    return build_sae(cfg, tensors, path)
