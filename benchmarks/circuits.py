@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from anchor_worker import AnchorWorker
+
 CONFIGS = {
     # 4 layers x d 256, 4096-latent transcoders, a 16-token prompt (BOS + 15)
     "small": dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_mlp=688, vocab=8192, d_transcoder=4096,
@@ -149,23 +151,11 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int,
 
     with tempfile.TemporaryDirectory(prefix=f"circuitbench_{name}_") as d:
         d = Path(d)
-        log = open(d / "worker.log", "w")
-        proc = subprocess.Popen([ct_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads",
-                                 str(threads), "--ct-device", ct_device], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, text=True)
-        try:
-            if proc.stdout.readline().strip() != "ready":
-                proc.wait(timeout=60)
-                raise SystemExit(f"circuit-tracer worker failed ({ct_python}):\n{(d / 'worker.log').read_text()[-4000:]}")
+        argv = [__file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads", str(threads), "--ct-device",
+                ct_device]
+        with AnchorWorker(ct_python, argv, d, "circuit-tracer") as worker:
             ct = json.loads((d / "ct.json").read_text())
-
-            def ct_run():
-                proc.stdin.write("run\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-                if not line:
-                    raise SystemExit(f"circuit-tracer worker died:\n{(d / 'worker.log').read_text()[-4000:]}")
-                return json.loads(line)
+            ct_run = worker.run
 
             model = HookedTransformer.from_pretrained(d, dtype="float32")
             tcs = load_transcoders(str(d / "transcoders"))
@@ -188,11 +178,6 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int,
                 times["hm"].append(dt)
                 peaks["hm"].append(mx.get_peak_memory() / 1e9)
             A, B = graph.adjacency, np.load(d / "ct_adjacency.npy")
-        finally:
-            if proc.poll() is None:
-                proc.stdin.close()
-                proc.wait(timeout=60)
-            log.close()
     best = {k: min(v) for k, v in times.items()}
     same_shape = A.shape == B.shape
     return dict(name=name, n_features=int(len(graph.active_features)), ct_features=r["n_features"],

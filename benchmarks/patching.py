@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from anchor_worker import AnchorWorker
 
 CONFIGS = {
     # 5 layers x d 64 x 16 tokens (stories260K-like shapes)
@@ -94,20 +95,10 @@ def run_config(name: str, cfg: dict, tl_python: str, repeats: int, threads: int)
 
     with tempfile.TemporaryDirectory(prefix=f"patchbench_{name}_") as d:
         d = Path(d)
-        log = open(d / "worker.log", "w")  # TL's progress bars and any traceback
-        proc = subprocess.Popen([tl_python, __file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads",
-                                 str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            if proc.stdout.readline().strip() != "ready":
-                proc.wait(timeout=60)
-                raise SystemExit(f"TransformerLens worker failed ({tl_python}):\n"
-                                 f"{(d / 'worker.log').read_text()[-4000:]}")
+        argv = [__file__, "--worker", json.dumps(cfg), "--dir", str(d), "--threads", str(threads)]
+        with AnchorWorker(tl_python, argv, d, "TransformerLens") as worker:
             tl = json.loads((d / "tl.json").read_text())
-
-            def tl_sweep():
-                proc.stdin.write("run\n")
-                proc.stdin.flush()
-                return json.loads(proc.stdout.readline())
+            tl_sweep = worker.run
 
             model = HookedTransformer.from_pretrained(d, dtype="float32")
             clean, corrupted = mx.array(tl["clean"]), mx.array(tl["corrupted"])
@@ -134,11 +125,6 @@ def run_config(name: str, cfg: dict, tl_python: str, repeats: int, threads: int)
                     dt, res = hm_sweep(kw)
                     times[k].append(dt)
                     results[k] = np.array(res)
-        finally:
-            if proc.poll() is None:
-                proc.stdin.close()
-                proc.wait(timeout=60)
-            log.close()
     cells = cfg["n_layers"] * cfg["n_tokens"]
     best = {k: min(v) for k, v in times.items()}
     return dict(name=name, cells=cells, best=best, ratio=best["tl"] / best["hm"],
