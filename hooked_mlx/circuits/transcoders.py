@@ -64,8 +64,8 @@ class Replacement:
 
 
 class PerLayer(Replacement):
-    """Per-layer transcoders {layer: SAE}, each reading ``blocks.l.ln2.hook_normalized`` and writing
-    ``blocks.l.hook_mlp_out``."""
+    """Per-layer transcoders {layer: SAE}, each reading ``blocks.l.{hook_in}`` (one of ``HOOK_INS``, the same for
+    every layer) and writing ``blocks.l.hook_mlp_out``."""
 
     def __init__(self, transcoders: dict[int, SAE], n_layers: int):
         missing = [layer for layer in range(n_layers) if layer not in transcoders]
