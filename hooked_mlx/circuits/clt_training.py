@@ -113,17 +113,6 @@ class CLTModule(nn.Module):
                                     hook_in=hook_in, k=None if "threshold" in self else k)
 
 
-def _variance_sums(y: mx.array) -> mx.array:
-    """[sum_b |y_b|^2, count, sum_b y_b (d entries)] of a batch: summed over ranks, they give the global batch's
-    total variance sum_b |y_b - mean|^2 = sum |y|^2 - |sum y|^2 / n."""
-    y = y.astype(mx.float32)
-    return mx.concatenate([mx.sum(mx.square(y))[None], mx.array([float(y.shape[0])]), mx.sum(y, axis=0)])
-
-
-def _total_variance(sums: mx.array) -> mx.array:
-    return mx.maximum(sums[0] - mx.sum(mx.square(sums[2:])) / sums[1], 1e-12)
-
-
 class CLTTrainer:
     """The CLT, its Adam state and its compiled step."""
 
@@ -163,8 +152,8 @@ class CLTTrainer:
         w = self.world
         n_ranks = w.size if w is not None else 1
 
-        def all_sum(a):
-            return w.all_sum(a) if w is not None else a
+        group = w if w is not None else D.World()  # (one rank: the global statistics are the local ones)
+        all_sum = group.all_sum
 
         def loss_fn(xs, ys, sp, variances, dead):
             # the global batch's loss, this rank's part: its squared errors over the global variances (and its
@@ -179,7 +168,7 @@ class CLTTrainer:
                 # AuxK (Gao et al. 2024), per output layer: the dead features model the residual, normalised by
                 # the residual's global variance
                 es = [mx.stop_gradient(y - o) for y, o in zip(ys, outs)]
-                ves = [_total_variance(v) for v in all_sum(mx.stack([_variance_sums(e) for e in es]))]
+                ves = [mx.maximum(v, 1e-12) for v in group.total_variances(es)]
                 aux = sum(mx.sum(mx.square(e - a)) / v for e, a, v in zip(es, aux_outs, ves)) / L
                 aux = cfg.aux_k_coefficient * mx.where(mx.any(dead), aux, 0.0)
             return fvu + sparsity + aux, (fvu, fvus, counts, fired, aux)
@@ -190,7 +179,7 @@ class CLTTrainer:
         def step(xs, ys):
             s = self.sums
             sp = mx.minimum((s["step"] + 1).astype(mx.float32) / warm, 1.0) if warm > 0 else mx.array(1.0)
-            variances = [_total_variance(v) for v in all_sum(mx.stack([_variance_sums(y) for y in ys]))]
+            variances = [mx.maximum(v, 1e-12) for v in group.total_variances(ys)]
             dead = s["tsf"] >= cfg.dead_tokens_window
             (loss, (fvu, fvus, counts, fired, aux)), grads = grad_fn(xs, ys, sp, variances, dead)
             fired_all = mx.stack(fired)  # [L, F]

@@ -165,14 +165,23 @@ class World:
         cut = mx.min(mx.topk(everyone, n_keep))
         return mx.where(acts >= cut, acts, 0), cut
 
+    def total_variances(self, xs: list[mx.array]) -> list[mx.array]:
+        """The global batch's total variance sum_b |x_b - mean|^2 of each array of ``xs`` (this rank's [b, d] slices
+        of equal length), from one all_sum of their sums and sums of squares (a local computation on one rank)."""
+        s = self.all_sum(mx.concatenate([mx.concatenate([mx.sum(x, axis=0), mx.sum(mx.square(x)).reshape(1)])
+                                         for x in xs]))
+        n = xs[0].shape[0] * self.size
+        out, i = [], 0
+        for x in xs:
+            part = s[i:i + x.shape[-1] + 1]
+            out.append(part[-1] - mx.sum(mx.square(part[:-1])) / n)
+            i += x.shape[-1] + 1
+        return out
+
     def total_variance_share(self, e: mx.array) -> mx.array:
         """The global batch's total variance, divided by the rank count: a rank's share of a normalised loss
         whose gradients are then averaged (sum_r loss_r / N == the global loss)."""
-        n = self.size
-        s = mx.distributed.all_sum(mx.concatenate([mx.sum(e, axis=0), mx.sum(mx.square(e)).reshape(1)]),
-                                   group=self.group)
-        tv = s[-1] - mx.sum(mx.square(s[:-1])) / (e.shape[0] * n)
-        return tv / n
+        return self.total_variances([e])[0] / self.size
 
 
 _WORLD: World | None = None
