@@ -7,6 +7,7 @@ from __future__ import annotations
 import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
 from hooked_mlx.sae import SAEConfig, SAETrainer
 from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels import native_build
 from hooked_mlx.sae.kernels.cpu import CpuOps
 import mlx.core as mx
 import numpy as np
@@ -55,8 +56,10 @@ def test_default_path_tracks_the_reference(arch):
     ref, m_ref = _run(cfg, "reference", data)
     # 40 Adam steps from the same start. fp32 back ends (CPU): rounding of different summation orders only.
     # GPU back ends run the encoder matmul in bf16 (fp32 accumulation), as sparsify's autocast does.
+    # JumpReLU's step function is discontinuous: after ~15 steps a pre-activation within rounding of its
+    # threshold lands on the other side in one run (measured: 5e-8 after 10 steps, 2.7e-4 after 20 and 40).
     lowp = fast.fused_ops.matmul_dtype is not None
-    p_tol, m_tol = (3e-2, 3e-2) if lowp else (2e-4, 2e-3)
+    p_tol, m_tol = (3e-2, 3e-2) if lowp else (1e-3, 2e-3) if arch == "jumprelu" else (2e-4, 2e-3)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         d = rel_maxdiff(getattr(fast.sae, name), getattr(ref.sae, name))
         print(f"{arch} {name}: max relative difference to the reference after 40 steps {d:.2e}")
@@ -142,12 +145,23 @@ def _reference_update(params, grads, opt, clip):
     return new, norm
 
 
-@pytest.mark.parametrize("ops", [FU.ReferenceOps(), _InPassOps(), CpuOps()], ids=["pre-pass", "in-pass", "cpu"])
+def _native_cpu_ops():
+    from hooked_mlx.sae.kernels.cpu_native import NativeCpuOps
+
+    return NativeCpuOps()
+
+
+@pytest.mark.parametrize("ops", [FU.ReferenceOps(), _InPassOps(), CpuOps(), "native"],
+                         ids=["pre-pass", "in-pass", "cpu-mlx", "cpu"])
 @pytest.mark.parametrize("clip", [1e-3, 100.0], ids=["clipped", "unclipped"])
 def test_fused_update_equals_the_reference_update(ops, clip):
     from hooked_mlx.sae.fused_update import fused_adam_update
     import mlx.optimizers as optim
 
+    if ops == "native":
+        if not native_build.enabled():
+            pytest.skip("HOOKED_MLX_CPU_NATIVE=0")
+        ops = _native_cpu_ops()
     rng = np.random.default_rng(2)
     D, F = 24, 96
     W_dec = rng.normal(size=(F, D)).astype(np.float32)

@@ -21,7 +21,7 @@ TOPK_BLOCK = 32
 
 
 class CpuOps(ReferenceOps):
-    name = "cpu"
+    name = "cpu-mlx"
 
     def row_topk(self, pre, k, dead=None, relu=True):
         B, F = pre.shape

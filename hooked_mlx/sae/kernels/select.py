@@ -1,6 +1,8 @@
 """Which ``Ops`` back end runs: the device's (CUDA, Metal, or the sparse CPU ops), self-checked at first use
 against ``ReferenceOps``; a back end that fails to build or disagrees warns and falls back to the reference.
-``HOOKED_MLX_SAE_KERNELS=cpu|cuda|metal|reference`` forces one.
+``HOOKED_MLX_SAE_KERNELS=cuda|metal|cpu|cpu-mlx|reference`` forces one (``cpu``: the native CPU kernels,
+``cpu-mlx``: the CPU ops built from MLX primitives, which ``cpu`` falls back to when no C++ compiler builds
+the native ones).
 """
 
 from __future__ import annotations
@@ -11,14 +13,29 @@ import warnings
 import mlx.core as mx
 
 from . import reference as R
+from .native_build import enabled as native_build_enabled
 from .ops import ReferenceOps, adam_hparams
 
 REFERENCE_OPS = ReferenceOps()
+#: the back ends by name: "cpu" is the native CPU kernels (the pure-MLX "cpu-mlx" ops when they cannot be built)
+BACKENDS = ("cuda", "metal", "cpu", "cpu-mlx", "reference")
 _CHOSEN: dict[str, ReferenceOps] = {}
 
 
 def _gpu_ops(name: str) -> ReferenceOps:
     if name == "cpu":
+        from .native_build import NativeBuildError
+
+        try:
+            from .cpu_native import NativeCpuOps
+
+            return NativeCpuOps()
+        except NativeBuildError as e:
+            if native_build_enabled():
+                warnings.warn(f"hooked_mlx SAE kernels: the native CPU kernels are not available ({e}). Using "
+                              "the pure-MLX CPU ops (correct, slower).", RuntimeWarning, stacklevel=4)
+            name = "cpu-mlx"
+    if name == "cpu-mlx":
         from .cpu import CpuOps
 
         return CpuOps()
@@ -30,15 +47,15 @@ def _gpu_ops(name: str) -> ReferenceOps:
         from .metal import MetalOps
 
         return MetalOps()
-    raise ValueError(f"Unknown SAE kernel back end {name!r}: expected 'cuda', 'metal' or 'reference'.")
+    raise ValueError(f"Unknown SAE kernel back end {name!r}: expected one of {', '.join(BACKENDS)}.")
 
 
 def _available() -> str:
     forced = os.environ.get("HOOKED_MLX_SAE_KERNELS", "").strip().lower()
     if forced:
-        if forced not in ("cuda", "metal", "cpu", "reference"):
+        if forced not in BACKENDS:
             raise ValueError(
-                f"HOOKED_MLX_SAE_KERNELS={forced!r} is not a back end; use 'cuda', 'metal' or 'reference'."
+                f"HOOKED_MLX_SAE_KERNELS={forced!r} is not a back end; use one of {', '.join(BACKENDS)}."
             )
         return forced
     if mx.default_device() == mx.cpu:
