@@ -43,6 +43,7 @@ SHAPES = {"C1": dict(D=576, F=2304, B=256, K=16), "C2": dict(D=576, F=9216, B=10
 SL_VERSION = "6.54.12"
 TORCH_VERSION = "2.13.0"
 DEFAULT_SL_VENV = "/work/slvenv"
+BACK_ENDS = ("cpu-mlx",)  # --also values run as the default trainer with HOOKED_MLX_SAE_KERNELS set
 
 # ---------------------------------------------------------------------------------------------------
 # SAELens worker (runs under the SAELens venv's python; must not import hooked_mlx)
@@ -107,8 +108,8 @@ def ensure_sl_venv(python: str) -> str:
     return python
 
 
-def run_worker(cmd: list[str]) -> dict:
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def run_worker(cmd: list[str], env: dict | None = None) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:2])} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -253,7 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for SAELens")
     ap.add_argument("--sl-python", default=os.environ.get("SL_PYTHON", f"{DEFAULT_SL_VENV}/bin/python"))
-    ap.add_argument("--also", nargs="*", default=[], help="extra hooked_mlx kernels to time (e.g. reference)")
+    ap.add_argument("--also", nargs="*", default=[],
+                    help="extra hooked_mlx trainers to time: a kernels value (e.g. reference) or a CPU back end of "
+                         "the default kernels (cpu-mlx: the pure-MLX CPU ops instead of the native ones)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "sae_trainer_cpu.json"))
     a = ap.parse_args(argv)
     if a.device is None:
@@ -273,12 +276,17 @@ def main(argv=None) -> int:
         me = [sys.executable, os.path.abspath(__file__), "--mlx-worker"]
         impls = {"trainer": [*me, *dims, "default"],
                  "saelens": [sl, "-c", SL_WORKER, *dims, str(a.threads)]}
+        envs: dict[str, dict] = {}
         for k in a.also:
-            impls[f"trainer[{k}]"] = [*me, *dims, k]
+            if k in BACK_ENDS:  # the default trainer on another back end of the "auto" kernels
+                impls[f"trainer[{k}]"] = [*me, *dims, "default"]
+                envs[f"trainer[{k}]"] = {**os.environ, "HOOKED_MLX_SAE_KERNELS": k}
+            else:
+                impls[f"trainer[{k}]"] = [*me, *dims, k]
         runs: dict[str, list[dict]] = {k: [] for k in impls}
         for r in range(a.rounds):
             for impl, cmd in impls.items():
-                res = run_worker(cmd)
+                res = run_worker(cmd, envs.get(impl))
                 runs[impl].append(res)
                 print(f"{name} round {r} {impl:18s} {res['ms']:8.2f} ms/step {res['tokens_per_s']:>10,.0f} tok/s",
                       flush=True)
