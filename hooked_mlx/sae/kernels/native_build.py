@@ -104,7 +104,7 @@ def _key(cxx: str, flags: list[str]) -> str:
     import nanobind
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), mx.__version__.encode(), nanobind.__version__.encode(),
+    for part in (SOURCE.read_bytes(), str(getattr(mx, "__version__", "?")).encode(), nanobind.__version__.encode(),
                  sys.implementation.cache_tag.encode(), _compiler_id(cxx).encode(), " ".join(flags).encode(),
                  _cpu_features().encode(), sysconfig.get_config_var("EXT_SUFFIX").encode()):
         h.update(part)
