@@ -142,7 +142,36 @@ def ensure_venv(venv: Path) -> str:
     return str(py)
 
 
-def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int, ct_device: str = "cpu") -> dict:
+def _profile(fn, top: int = 25) -> str:
+    """cProfile of one ``fn()``: the ``top`` entries by cumulative and by own time (host view; on a GPU, time
+    waiting for the device shows in ``mx.eval`` and the array conversions)."""
+    import cProfile
+    import io
+    import pstats
+
+    import mlx.core as mx
+
+    real_eval = mx.eval
+
+    def eval_wait(*args):  # a Python frame of its own, so that the time in MLX's eval shows as such
+        return real_eval(*args)
+
+    prof = cProfile.Profile()
+    mx.eval = eval_wait
+    try:
+        prof.enable()
+        fn()
+        prof.disable()
+    finally:
+        mx.eval = real_eval
+    out = io.StringIO()
+    for key in ("cumulative", "tottime"):
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+    return out.getvalue()
+
+
+def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int, ct_device: str = "cpu",
+               batch_sizes: tuple[int, ...] = (), profile: bool = False) -> dict:
     import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
     from hooked_mlx import HookedTransformer
     from hooked_mlx.circuits import attribute, load_transcoders
@@ -160,23 +189,30 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int,
             model = HookedTransformer.from_pretrained(d, dtype="float32")
             tcs = load_transcoders(str(d / "transcoders"))
 
-            def hm_run():
+            def hm_run(batch_size=None):
+                mx.synchronize()
                 mx.reset_peak_memory()
                 t = time.perf_counter()
-                graph = attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95)
+                graph = attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95,
+                                  batch_size=batch_size)
                 return time.perf_counter() - t, graph
 
+            variants = {"hm": None, **{f"hm[batch_size={b}]": b for b in batch_sizes}}
             ct_run()  # warm-ups
-            hm_run()
-            times: dict[str, list[float]] = {"ct": [], "hm": []}
-            peaks: dict[str, list[float]] = {"ct": [], "hm": []}
+            for b in variants.values():
+                hm_run(b)
+            times: dict[str, list[float]] = {"ct": [], **{v: [] for v in variants}}
+            peaks: dict[str, list[float]] = {"ct": [], **{v: [] for v in variants}}
             for _ in range(repeats):  # interleaved, so that both see the same machine load
                 r = ct_run()
                 times["ct"].append(r["time"])
                 peaks["ct"].append(r.get("peak_gb") or float("nan"))
-                dt, graph = hm_run()
-                times["hm"].append(dt)
-                peaks["hm"].append(mx.get_peak_memory() / 1e9)
+                for v, b in reversed(variants.items()):  # the default last: its graph is compared
+                    dt, graph = hm_run(b)
+                    times[v].append(dt)
+                    peaks[v].append(mx.get_peak_memory() / 1e9)
+            prof = _profile(lambda: attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95)) \
+                if profile else None
             A, B = graph.adjacency, np.load(d / "ct_adjacency.npy")
     best = {k: min(v) for k, v in times.items()}
     same_shape = A.shape == B.shape
@@ -184,7 +220,8 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int,
                 n_nodes=int(A.shape[0]), best=best, times=times, ratio=best["ct"] / best["hm"],
                 max_rel_diff=float(np.abs(A - B).max() / max(1.0, np.abs(B).max())) if same_shape else None,
                 torch=ct["torch"], threads=ct["threads"], ct_batch_size=CT_BATCH, ct_device=ct_device,
-                peak_gb={k: max(v) for k, v in peaks.items()}, hm_device=str(mx.default_device()))
+                peak_gb={k: max(v) for k, v in peaks.items()}, hm_device=str(mx.default_device()),
+                **({"profile": prof} if prof else {}))
 
 
 def smollm2(gguf: str | None, repeats: int) -> dict:
@@ -239,6 +276,10 @@ def main(argv=None):
     ap.add_argument("--ct-device", default="cpu", help="circuit-tracer's torch device (cuda on the GPU machine; peak "
                     "memory is then torch's max_memory_allocated beside MLX's peak)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hm-batch-sizes", default="", help="also time hooked_mlx with these batch sizes (e.g. 256,512) "
+                    "beside its default")
+    ap.add_argument("--profile", action="store_true", help="cProfile one hooked_mlx run per config (top entries "
+                    "printed and kept in the JSON)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--smollm2", action="store_true", help="instead: time SmolLM2-135M's graph for a 16-token "
@@ -273,8 +314,15 @@ def main(argv=None):
     rows, summary = [], []
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        r = run_config(name, cfg, ct_python, args.repeats, args.threads, args.ct_device)
+        bs = tuple(int(b) for b in args.hm_batch_sizes.split(",") if b)
+        r = run_config(name, cfg, ct_python, args.repeats, args.threads, args.ct_device, bs, args.profile)
         rows.append({**r, "config": cfg})
+        for v in r["times"]:
+            if v.startswith("hm["):
+                print(f"  {v}: {min(r['times'][v]):.3f} s ({r['best']['ct'] / min(r['times'][v]):.2f}x ct), peak "
+                      f"{r['peak_gb'][v]:.2f} GB", flush=True)
+        if r.get("profile"):
+            print(r["profile"], flush=True)
         label = (f"{name}: {cfg['n_layers']}L d{cfg['d_model']} F{cfg['d_transcoder']} {cfg['n_tokens']}tok "
                  f"V{cfg['vocab']}")
         pk = r["peak_gb"]
