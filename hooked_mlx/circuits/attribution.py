@@ -209,6 +209,14 @@ def _logit_targets(logits: mx.array, max_n_logits: int, max_logit_prob: float) -
     return keep, probs[keep]
 
 
+def _host_view(a: mx.array) -> np.ndarray:
+    """An evaluated array's buffer as a NumPy array, without a copy (a copy if MLX cannot expose it)."""
+    try:
+        return np.asarray(memoryview(a))
+    except (TypeError, ValueError, BufferError):
+        return np.array(a)
+
+
 def auto_batch_size(n_layers: int, n_pos: int, d_model: int, memory_gb: float = 1.0) -> int:
     """Targets per batch whose frozen forward and backward take about ``memory_gb``: each copy of the prompt
     keeps ~6 float32 [P, d_model] activations per layer for the backward (measured: 0.35 MB per copy for 4 layers
@@ -340,14 +348,22 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         tok = mx.sum(g_embed * embed[None], axis=-1)  # [B, P]
         # error sources, and feature sources: activation * (decoder row . gradient)
         err = mx.stack([mx.sum(g_mlp[layer] * errors[layer][None], axis=-1) for layer in range(L)], axis=1)  # [B,L,P]
-        # [B, n] per (layer, position): its gradients at every output layer . the decoder rows written there
+        # [B, n] per (layer, position): its gradients at every output layer . the decoder rows written there.
+        # A target reading layer r's input depends only on features of layers < r (the gradient reaching any later
+        # MLP output is exactly zero), and the batch's targets are sorted by readout: the (layer, position) runs
+        # before the batch's last readout are the only non-zero columns, a prefix [0, n_cols) of the features
+        r_max = int(t_read[start:start + B].max())
+        used = [(layer, p, decT) for layer, p, decT in src if layer < r_max]
+        n_cols = sum(int(decT.shape[1]) for *_, decT in used)
         feat = [mx.concatenate([g_mlp[t][:, p] for t in rep.out_layers(layer)], axis=-1) @ decT
-                for layer, p, decT in src]
-        mx.eval(tok, err, feat, val, bias)
-        adjacency[rows_t, nF + nE:nF + nE + nT] = np.array(tok)
-        adjacency[rows_t, nF:nF + nE] = np.array(err).reshape(B, L * P)
-        if feat:
-            adjacency[rows_t, :nF] = np.array(mx.concatenate(feat, axis=1))
+                for layer, p, decT in used]
+        feat_all = mx.concatenate(feat, axis=1) if feat else None
+        mx.eval(tok, err, val, bias, *([feat_all] if feat else []))
+        # read straight from MLX's buffers (no host temporaries: on a GPU, a copy costs more than the product)
+        adjacency[rows_t, nF + nE:nF + nE + nT] = _host_view(tok)
+        adjacency[rows_t, nF:nF + nE] = _host_view(err).reshape(B, L * P)
+        if feat_all is not None:
+            adjacency[rows_t, :n_cols] = _host_view(feat_all)
         values.extend(to_floats(val))
         biases.extend(to_floats(bias))
     return Graph(prompt_tokens=to_ints(tokens), str_tokens=list(model.to_str_tokens(tokens)), active_features=active,
