@@ -171,7 +171,7 @@ def _profile(fn, top: int = 25) -> str:
 
 
 def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int, ct_device: str = "cpu",
-               batch_sizes: tuple[int, ...] = (), profile: bool = False) -> dict:
+               variants: tuple[str, ...] = (), profile: bool = False) -> dict:
     import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
     from hooked_mlx import HookedTransformer
     from hooked_mlx.circuits import attribute, load_transcoders
@@ -189,26 +189,28 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int,
             model = HookedTransformer.from_pretrained(d, dtype="float32")
             tcs = load_transcoders(str(d / "transcoders"))
 
-            def hm_run(batch_size=None):
+            def hm_run(kw):
                 mx.synchronize()
                 mx.reset_peak_memory()
                 t = time.perf_counter()
-                graph = attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95,
-                                  batch_size=batch_size)
+                graph = attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95, **kw)
                 return time.perf_counter() - t, graph
 
-            variants = {"hm": None, **{f"hm[batch_size={b}]": b for b in batch_sizes}}
+            runs = {"hm": {}}  # the default, and each variant: "batch_size=256" or "memory_gb=2"
+            for v in variants:
+                key, _, val = v.partition("=")
+                runs[f"hm[{v}]"] = {key: int(val) if key == "batch_size" else float(val)}
             ct_run()  # warm-ups
-            for b in variants.values():
-                hm_run(b)
-            times: dict[str, list[float]] = {"ct": [], **{v: [] for v in variants}}
-            peaks: dict[str, list[float]] = {"ct": [], **{v: [] for v in variants}}
+            for kw in runs.values():
+                hm_run(kw)
+            times: dict[str, list[float]] = {"ct": [], **{v: [] for v in runs}}
+            peaks: dict[str, list[float]] = {"ct": [], **{v: [] for v in runs}}
             for _ in range(repeats):  # interleaved, so that both see the same machine load
                 r = ct_run()
                 times["ct"].append(r["time"])
                 peaks["ct"].append(r.get("peak_gb") or float("nan"))
-                for v, b in reversed(variants.items()):  # the default last: its graph is compared
-                    dt, graph = hm_run(b)
+                for v, kw in reversed(runs.items()):  # the default last: its graph is compared
+                    dt, graph = hm_run(kw)
                     times[v].append(dt)
                     peaks[v].append(mx.get_peak_memory() / 1e9)
             prof = _profile(lambda: attribute(model, tcs, ct["tokens"], max_n_logits=10, max_logit_prob=0.95)) \
@@ -276,8 +278,8 @@ def main(argv=None):
     ap.add_argument("--ct-device", default="cpu", help="circuit-tracer's torch device (cuda on the GPU machine; peak "
                     "memory is then torch's max_memory_allocated beside MLX's peak)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--hm-batch-sizes", default="", help="also time hooked_mlx with these batch sizes (e.g. 256,512) "
-                    "beside its default")
+    ap.add_argument("--hm-variants", default="", help="also time hooked_mlx with these settings beside its defaults, "
+                    "comma-separated: batch_size=N or memory_gb=X (e.g. batch_size=512,memory_gb=2)")
     ap.add_argument("--profile", action="store_true", help="cProfile one hooked_mlx run per config (top entries "
                     "printed and kept in the JSON)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -314,8 +316,8 @@ def main(argv=None):
     rows, summary = [], []
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        bs = tuple(int(b) for b in args.hm_batch_sizes.split(",") if b)
-        r = run_config(name, cfg, ct_python, args.repeats, args.threads, args.ct_device, bs, args.profile)
+        vs = tuple(v for v in args.hm_variants.split(",") if v)
+        r = run_config(name, cfg, ct_python, args.repeats, args.threads, args.ct_device, vs, args.profile)
         rows.append({**r, "config": cfg})
         for v in r["times"]:
             if v.startswith("hm["):

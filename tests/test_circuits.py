@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hooked_mlx import HookedTransformer
 from hooked_mlx.circuits import ReplacementModel, attribute, graph_scores, graph_to_json, prune_graph
+from hooked_mlx.circuits.attribution import auto_batch_size, bytes_per_target
 from hooked_mlx.circuits.graph import compute_influence, normalize_matrix
 from hooked_mlx.sae import SAE, SAEConfig
 import mlx.core as mx
@@ -130,6 +131,22 @@ def test_completeness_and_scores(case):
         assert all(g.active_features[s][0] < layer and g.active_features[s][1] <= pos for s in srcs)
     replacement, completeness = graph_scores(g)
     assert 0 < replacement <= 1 and 0 < completeness <= 1
+
+
+def test_batches_by_depth_give_the_one_batch_graph(case):
+    """Batches sized by a memory budget (``memory_gb``: deeper readouts, fewer targets per batch), each running the
+    backward of only the blocks below its last readout, give the graph of one batch with the full backward."""
+    model, tcs = case
+    one = attribute(model, tcs, PROMPT, batch_size=100_000)
+    P, L, d = len(one.prompt_tokens), one.n_layers, model.cfg.d_model
+    budget = 40 * bytes_per_target(L, P, d) / 1e9  # 40 targets a batch at full depth, 40 L at depth 1
+    assert auto_batch_size(1, P, d, budget) > auto_batch_size(L, P, d, budget) > 16
+    many = attribute(model, tcs, PROMPT, memory_gb=budget)
+    assert np.array_equal(one.active_features, many.active_features)
+    scale = np.abs(one.adjacency).max()
+    np.testing.assert_allclose(many.adjacency, one.adjacency, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(many.target_values, one.target_values, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(many.target_biases, one.target_biases, rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_edges_are_the_effects_of_moving_their_sources(case):

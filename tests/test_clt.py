@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hooked_mlx import HookedTransformer
 from hooked_mlx.circuits import CrossLayerTranscoder, ReplacementModel, attribute, load_transcoders
+from hooked_mlx.circuits.attribution import auto_batch_size, bytes_per_target
 from hooked_mlx.circuits.clt_training import CHECKPOINT, save_clt, train_clt
 from hooked_mlx.sae import ActivationStore, SAEConfig
 import mlx.core as mx
@@ -79,6 +80,20 @@ def test_trained_clt_graph_is_complete_and_exact(stories, trained):
     tokens = stories.to_tokens(PROMPT)[0]
     rm = ReplacementModel(stories, clt)
     assert_close(rm.run(tokens, rm.freeze(tokens)), stories(tokens[None])[0], 1e-5)
+
+
+def test_clt_batches_by_depth_give_the_one_batch_graph(stories, trained):
+    """A CLT feature writes to its layer and every later one: a batch whose deepest readout is layer r uses only
+    the decoder rows written before r, and gives the same edges as one batch through the whole model."""
+    clt, _ = trained
+    one = attribute(stories, clt, PROMPT, batch_size=100_000)
+    P, L, d = len(one.prompt_tokens), one.n_layers, stories.cfg.d_model
+    budget = 40 * bytes_per_target(L, P, d) / 1e9  # 40 targets a batch at full depth, more above
+    assert auto_batch_size(1, P, d, budget) > auto_batch_size(L, P, d, budget) > 16
+    many = attribute(stories, clt, PROMPT, memory_gb=budget)
+    scale = np.abs(one.adjacency).max()
+    np.testing.assert_allclose(many.adjacency, one.adjacency, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(many.target_values, one.target_values, rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_save_clt_round_trips_through_circuit_tracer_layout(stories, trained, tmp_path):

@@ -27,6 +27,7 @@ model's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -120,10 +121,12 @@ class ReplacementModel:
         """The hooks whose values the frozen model takes from the prompt's forward: norm scales, patterns."""
         return name.endswith("hook_scale") or name.endswith("attn.hook_pattern")
 
-    def _hooks(self, state: dict, B: int, mlp_out, reads: dict[str, mx.array], also_record: tuple = ()) -> list:
+    def _hooks(self, state: dict, B: int, mlp_out, reads: dict[str, mx.array], also_record: tuple = (),
+               n_layers: int | None = None) -> list:
         """The hooks both frozen forwards share: patterns and norm scales from ``state`` (broadcast to B copies),
         each transcoder input (and ``also_record``) recorded into ``reads``, and each MLP output replaced by
-        ``mlp_out(layer)``."""
+        ``mlp_out(layer)`` (in the first ``n_layers`` blocks, all by default; the rest keep their MLPs, for a
+        forward that stops before them)."""
         frozen = state["frozen"]
 
         def const(name):
@@ -134,17 +137,21 @@ class ReplacementModel:
             return act
 
         hooks: list = [(n, const(n)) for n in frozen if self._is_frozen(n)]
-        for layer in range(self.n_layers):
+        for layer in range(self.n_layers if n_layers is None else n_layers):
             hooks.append((f"blocks.{layer}.{self.rep.hook_in}", record))
             hooks.append((f"blocks.{layer}.{HOOK_OUT}", mlp_out(layer)))
         return hooks + [(name, record) for name in also_record]
 
     # -- the frozen, affine model ----------------------------------------------------------------------
-    def frozen_forward(self, tokens: mx.array, state: dict, embed: mx.array, mlp: list[mx.array]) -> list[mx.array]:
+    def frozen_forward(self, tokens: mx.array, state: dict, embed: mx.array, mlp: list[mx.array],
+                       n_readouts: int | None = None) -> list[mx.array]:
         """The replacement model, frozen at ``state``, on B copies of the prompt: ``embed`` [B, P, d] enters as the
         token embedding and ``mlp[l]`` [B, P, d] as layer l's MLP output (plus a skip transcoder's term, computed
         from this forward's MLP input). Returns the readouts: every layer's transcoder input [B, P, d_in] and
-        the unembedding's input [B, P, d_model]."""
+        the unembedding's input [B, P, d_model]. ``n_readouts`` r <= n_layers: only the first r (layers 0..r-1's
+        inputs), running only the blocks before layer r (``mlp`` needs its first r - 1 entries)."""
+        L = self.n_layers
+        r = L + 1 if n_readouts is None else int(n_readouts)
         B = embed.shape[0]
         reads: dict[str, mx.array] = {}
 
@@ -157,11 +164,12 @@ class ReplacementModel:
 
             return fn
 
-        hooks = self._hooks(state, B, mlp_out, reads, also_record=("unembed.hook_in",))
+        hooks = self._hooks(state, B, mlp_out, reads, also_record=("unembed.hook_in",), n_layers=min(r, L))
         hooks.append(("hook_embed", lambda act, hook: embed.astype(act.dtype)))
-        self.model.run_with_hooks(mx.broadcast_to(tokens[None], (B, tokens.shape[0])), fwd_hooks=hooks)
-        names = [f"blocks.{layer}.{self.rep.hook_in}" for layer in range(self.n_layers)] + ["unembed.hook_in"]
-        return [reads[n].astype(mx.float32) for n in names]
+        self.model.run_with_hooks(mx.broadcast_to(tokens[None], (B, tokens.shape[0])), fwd_hooks=hooks,
+                                  **({"stop_at_layer": r} if r <= L else {}))
+        names = [f"blocks.{layer}.{self.rep.hook_in}" for layer in range(L)] + ["unembed.hook_in"]
+        return [reads[n].astype(mx.float32) for n in names[:r]]
 
     def run(self, tokens: mx.array, state: dict, edit=None) -> mx.array:
         """The local replacement model on ``tokens`` [P] as a model: attention patterns, norm scales and error nodes
@@ -217,13 +225,17 @@ def _host_view(a: mx.array) -> np.ndarray:
         return np.array(a)
 
 
+def bytes_per_target(n_layers: int, n_pos: int, d_model: int) -> int:
+    """The memory one target of a batch takes in a backward through ``n_layers`` blocks: ~6 float32 [P, d_model]
+    activations per layer (measured: 0.35 MB per copy for 4 layers x 16 tokens x d 256)."""
+    return 6 * 4 * n_layers * n_pos * d_model
+
+
 def auto_batch_size(n_layers: int, n_pos: int, d_model: int, memory_gb: float = 1.0) -> int:
-    """Targets per batch whose frozen forward and backward take about ``memory_gb``: each copy of the prompt
-    keeps ~6 float32 [P, d_model] activations per layer for the backward (measured: 0.35 MB per copy for 4 layers
-    x 16 tokens x d 256). Between 16 and 1024; larger batches amortise the per-batch work (measured on 2 CPU
+    """Targets per batch whose backward through ``n_layers`` blocks takes about ``memory_gb``
+    (``bytes_per_target``). Between 16 and 1024; larger batches amortise the per-batch work (measured on 2 CPU
     cores: 32 -> 512 targets per batch took 6.4 s -> 3.2 s for 2,731 features)."""
-    per_copy = 6 * 4 * n_layers * n_pos * d_model
-    return int(min(1024, max(16, memory_gb * 1e9 // per_copy)))
+    return int(min(1024, max(16, memory_gb * 1e9 // bytes_per_target(n_layers, n_pos, d_model))))
 
 
 def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n_logits: int = 10, max_logit_prob: float = 0.95,
@@ -249,11 +261,10 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         raise ValueError(f"zero_positions = {zero_positions}; expected 0 <= zero_positions < {P} (the prompt's length).")
     state = rm.freeze(tokens)
     embed, mlp = rm.sources(state)
-    if batch_size is None:
-        if memory_gb is None:
-            memory_gb = 1.0 if mx.default_device() == mx.cpu else min(8.0, max(1.0, mx.get_memory_limit() / 8e9))
-        batch_size = auto_batch_size(L, P, embed.shape[-1], memory_gb)
-    if batch_size < 1:
+    d_model = embed.shape[-1]
+    if memory_gb is None:
+        memory_gb = 1.0 if mx.default_device() == mx.cpu else min(8.0, max(1.0, mx.get_memory_limit() / 8e9))
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}; expected a positive number of targets per batch.")
     keep = (mx.arange(P) >= z)[:, None]  # [P, 1]: positions whose features and errors are nodes
     errors = [mx.where(keep, e, 0.0) for e in rm.errors(state)]
@@ -320,52 +331,78 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
             cts.append(mx.array(onehot)[:, :, None] * readouts[r][:, mx.array(cols)].T[:, None, :])
         return cts
 
-    def frozen(e, *m):
-        return rm.frozen_forward(tokens, state, e, list(m))
-
     # the readouts with the real sources and with every source zero (the same for every target: computed once);
     # a target's value and bias are its cotangent's dot products with them
     real = [embed[None]] + [m[None] for m in mlp]
     real_outs = rm.frozen_forward(tokens, state, real[0], real[1:])
-
-    def vjp_one(*cts):
-        return tuple(mx.vjp(frozen, real, list(cts))[1])
-
-    # the frozen model is affine in its sources, so its VJP does not depend on them: one forward of the prompt
-    # (batch 1) and the backward vectorised over the batch's cotangents (mx.vmap), instead of a forward of B copies
-    batched_vjp = mx.vmap(vjp_one, in_axes=(0,) * (L + 1))
     zero_outs = rm.frozen_forward(tokens, state, zeros[0], zeros[1:])
-    for start in range(0, len(targets), batch_size):
-        batch = targets[start:start + batch_size]
-        B = len(batch)
-        cts = readout_vectors(start, start + B)
-        grads = [g[:, 0] for g in batched_vjp(*[c[:, None] for c in cts])]
+
+    @cache
+    def batched_vjp(r: int):
+        """The VJP of the readouts 0..r (layer r's input; r = L: the unembedding's) with respect to the sources
+        that reach them (token embeddings, MLP outputs of layers < r), through the blocks before layer r only.
+        The frozen model is affine in its sources, so its VJP does not depend on them: one forward of the prompt
+        (batch 1) and the backward vectorised over the batch's cotangents (mx.vmap), not a forward of B copies."""
+        primals = real[:r + 1]
+
+        def frozen(e, *m):
+            return rm.frozen_forward(tokens, state, e, list(m) + real[1 + len(m):], n_readouts=r + 1)
+
+        def vjp_one(*cts):
+            return tuple(mx.vjp(frozen, primals, list(cts))[1])
+
+        return mx.vmap(vjp_one, in_axes=(0,) * (r + 1))
+
+    # targets are sorted by readout, and a target reading layer r's input depends only on sources before layer r
+    # (the gradient reaching any later MLP output is exactly zero): a batch runs the backward of the blocks below
+    # its last readout only, and holds as many targets as fit in the memory budget for that depth
+    def batch_end(start: int) -> int:
+        if batch_size is not None:
+            return min(start + batch_size, len(targets))
+        n = auto_batch_size(min(int(t_read[start]) + 1, L), P, d_model, memory_gb)
+        while True:
+            stop = min(start + n, len(targets))
+            n2 = auto_batch_size(min(int(t_read[stop - 1]) + 1, L), P, d_model, memory_gb)
+            if n2 >= n:
+                return stop
+            n = n2
+
+    start = 0
+    while start < len(targets):
+        stop = batch_end(start)
+        batch = targets[start:stop]
+        r_max = int(t_read[start:stop].max())
+        cts = readout_vectors(start, stop)[:r_max + 1]
+        grads = [g[:, 0] for g in batched_vjp(r_max)(*[c[:, None] for c in cts])]
         val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(real_outs, cts)]).sum(axis=0)
         bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
-        g_embed, g_mlp = grads[0], grads[1:]
+        g_embed, g_mlp = grads[0], grads[1:]  # g_mlp: layers < r_max
         rows_t = [(nF + nE + nT + i) if kind == "logit" else i for kind, i in batch]
         # token sources: embedding . gradient
         tok = mx.sum(g_embed * embed[None], axis=-1)  # [B, P]
-        # error sources, and feature sources: activation * (decoder row . gradient)
-        err = mx.stack([mx.sum(g_mlp[layer] * errors[layer][None], axis=-1) for layer in range(L)], axis=1)  # [B,L,P]
-        # [B, n] per (layer, position): its gradients at every output layer . the decoder rows written there.
-        # A target reading layer r's input depends only on features of layers < r (the gradient reaching any later
-        # MLP output is exactly zero), and the batch's targets are sorted by readout: the (layer, position) runs
-        # before the batch's last readout are the only non-zero columns, a prefix [0, n_cols) of the features
-        r_max = int(t_read[start:start + B].max())
-        used = [(layer, p, decT) for layer, p, decT in src if layer < r_max]
-        n_cols = sum(int(decT.shape[1]) for *_, decT in used)
-        feat = [mx.concatenate([g_mlp[t][:, p] for t in rep.out_layers(layer)], axis=-1) @ decT
-                for layer, p, decT in used]
-        feat_all = mx.concatenate(feat, axis=1) if feat else None
-        mx.eval(tok, err, val, bias, *([feat_all] if feat else []))
+        # error sources (layers < r_max: the first r_max * P error columns), and feature sources: activation *
+        # (decoder row . gradient), [B, n] per (layer, position) run: its gradients at every output layer before
+        # r_max . the decoder rows written there; the runs of layers < r_max are a prefix [0, n_cols) of the columns
+        err = [mx.sum(g_mlp[layer] * errors[layer][None], axis=-1) for layer in range(r_max)]  # [B, P] each
+        feat = []
+        n_cols = 0
+        for layer, p, decT in src:
+            if layer >= r_max:
+                break
+            outs = [t for t in rep.out_layers(layer) if t < r_max]  # consecutive from `layer`
+            rows = decT[:len(outs) * (decT.shape[0] // len(rep.out_layers(layer)))]
+            feat.append(mx.concatenate([g_mlp[t][:, p] for t in outs], axis=-1) @ rows)
+            n_cols += int(decT.shape[1])
+        edges = mx.concatenate([*feat, *err, tok], axis=1) if r_max else tok
+        mx.eval(edges, val, bias)
         # read straight from MLX's buffers (no host temporaries: on a GPU, a copy costs more than the product)
-        adjacency[rows_t, nF + nE:nF + nE + nT] = _host_view(tok)
-        adjacency[rows_t, nF:nF + nE] = _host_view(err).reshape(B, L * P)
-        if feat_all is not None:
-            adjacency[rows_t, :n_cols] = _host_view(feat_all)
+        e = _host_view(edges)
+        adjacency[rows_t, :n_cols] = e[:, :n_cols]
+        adjacency[rows_t, nF:nF + r_max * P] = e[:, n_cols:n_cols + r_max * P]
+        adjacency[rows_t, nF + nE:nF + nE + nT] = e[:, n_cols + r_max * P:]
         values.extend(to_floats(val))
         biases.extend(to_floats(bias))
+        start = stop
     return Graph(prompt_tokens=to_ints(tokens), str_tokens=list(model.to_str_tokens(tokens)), active_features=active,
                  activations=acts, logit_tokens=logit_tokens, logit_probabilities=logit_probs.astype(np.float32),
                  adjacency=adjacency, n_layers=L, hook_in=[f"blocks.{layer}.{rep.hook_in}" for layer in range(L)],
