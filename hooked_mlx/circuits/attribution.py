@@ -244,9 +244,11 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     """The attribution graph of ``prompt`` (a string or token ids [P]) through ``transcoders``: per-layer
     transcoders {layer: SAE} or a ``CrossLayerTranscoder`` (whose features have edges into every later layer).
 
-    ``batch_size``: targets per vector-Jacobian product; by default as many as fit in about ``memory_gb`` of
-    activations (``auto_batch_size``), at most 1024. ``memory_gb`` defaults to 1 on the CPU and, on a GPU, to an
-    eighth of MLX's memory limit (at most 8): larger batches amortise the per-batch work.
+    ``batch_size``: targets per vector-Jacobian product; by default each batch holds as many targets as fit in
+    about ``memory_gb`` (default 1) of activations for its backward (``auto_batch_size``: a batch of early-layer
+    targets runs fewer blocks, so it holds more), at most 1024. Larger batches amortise the per-batch work;
+    measured on an H200 (8 layers, 11k features): a budget of 1 GB took 0.31 s and 2.2 GB at the peak, 2 GB 0.30 s
+    and 3.3 GB, 0.5 GB 0.37 s and 1.4 GB (``benchmarks/results/circuits_h200.json``).
 
     ``zero_positions``: the first positions (by default 1: the BOS token, as circuit-tracer does) carry no feature
     and no error nodes; their MLP outputs are constants of the frozen model, like the biases. 0 attributes every
@@ -263,7 +265,7 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     embed, mlp = rm.sources(state)
     d_model = embed.shape[-1]
     if memory_gb is None:
-        memory_gb = 1.0 if mx.default_device() == mx.cpu else min(8.0, max(1.0, mx.get_memory_limit() / 8e9))
+        memory_gb = 1.0
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}; expected a positive number of targets per batch.")
     keep = (mx.arange(P) >= z)[:, None]  # [P, 1]: positions whose features and errors are nodes
@@ -275,8 +277,9 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         a[:z] = 0
     active = np.array([(layer, p, f) for layer in range(L) for p, f in zip(*np.nonzero(layer_acts[layer] > 0))],
                       dtype=np.int64).reshape(-1, 3)
-    feats = [tuple(int(v) for v in row) for row in active]
-    acts = np.array([layer_acts[layer][p, f] for layer, p, f in feats], dtype=np.float32)
+    feats = [tuple(row) for row in active.tolist()]
+    acts = np.concatenate([layer_acts[layer][active[active[:, 0] == layer, 1], active[active[:, 0] == layer, 2]]
+                           for layer in range(L)]).astype(np.float32)
     logit_tokens, logit_probs = _logit_targets(state["logits"], max_n_logits, max_logit_prob)
     W_U = unembedding(model).astype(mx.float32)  # [d_model, d_vocab]
     U = W_U[:, mx.array(logit_tokens)] - mx.mean(W_U, axis=1, keepdims=True)  # [d_model, n_logits]
@@ -289,13 +292,13 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     # activations
     src = []  # per (layer, position) with features, in column order: (layer, position, [n_out * d, n] decoder rows)
     rep = rm.rep
-    for layer in range(L):
-        for p in range(P):
-            cols = np.nonzero((active[:, 0] == layer) & (active[:, 1] == p))[0]
-            if len(cols):
-                rows = rep.decoder_rows(layer, mx.array(active[cols, 2])) * mx.array(acts[cols])[:, None, None]
-                n, n_out, d = rows.shape  # what each feature writes to each of its output layers
-                src.append((layer, p, rows.transpose(1, 2, 0).reshape(n_out * d, n)))
+    site = active[:, 0] * P + active[:, 1]  # non-decreasing: the runs are np.unique's
+    sites, firsts = np.unique(site, return_index=True)
+    for s_, lo, hi in zip(sites.tolist(), firsts.tolist(), [*firsts[1:].tolist(), len(site)]):
+        layer, p = divmod(s_, P)
+        rows = rep.decoder_rows(layer, mx.array(active[lo:hi, 2])) * mx.array(acts[lo:hi])[:, None, None]
+        n, n_out, d = rows.shape  # what each feature writes to each of its output layers
+        src.append((layer, p, rows.transpose(1, 2, 0).reshape(n_out * d, n)))
 
     # targets: every feature (its encoder input), then every logit
     targets = [("feature", i) for i in range(nF)] + [("logit", j) for j in range(nL)]
