@@ -214,6 +214,7 @@ class Decode : public NativePrimitive {
   const char* name() const override { return "HookedMlxSparseDecode"; }
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
     const int B = in[0].shape(0), k = in[0].shape(1), D = in[2].shape(1);
+    const uint32_t F = uint32_t(in[2].shape(0));
     alloc(out[0]);
     const float* vals = in[0].data<float>();
     const uint32_t* idx = in[1].data<uint32_t>();
@@ -224,8 +225,10 @@ class Decode : public NativePrimitive {
       for (int b = 0; b < B; ++b) {
         float* y = o + int64_t(b) * D;
         std::fill(y, y + D, 0.0f);
-        for (int j = 0; j < k; ++j)
-          axpy(y, W + int64_t(idx[int64_t(b) * k + j]) * D, vals[int64_t(b) * k + j], D);
+        for (int j = 0; j < k; ++j) {
+          const uint32_t f = idx[int64_t(b) * k + j];
+          if (f < F) axpy(y, W + int64_t(f) * D, vals[int64_t(b) * k + j], D);  // (an index out of range adds nothing)
+        }
       }
     });
   }
@@ -237,6 +240,7 @@ class GatherDot : public NativePrimitive {
   const char* name() const override { return "HookedMlxGatherDot"; }
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
     const int B = in[1].shape(0), k = in[1].shape(1), D = in[2].shape(1);
+    const uint32_t F = uint32_t(in[2].shape(0));
     alloc(out[0]);
     const float* dY = in[0].data<float>();
     const uint32_t* idx = in[1].data<uint32_t>();
@@ -245,8 +249,10 @@ class GatherDot : public NativePrimitive {
     dispatch(stream(), [=]() {
 #pragma omp parallel for schedule(static)
       for (int b = 0; b < B; ++b)
-        for (int j = 0; j < k; ++j)
-          o[int64_t(b) * k + j] = dot(dY + int64_t(b) * D, W + int64_t(idx[int64_t(b) * k + j]) * D, D);
+        for (int j = 0; j < k; ++j) {
+          const uint32_t f = idx[int64_t(b) * k + j];
+          o[int64_t(b) * k + j] = f < F ? dot(dY + int64_t(b) * D, W + int64_t(f) * D, D) : 0.0f;
+        }
     });
   }
 };
@@ -267,6 +273,7 @@ class LatentGrads : public NativePrimitive {
     // in: cols, rows_dec, coef_dec, Y [, rows_enc, coef_enc, xc]
     const int64_t n = in[0].size();
     const int F = F_, D = in[3].shape(1);
+    const uint32_t n_dec = uint32_t(in[3].shape(0)), n_enc = has_enc_ ? uint32_t(in[6].shape(0)) : 0u;
     for (auto& o : out) alloc(o);
     const uint32_t* cols = in[0].data<uint32_t>();
     const uint32_t* rdec = in[1].data<uint32_t>();
@@ -280,13 +287,19 @@ class LatentGrads : public NativePrimitive {
     float* genc = enc ? out[1].data<float>() : nullptr;
     float* gb = enc ? out[2].data<float>() : nullptr;
     dispatch(stream(), [=]() {
+      // an entry whose latent or row is out of range is left out (it would address memory outside the arrays)
+      auto valid = [&](int64_t e) {
+        return cols[e] < uint32_t(F) && rdec[e] < n_dec && (!enc || renc[e] < n_enc);
+      };
       std::vector<int64_t> start(F + 1, 0);
-      for (int64_t e = 0; e < n; ++e) start[cols[e] + 1]++;
+      for (int64_t e = 0; e < n; ++e)
+        if (valid(e)) start[cols[e] + 1]++;
       for (int c = 0; c < F; ++c) start[c + 1] += start[c];
       std::vector<int64_t> order(n);
       {
         std::vector<int64_t> pos(start.begin(), start.end() - 1);
-        for (int64_t e = 0; e < n; ++e) order[pos[cols[e]]++] = e;
+        for (int64_t e = 0; e < n; ++e)
+          if (valid(e)) order[pos[cols[e]]++] = e;
       }
       constexpr int BLK = 64;
       const int nblk = (F + BLK - 1) / BLK;
