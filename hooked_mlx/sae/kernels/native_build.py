@@ -194,4 +194,6 @@ def load() -> ModuleType:
             errors.append(str(e))
         except ImportError as e:
             errors.append(f"loading the built kernels failed: {e}")
+        except OSError as e:  # e.g. a read-only cache folder: say where, and how to move it
+            errors.append(f"{e}; set HOOKED_MLX_CACHE_DIR to a writable folder")
     raise NativeBuildError("no variant of the native CPU kernels builds; the first error was:\n" + errors[0])
