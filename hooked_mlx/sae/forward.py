@@ -118,11 +118,14 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     # (the fully fused TopK step assumes one width in and out: a transcoder with d_out != d_in takes the per-op
     # path, whose decode and latent sums live in the decoder's width alone)
     fused_topk = arch == "topk" and kernels.fused_topk and sae.d_out == sae.d_in
+    fused_btk = arch == "batchtopk" and kernels.fused_batchtopk and sae.d_out == sae.d_in
     skip = sae.skip_term(x)  # a skip transcoder's linear term (None otherwise)
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
         # never a dense [B,F] gradient (AuxK normalised by the global batch's variance on N ranks)
         x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead, target, skip)
+    elif fused_btk:  # the same, with the batch's k*B entries kept as a flattened list (the native CPU ops)
+        x_hat, vals, idx, aux = kernels.batchtopk_forward(sae, x, dead, use_dead, target, skip)
     else:
         vals = idx = None
     if arch == "topk":
@@ -135,6 +138,13 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
         fired = mx.zeros((sae.d_sae,), dtype=mx.float32).at[idx.reshape(-1)].add(active.reshape(-1)) > 0
         l0 = mx.sum(active) / B
         l1 = mx.sum(v) / B
+    elif fused_btk:  # bookkeeping from the kept entries
+        v = mx.stop_gradient(vals)
+        active = (v > 0).astype(mx.float32)
+        fired = mx.zeros((sae.d_sae,), dtype=mx.float32).at[idx].add(active) > 0
+        l0 = mx.sum(active) / B
+        l1 = mx.sum(v) / B
+        extras["min_kept"] = mx.min(mx.where(v > 0, v, mx.inf))
     elif arch == "batchtopk":
         f, cut = kernels.batchtopk_mask(mx.maximum(pre, 0), cfg.k)
         x_hat = kernels.dense_decode(f, sae.W_dec, sae.b_dec)
@@ -152,10 +162,10 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     else:  # pragma: no cover - SAEConfig validates
         raise ValueError(arch)
     t = x if target is None else target
-    if skip is not None and not fused_topk:  # (the fused branch adds it itself, before its AuxK residual)
+    if skip is not None and not (fused_topk or fused_btk):  # (the fused branches add it, before their AuxK residual)
         x_hat = x_hat + skip
     mse = M.mse(t, x_hat)
-    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not fused_topk:
+    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not (fused_topk or fused_btk):
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _auxk_loss(pre, t, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
         aux = cfg.aux_k_coefficient * aux

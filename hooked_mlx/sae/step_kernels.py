@@ -64,6 +64,23 @@ class StepKernels:
         """Whether TopK runs ``topk_forward`` (the fused ops' sparse forward and backward, AuxK included)."""
         return self.ops is not None
 
+    @property
+    def fused_batchtopk(self) -> bool:
+        """Whether BatchTopK runs ``batchtopk_forward`` (the back end keeps the batch's entries sparse; one process:
+        on N ranks the global cut gives each rank a different number of entries, and the dense mask runs)."""
+        return self.ops is not None and self.ops.sparse_batchtopk and self.world is None
+
+    def batchtopk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
+        """``topk_forward`` for BatchTopK: (x_hat [B,D], vals [k*B], cols [k*B], aux), the batch's kept entries
+        flattened (their latents in ``cols``)."""
+        cfg = sae.cfg
+        aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
+        out, _rows = self.module.batchtopk_sae_forward(
+            x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
+            cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_relu=False,
+            ops=self.ops)
+        return self._with_aux(out, x, dead, aux_on, target, skip, cfg.aux_k_coefficient)
+
     def topk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
         """The trainer's TopK branch on the fused ops: (x_hat [B,D], vals [B,k], idx [B,k], aux) where aux
         is the AuxK term (raw dead pre-activations, no decoder bias, normalised by ``total_variance`` of the
@@ -75,10 +92,15 @@ class StepKernels:
             x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
             cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_relu=False,
             ops=self.ops)
+        return self._with_aux(out, x, dead, aux_on, target, skip, cfg.aux_k_coefficient)
+
+    def _with_aux(self, out, x, dead, aux_on: bool, target, skip, coef: float):
+        """(x_hat with the skip term, vals, idx, the AuxK term: the dead latents' decode against the residual,
+        normalised by ``total_variance``, times ``coef``)."""
         x_hat = out.x_hat if skip is None else out.x_hat + skip
         aux = mx.array(0.0)
         if aux_on:
             e = mx.stop_gradient((x if target is None else target) - x_hat)
             loss = mx.sum(mx.square(out.e_hat - e)) / mx.maximum(self.total_variance(e), 1e-12)
-            aux = cfg.aux_k_coefficient * mx.where(mx.sum(dead) > 0, loss, 0.0)
+            aux = coef * mx.where(mx.sum(dead) > 0, loss, 0.0)
         return x_hat, out.vals, out.idx, aux

@@ -89,6 +89,37 @@ def test_sparse_decode_gather_and_latent_sums_equal_the_reference(native, B, D, 
         assert np.array_equal(np.array(a), np.array(b))
 
 
+@pytest.mark.parametrize("B,F,k", [(256, 2304, 16), (32, 100, 100), (8, 37, 1)])
+def test_batch_entries_decode_and_dots_equal_the_reference(native, B, F, k):
+    """BatchTopK's flattened entries: the same k*B values as a top-k over the flattened batch, each at its (row,
+    latent), rows ascending; their decode and gathered dots equal the reference's."""
+    rng = np.random.default_rng(B + k)
+    pre, W, dY = _arr(rng, B, F), _arr(rng, F, 24), _arr(rng, B, 24)
+    rows, cols, vals = native.batch_entries(pre, k * B)
+    want = REF.batch_entries(pre, k * B)
+    assert rows.shape == cols.shape == vals.shape == (k * B,)
+    assert np.array_equal(np.sort(np.array(vals)), np.sort(np.array(want[2])))
+    acts = np.maximum(np.array(pre), 0)
+    r, c = np.array(rows).astype(np.int64), np.array(cols).astype(np.int64)
+    assert np.array_equal(acts[r, c], np.array(vals))
+    assert len(set(zip(r.tolist(), c.tolist()))) == k * B and np.all(np.diff(r) >= 0)
+    assert_close(native.entries_decode(rows, cols, vals, W, B), REF.entries_decode(rows, cols, vals, W, B), 1e-5)
+    assert_close(native.entries_dot(dY, rows, cols, W), REF.entries_dot(dY, rows, cols, W), 1e-5)
+
+
+def test_batch_entries_ties_and_too_few_positive(native):
+    """Ties at the cut fill exactly k*B entries in row order; with fewer positive entries than k*B, the rest are
+    zeros (which decode to nothing)."""
+    pre = mx.array(np.tile(np.array([2.0, 1.0, 1.0, 1.0, -1.0], np.float32), (4, 1)))
+    rows, cols, vals = native.batch_entries(pre, 6)  # 4 twos, then 2 of the 12 ones
+    assert np.array_equal(np.sort(np.array(vals)), [1, 1, 2, 2, 2, 2])
+    assert np.array_equal(np.array(rows)[np.array(vals) == 1], [0, 0])
+    neg = mx.array(-np.abs(np.random.default_rng(0).normal(size=(3, 10))).astype(np.float32))
+    neg[0, 3] = 5.0
+    rows, cols, vals = native.batch_entries(neg, 4)
+    assert np.array_equal(np.sort(np.array(vals)), [0, 0, 0, 5])
+
+
 def test_adam_passes_and_norms_equal_the_reference(native):
     rng = np.random.default_rng(3)
     F, D = 300, 40

@@ -13,6 +13,7 @@
 #include <nanobind/stl/tuple.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -344,6 +345,118 @@ class LatentGrads : public NativePrimitive {
 };
 
 // ---------------------------------------------------------------------------------------------------
+// BatchTopK entries: the n_keep largest relu(pre) over the flattened batch, as (rows, cols, vals) in row-major
+// order. The cut θ comes from a two-stage selection (the n_keep best blocks of 32 by their maximum hold the
+// n_keep largest entries, then nth_element over those blocks' entries); then every entry > θ and, in row-major
+// order, as many entries == θ as fill n_keep. entries_dot: out[e] = dY[rows_e] . W[cols_e]
+// ---------------------------------------------------------------------------------------------------
+
+class BatchEntries : public NativePrimitive {
+ public:
+  BatchEntries(mx::Stream s, int64_t n_keep) : NativePrimitive(s), n_keep_(n_keep) {}
+  const char* name() const override { return "HookedMlxBatchEntries"; }
+  void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
+    const int B = in[0].shape(0), F = in[0].shape(1);
+    for (auto& o : out) alloc(o);
+    const float* p = in[0].data<float>();
+    uint32_t* rows = out[0].data<uint32_t>();
+    uint32_t* cols = out[1].data<uint32_t>();
+    float* vals = out[2].data<float>();
+    const int64_t n_keep = n_keep_;
+    dispatch(stream(), [=]() {
+      const int64_t N = int64_t(B) * F;
+      auto act = [&](int64_t i) { return p[i] > 0.0f ? p[i] : 0.0f; };  // relu; NaN reads 0
+      constexpr int64_t G = 32;
+      const int64_t nb = (N + G - 1) / G;
+      std::vector<float> bm(nb);
+#pragma omp parallel for schedule(static)
+      for (int64_t b = 0; b < nb; ++b) {
+        float m = 0.0f;
+        for (int64_t i = b * G; i < std::min(N, b * G + G); ++i) m = std::max(m, act(i));
+        bm[b] = m;
+      }
+      float tb = 0.0f;  // the n_keep-th largest block maximum (0: every block is a candidate)
+      if (n_keep < nb) {
+        std::vector<float> t(bm);
+        std::nth_element(t.begin(), t.begin() + (n_keep - 1), t.end(), std::greater<float>());
+        tb = t[n_keep - 1];
+      }
+      std::vector<float> cand;
+      for (int64_t b = 0; b < nb; ++b)
+        if (bm[b] >= tb)
+          for (int64_t i = b * G; i < std::min(N, b * G + G); ++i) cand.push_back(act(i));
+      std::nth_element(cand.begin(), cand.begin() + (n_keep - 1), cand.end(), std::greater<float>());
+      const float theta = cand[n_keep - 1];
+      std::vector<int64_t> gt(B), eq(B);
+#pragma omp parallel for schedule(static)
+      for (int b = 0; b < B; ++b) {
+        int64_t g = 0, e = 0;
+        for (int f = 0; f < F; ++f) {
+          const float v = act(int64_t(b) * F + f);
+          g += v > theta;
+          e += v == theta;
+        }
+        gt[b] = g;
+        eq[b] = e;
+      }
+      std::vector<int64_t> off(B + 1, 0), take(B);
+      int64_t n_gt = 0;
+      for (int b = 0; b < B; ++b) n_gt += gt[b];
+      int64_t rem = n_keep - n_gt;
+      for (int b = 0; b < B; ++b) {
+        take[b] = std::min(eq[b], std::max<int64_t>(rem, 0));
+        rem -= take[b];
+        off[b + 1] = off[b] + gt[b] + take[b];
+      }
+#pragma omp parallel for schedule(static)
+      for (int b = 0; b < B; ++b) {
+        int64_t o = off[b], t = take[b];
+        for (int f = 0; f < F; ++f) {
+          const float v = act(int64_t(b) * F + f);
+          if (v > theta || (v == theta && t-- > 0)) {
+            rows[o] = uint32_t(b);
+            cols[o] = uint32_t(f);
+            vals[o] = v;
+            ++o;
+          }
+        }
+      }
+      for (int64_t o = off[B]; o < n_keep; ++o) {  // (only if fewer were found: nothing adds from these)
+        rows[o] = 0;
+        cols[o] = 0;
+        vals[o] = 0.0f;
+      }
+    });
+  }
+
+ private:
+  int64_t n_keep_;
+};
+
+class EntriesDot : public NativePrimitive {
+ public:
+  using NativePrimitive::NativePrimitive;
+  const char* name() const override { return "HookedMlxEntriesDot"; }
+  void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
+    // in: dY [R, D], rows [n], cols [n], W [F, D]
+    const int64_t n = in[1].size();
+    const int D = in[0].shape(1);
+    const uint32_t R = uint32_t(in[0].shape(0)), F = uint32_t(in[3].shape(0));
+    alloc(out[0]);
+    const float* dY = in[0].data<float>();
+    const uint32_t* rows = in[1].data<uint32_t>();
+    const uint32_t* cols = in[2].data<uint32_t>();
+    const float* W = in[3].data<float>();
+    float* o = out[0].data<float>();
+    dispatch(stream(), [=]() {
+#pragma omp parallel for schedule(static)
+      for (int64_t e = 0; e < n; ++e)
+        o[e] = (rows[e] < R && cols[e] < F) ? dot(dY + int64_t(rows[e]) * D, W + int64_t(cols[e]) * D, D) : 0.0f;
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
 // Adam (elementwise) and the decoder's row pass (parallel-gradient removal, Adam, renorm)
 // ---------------------------------------------------------------------------------------------------
 
@@ -524,6 +637,19 @@ std::tuple<array, array, array> adam_rows(const array& W, const array& g, const 
   return {outs[0], outs[1], outs[2]};
 }
 
+std::tuple<array, array, array> batch_entries(const array& pre, int64_t n_keep) {
+  auto s = cpu_stream();
+  auto outs = array::make_arrays({{int(n_keep)}, {int(n_keep)}, {int(n_keep)}}, {mx::uint32, mx::uint32, mx::float32},
+                                 std::make_shared<BatchEntries>(s, n_keep), {f32(pre)});
+  return {outs[0], outs[1], outs[2]};
+}
+
+array entries_dot(const array& dY, const array& rows, const array& cols, const array& W) {
+  auto s = cpu_stream();
+  return array({int(rows.size())}, mx::float32, std::make_shared<EntriesDot>(s),
+               {f32(dY), u32(mx::flatten(rows, s)), u32(mx::flatten(cols, s)), f32(W)});
+}
+
 array sq_norm(const array& g, const array& W, bool has_w) {
   auto s = cpu_stream();
   std::vector<array> ins{f32(g)};
@@ -550,5 +676,7 @@ NB_MODULE(_hooked_mlx_cpu_kernels, m) {
   m.def("adam", &adam);
   m.def("adam_rows", &adam_rows);
   m.def("sq_norm", &sq_norm);
+  m.def("batch_entries", &batch_entries);
+  m.def("entries_dot", &entries_dot);
   m.def("num_threads", &num_threads);
 }

@@ -9,6 +9,8 @@ native ones are written for these shapes:
 * ``decode`` / ``gather_dot``: k gathered decoder rows per batch row, summed or dotted in place;
 * ``latent_grads``: entries grouped by latent (a stable counting sort), each latent's rows summed in input
   order (deterministic for any thread count), the encoder's [D,F] gradient written once, block by block;
+* ``batch_entries``: BatchTopK's k*B entries from a two-stage cut (the best blocks of 32, then nth_element) and
+  one parallel compaction; ``entries_decode`` / ``entries_dot`` decode and differentiate them sparsely;
 * ``adam`` / ``adam_rows``: the update in one pass (the decoder's with the parallel-gradient removal and
   the renorm), reusing the old state's buffers when MLX can donate them; ``sq_norm`` one read.
 
@@ -30,6 +32,7 @@ _NONE = mx.array([])  # placeholder for an absent optional operand
 class NativeCpuOps(CpuOps):
     name = "cpu"
     fused_optimizer = True
+    sparse_batchtopk = True
 
     def __init__(self) -> None:
         self._k = native_build.load()
@@ -51,6 +54,18 @@ class NativeCpuOps(CpuOps):
             cols, rows_dec, coef_dec, Y, rows_enc if has_enc else _NONE, coef_enc if has_enc else _NONE,
             xc if has_enc else _NONE, int(F), has_enc)
         return (dW_dec, dW_enc, db_enc) if has_enc else (dW_dec, None, None)
+
+    def batch_entries(self, pre, n_keep):
+        if pre.ndim != 2 or not 0 < n_keep <= pre.size:
+            return super().batch_entries(pre, n_keep)
+        return self._k.batch_entries(pre, int(n_keep))
+
+    def entries_decode(self, rows, cols, vals, W, n_rows):
+        # the per-latent sums with the roles swapped: output row r gathers W's rows cols_e of the entries of r
+        return self._k.latent_grads(rows, cols, vals, W, _NONE, _NONE, _NONE, int(n_rows), False)[0]
+
+    def entries_dot(self, dY, rows, cols, W):
+        return self._k.entries_dot(dY, rows, cols, W)
 
     def sq_norm(self, g, W=None):
         if W is not None and (g.ndim != 2 or W.shape != g.shape):

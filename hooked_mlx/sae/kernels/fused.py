@@ -56,7 +56,7 @@ from .ops import ReferenceOps, adam_hparams
 from .select import REFERENCE_OPS, backend, get_ops, resolve_ops, self_check
 
 __all__ = [
-    "TopKOut", "topk_sae_forward", "batchtopk_threshold", "batchtopk_mask", "fused_adam_renorm", "adam",
+    "TopKOut", "topk_sae_forward", "batchtopk_sae_forward", "batchtopk_threshold", "batchtopk_mask", "fused_adam_renorm", "adam",
     "backend", "get_ops", "self_check", "ReferenceOps", "adam_hparams",
     "encode_pre", "topk_select", "topk_encode", "sparse_decode", "topk_decode", "scatter_dense",
     "dense_decode", "jumprelu", "heaviside", "topk_sae_loss",
@@ -82,7 +82,11 @@ def _dense_cols(idx: mx.array) -> mx.array:
 
 
 @cache
-def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, deterministic: bool, aux_relu: bool):
+def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, deterministic: bool, aux_relu: bool,
+             batch: bool = False):
+    """The fused forward with its sparse VJP. ``batch``: BatchTopK, whose ``k`` entries (k per row times the
+    batch) are the flattened ``ops.batch_entries`` (vals, cols and, as the last output, rows); else TopK's
+    [B,k] per row."""
     aux = k_aux > 0
 
     def xc_of(x, b_dec):
@@ -92,13 +96,19 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
     def fwd(x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp):
         xc = xc_of(x, b_dec)
         pre = ops.pre(xc, W_enc, b_enc, W_lowp)
-        vals, idx = ops.row_topk(pre, k)
-        x_hat = ops.decode(vals, idx, W_dec) + b_dec
+        if batch:
+            rows, idx, vals = ops.batch_entries(pre, k)
+            x_hat = ops.entries_decode(rows, idx, vals, W_dec, x.shape[0]) + b_dec
+            last: tuple = (rows,)
+        else:
+            vals, idx = ops.row_topk(pre, k)
+            x_hat = ops.decode(vals, idx, W_dec) + b_dec
+            last = ()
         if not aux:
-            return x_hat, vals, idx
+            return (x_hat, vals, idx, *last)
         avals, aidx = ops.row_topk(pre, k_aux, dead, aux_relu)
         e_hat = ops.decode(avals, aidx, W_dec)
-        return x_hat, vals, idx, e_hat, avals, aidx
+        return (x_hat, vals, idx, e_hat, avals, aidx, *last)
 
     @fwd.vjp
     def fwd_vjp(primals, cotangents, outputs):
@@ -108,10 +118,14 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
         xc = xc_of(x, b_dec)
         d_xhat, d_vals = cotangents[0], cotangents[1]
         vals, idx = outputs[1], outputs[2]
-        dv = ops.gather_dot(d_xhat, idx, W_dec) + d_vals
+        if batch:
+            rows = outputs[-1]
+            dv = ops.entries_dot(d_xhat, rows, idx, W_dec) + d_vals
+        else:
+            rows = mx.repeat(mx.arange(B, dtype=mx.uint32), k)
+            dv = ops.gather_dot(d_xhat, idx, W_dec) + d_vals
         dpre = mx.where(vals > 0, dv, 0)
         db_dec = mx.sum(d_xhat, axis=0)
-        rows = mx.repeat(mx.arange(B, dtype=mx.uint32), k)
         if aux:
             d_ehat, d_avals = cotangents[3], cotangents[4]
             avals, aidx = outputs[4], outputs[5]
@@ -135,7 +149,8 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
             Y, Xs = Y.astype(mx.bfloat16), xc.astype(mx.bfloat16)
         dW_dec, dW_enc, db_enc = ops.latent_grads(cols, rows_dec, rows_enc, coef_dec, coef_enc, Y, Xs, F,
                                                   deterministic)
-        dxc = ops.enc_rows_sum(dpre, idx, W_enc)
+        # (lazy: pruned unless x's gradient is used)
+        dxc = ops.entries_decode(rows, idx, dpre, W_enc.T, B) if batch else ops.enc_rows_sum(dpre, idx, W_enc)
         if aux:
             dxc = dxc + ops.enc_rows_sum(dprea, aidx, W_enc)
         if apply_b_dec:
@@ -167,6 +182,23 @@ def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: in
     fn = _topk_fn(ops, int(k), ka, bool(apply_b_dec_to_input), bool(deterministic), bool(aux_relu))
     wl = W_enc_lowp if (W_enc_lowp is not None and ops.matmul_dtype is not None) else mx.zeros((0,), mx.bfloat16)
     return TopKOut(*fn(x, W_enc, b_enc, W_dec, b_dec, d, wl))
+
+
+def batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
+                          apply_b_dec_to_input: bool = True, aux_relu: bool = True, ops=None):
+    """The fused BatchTopK forward (back ends with ``sparse_batchtopk``): as ``topk_sae_forward``, with the batch's
+    k*B largest relu'd pre-activations kept as flattened entries. Returns (``TopKOut`` with ``vals`` / ``idx``
+    [k*B] and the AuxK outputs, rows [k*B] of the entries)."""
+    ops = resolve_ops(ops)
+    B, D = x.shape
+    F = W_dec.shape[0]
+    if not 1 <= k <= F:
+        raise ValueError(f"k = {k} is invalid: expected 1 <= k <= d_sae ({F}).")
+    ka = 0 if (dead is None or not k_aux) else min(int(k_aux), F)
+    d = mx.zeros((F,), mx.float32) if dead is None else dead.astype(mx.float32)
+    fn = _topk_fn(ops, int(k) * B, ka, bool(apply_b_dec_to_input), True, bool(aux_relu), True)
+    out = fn(x, W_enc, b_enc, W_dec, b_dec, d, mx.zeros((0,), mx.bfloat16))
+    return TopKOut(*out[:-1]), out[-1]
 
 
 def topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux=None, aux_coef: float = 1.0, *,

@@ -38,6 +38,10 @@ class ReferenceOps:
     #: update's elementwise work already, and each extra reduction is a separate pass, so the trainer keeps it.
     fused_optimizer = False
     lowp_backward = False  # True: the per-latent gradient sums read bf16 copies of dY and xc (fp32 sums)
+    #: True: a BatchTopK step keeps the batch's k*B entries as a flattened list (``batch_entries``) and decodes and
+    #: differentiates them sparsely (``entries_decode``, ``entries_dot``, ``latent_grads``), as TopK does; False:
+    #: a dense [B,F] mask (where ``batch_entries`` over the flattened batch is the slower choice)
+    sparse_batchtopk = False
 
     # encoder ---------------------------------------------------------------------------------------
     def pre(self, xc: mx.array, W_enc: mx.array, b_enc: mx.array, W_lowp: mx.array | None = None) -> mx.array:
@@ -72,6 +76,23 @@ class ReferenceOps:
     def batch_kth_largest(self, pre: mx.array, n_keep: int) -> mx.array:
         """The n_keep-th largest entry of relu(pre) over the whole batch (a float32 scalar), exact."""
         return radix_kth_largest(self, pre, n_keep)
+
+    def batch_entries(self, pre: mx.array, n_keep: int) -> tuple[mx.array, mx.array, mx.array]:
+        """The n_keep largest entries of relu(pre) [B,F] over the whole batch (ties at the cut broken arbitrarily,
+        as a top-k over the flattened batch does): (rows [n_keep] uint32, cols [n_keep] uint32, vals [n_keep]
+        float32, relu'd), any order."""
+        B, F = pre.shape
+        acts = mx.maximum(pre, 0).astype(mx.float32).reshape(-1)
+        i = mx.argpartition(acts, acts.size - n_keep)[acts.size - n_keep:].astype(mx.uint32)
+        return i // F, i % F, acts[i]
+
+    def entries_decode(self, rows: mx.array, cols: mx.array, vals: mx.array, W: mx.array, n_rows: int) -> mx.array:
+        """[n_rows, D]: row r = sum over the entries e with rows_e = r of vals_e * W[cols_e] (no bias)."""
+        return mx.zeros((n_rows, W.shape[-1]), dtype=mx.float32).at[rows].add(vals[:, None] * W[cols])
+
+    def entries_dot(self, dY: mx.array, rows: mx.array, cols: mx.array, W: mx.array) -> mx.array:
+        """[n]: dY[rows_e] . W[cols_e]."""
+        return mx.sum(dY[rows] * W[cols], axis=-1)
 
     def acts_keys(self, pre: mx.array) -> mx.array:
         """Keys of relu(pre), flattened (what BatchTopK ranks)."""

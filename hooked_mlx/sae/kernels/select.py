@@ -132,6 +132,20 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     got = run("batchtopk_threshold", lambda: ops.batch_kth_largest(pre, min(3 * B, B * F)))
     if got is not None:
         close("batchtopk_threshold", got, R.batchtopk_mask(mx.maximum(pre, 0), 3)[1], 0, 0)
+    n_keep = 3 * B
+    got = run("batch_entries", lambda: ops.batch_entries(pre, n_keep))
+    if got is not None:
+        want = ref.batch_entries(pre, n_keep)
+        close("batch_entries", mx.sort(got[2]), mx.sort(want[2]), 0, 0)
+        at = mx.maximum(pre, 0)[got[0].astype(mx.int32), got[1].astype(mx.int32)]
+        close("batch_entries indices", at, got[2], 0, 0)
+    er, ec, ev = ref.batch_entries(pre, n_keep)
+    got = run("entries_decode", lambda: ops.entries_decode(er, ec, ev, W_dec, B))
+    if got is not None:
+        close("entries_decode", got, ref.entries_decode(er, ec, ev, W_dec, B), 1e-4, 1e-4)
+    got = run("entries_dot", lambda: ops.entries_dot(dY, er, ec, W_dec))
+    if got is not None:
+        close("entries_dot", got, ref.entries_dot(dY, er, ec, W_dec), 1e-4, 1e-4)
     vals, idx = ref.row_topk(pre, k)
     got = run("decode", lambda: ops.decode(vals, idx, W_dec))
     if got is not None:
