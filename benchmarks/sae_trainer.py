@@ -52,10 +52,13 @@ SL_WORKER = r"""
 import json, resource, sys, time
 import torch
 from sae_lens.saes.sae import TrainStepInput
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 import sae_lens
 
 D, F, B, K, steps, warmup, threads = (int(a) for a in sys.argv[1:8])
+if sys.argv[8] == "batchtopk":
+    from sae_lens import BatchTopKTrainingSAE as TopKTrainingSAE, BatchTopKTrainingSAEConfig as TopKTrainingSAEConfig
+else:
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cfg = TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, dtype="float32", device="cpu")
@@ -233,10 +236,10 @@ def gpu_main(a) -> int:
 
 
 def mlx_worker(args: list[str]) -> int:
-    """One interleaved CPU round of the default (or a named) trainer: D F B K steps warmup kernels."""
+    """One interleaved CPU round of the default (or a named) trainer: D F B K steps warmup kernels arch."""
     D, F, B, K, steps, warmup = (int(a) for a in args[:6])
     kernels = None if args[6] == "default" else args[6]
-    print(json.dumps(time_trainer("topk", D, F, B, K, 2e-4, steps, warmup, kernels)))
+    print(json.dumps(time_trainer(args[7], D, F, B, K, 2e-4, steps, warmup, kernels)))
     return 0
 
 
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for SAELens")
+    ap.add_argument("--arch", choices=["topk", "batchtopk"], default="topk",
+                    help="CPU: the architecture on both sides (SAELens's TopKTrainingSAE or BatchTopKTrainingSAE)")
     ap.add_argument("--sl-python", default=os.environ.get("SL_PYTHON", f"{DEFAULT_SL_VENV}/bin/python"))
     ap.add_argument("--also", nargs="*", default=[],
                     help="extra hooked_mlx trainers to time: a kernels value (e.g. reference) or a CPU back end of "
@@ -274,15 +279,15 @@ def main(argv=None) -> int:
         s = SHAPES[name]
         dims = [str(s["D"]), str(s["F"]), str(s["B"]), str(s["K"]), str(a.steps), str(a.warmup)]
         me = [sys.executable, os.path.abspath(__file__), "--mlx-worker"]
-        impls = {"trainer": [*me, *dims, "default"],
-                 "saelens": [sl, "-c", SL_WORKER, *dims, str(a.threads)]}
+        impls = {"trainer": [*me, *dims, "default", a.arch],
+                 "saelens": [sl, "-c", SL_WORKER, *dims, str(a.threads), a.arch]}
         envs: dict[str, dict] = {}
         for k in a.also:
             if k in BACK_ENDS:  # the default trainer on another back end of the "auto" kernels
-                impls[f"trainer[{k}]"] = [*me, *dims, "default"]
+                impls[f"trainer[{k}]"] = [*me, *dims, "default", a.arch]
                 envs[f"trainer[{k}]"] = {**os.environ, "HOOKED_MLX_SAE_KERNELS": k}
             else:
-                impls[f"trainer[{k}]"] = [*me, *dims, k]
+                impls[f"trainer[{k}]"] = [*me, *dims, k, a.arch]
         runs: dict[str, list[dict]] = {k: [] for k in impls}
         for r in range(a.rounds):
             for impl, cmd in impls.items():
@@ -291,7 +296,8 @@ def main(argv=None) -> int:
                 print(f"{name} round {r} {impl:18s} {res['ms']:8.2f} ms/step {res['tokens_per_s']:>10,.0f} tok/s",
                       flush=True)
         med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in runs.items()}
-        shape = f"{name} (d_in {s['D']}, d_sae {s['F']}, batch {s['B']}, k {s['K']})"
+        arch = "" if a.arch == "topk" else " BatchTopK"
+        shape = f"{name}{arch} (d_in {s['D']}, d_sae {s['F']}, batch {s['B']}, k {s['K']})"
         for impl in impls:
             rows.append(dict(shape=shape, impl=impl, tokens_per_s=round(med[impl], 1),
                              peak_gb=round(max(x["peak_gb"] for x in runs[impl]), 3), anchor="saelens",
@@ -301,7 +307,7 @@ def main(argv=None) -> int:
     meta = dict(device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                 python=platform.python_version(), command=" ".join([os.path.basename(sys.argv[0]), *argv]),
                 date=time.strftime("%Y-%m-%d"), rounds=a.rounds, steps=a.steps, warmup=a.warmup,
-                sae_lens=SL_VERSION, torch=TORCH_VERSION, torch_threads=a.threads)
+                sae_lens=SL_VERSION, torch=TORCH_VERSION, torch_threads=a.threads, arch=a.arch)
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     tmp = a.json + ".tmp"
     with open(tmp, "w") as fh:
