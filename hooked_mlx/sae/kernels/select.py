@@ -133,12 +133,12 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     if got is not None:
         close("batchtopk_threshold", got, R.batchtopk_mask(mx.maximum(pre, 0), 3)[1], 0, 0)
     n_keep = 3 * B
-    got = run("batch_entries", lambda: ops.batch_entries(pre, n_keep))
-    if got is not None:
-        want = ref.batch_entries(pre, n_keep)
-        close("batch_entries", mx.sort(got[2]), mx.sort(want[2]), 0, 0)
-        at = mx.maximum(pre, 0)[got[0].astype(mx.int32), got[1].astype(mx.int32)]
-        close("batch_entries indices", at, got[2], 0, 0)
+    entries = run("batch_entries", lambda: ops.batch_entries(pre, n_keep))
+    if entries is not None:
+        want_e = ref.batch_entries(pre, n_keep)
+        close("batch_entries", mx.sort(entries[2]), mx.sort(want_e[2]), 0, 0)
+        at = mx.maximum(pre, 0)[entries[0].astype(mx.int32), entries[1].astype(mx.int32)]
+        close("batch_entries indices", at, entries[2], 0, 0)
     er, ec, ev = ref.batch_entries(pre, n_keep)
     got = run("entries_decode", lambda: ops.entries_decode(er, ec, ev, W_dec, B))
     if got is not None:
