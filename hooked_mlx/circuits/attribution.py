@@ -149,7 +149,7 @@ class ReplacementModel:
         token embedding and ``mlp[l]`` [B, P, d] as layer l's MLP output (plus a skip transcoder's term, computed
         from this forward's MLP input). Returns the readouts: every layer's transcoder input [B, P, d_in] and
         the unembedding's input [B, P, d_model]. ``n_readouts`` r <= n_layers: only the first r (layers 0..r-1's
-        inputs), running only the blocks before layer r (``mlp`` needs its first r - 1 entries)."""
+        inputs), running only blocks 0..r-1 (MLP outputs of layers r - 1 and later do not reach them)."""
         L = self.n_layers
         r = L + 1 if n_readouts is None else int(n_readouts)
         B = embed.shape[0]
@@ -217,12 +217,6 @@ def _logit_targets(logits: mx.array, max_n_logits: int, max_logit_prob: float) -
     return keep, probs[keep]
 
 
-def _host_view(a: mx.array) -> np.ndarray:
-    """An evaluated array's buffer as a NumPy array, without a copy (MLX exports its buffer; NumPy copies only
-    where it cannot take it as it is)."""
-    return np.asarray(a)
-
-
 def bytes_per_target(n_layers: int, n_pos: int, d_model: int) -> int:
     """The memory one target of a batch takes in a backward through ``n_layers`` blocks: ~6 float32 [P, d_model]
     activations per layer (measured: 0.35 MB per copy for 4 layers x 16 tokens x d 256)."""
@@ -275,14 +269,13 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         a[:z] = 0
     active = np.array([(layer, p, f) for layer in range(L) for p, f in zip(*np.nonzero(layer_acts[layer] > 0))],
                       dtype=np.int64).reshape(-1, 3)
-    feats = [tuple(row) for row in active.tolist()]
-    acts = np.concatenate([layer_acts[layer][active[active[:, 0] == layer, 1], active[active[:, 0] == layer, 2]]
+    acts = np.concatenate([layer_acts[layer][tuple(active[active[:, 0] == layer, 1:].T)]
                            for layer in range(L)]).astype(np.float32)
     logit_tokens, logit_probs = _logit_targets(state["logits"], max_n_logits, max_logit_prob)
     W_U = unembedding(model).astype(mx.float32)  # [d_model, d_vocab]
     U = W_U[:, mx.array(logit_tokens)] - mx.mean(W_U, axis=1, keepdims=True)  # [d_model, n_logits]
 
-    nF, nE, nT, nL = len(feats), L * P, P, len(logit_tokens)
+    nF, nE, nT, nL = len(active), L * P, P, len(logit_tokens)
     n = nF + nE + nT + nL
     adjacency = np.zeros((n, n), dtype=np.float32)
     # source side: features are sorted by layer, then position, so each (layer, position) is a contiguous run of
@@ -298,8 +291,6 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
         n, n_out, d = rows.shape  # what each feature writes to each of its output layers
         src.append((layer, p, rows.transpose(1, 2, 0).reshape(n_out * d, n)))
 
-    # targets: every feature (its encoder input), then every logit
-    targets = [("feature", i) for i in range(nF)] + [("logit", j) for j in range(nL)]
     # every source zero: the token embeddings and the feature and error parts of each MLP replacement; what is
     # left of an MLP output is its transcoder's b_dec (a bias, like the attention and norm biases)
     # (at the zeroed positions the whole MLP output is such a constant)
@@ -311,9 +302,11 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     # position, and its vector (a feature's encoder column, a logit's de-meaned unembedding column). Per batch and
     # readout: a one-hot [B, P] of the positions (host, small) times the gathered vectors [B, d] (device): one
     # broadcast product, no scatter and no host array of B x P x d
-    t_read = np.array([feats[i][0] if kind == "feature" else L for kind, i in targets], dtype=np.int64)
-    t_pos = np.array([feats[i][1] if kind == "feature" else P - 1 for kind, i in targets], dtype=np.int64)
-    t_col = np.array([feats[i][2] if kind == "feature" else i for kind, i in targets], dtype=np.int64)
+    # the targets: every feature (its encoder input), then every logit (the unembedding input at the last position)
+    t_read = np.concatenate([active[:, 0], np.full(nL, L)])
+    t_pos = np.concatenate([active[:, 1], np.full(nL, P - 1)])
+    t_col = np.concatenate([active[:, 2], np.arange(nL)])
+    n_targets = nF + nL
     readouts = [rep.encoder(r).astype(mx.float32) for r in range(L)] + [U]  # [d, columns] per readout
 
     def readout_vectors(start, stop):
@@ -359,26 +352,26 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
     # its last readout only, and holds as many targets as fit in the memory budget for that depth
     def batch_end(start: int) -> int:
         if batch_size is not None:
-            return min(start + batch_size, len(targets))
+            return min(start + batch_size, n_targets)
         n = auto_batch_size(min(int(t_read[start]) + 1, L), P, d_model, memory_gb)
         while True:
-            stop = min(start + n, len(targets))
+            stop = min(start + n, n_targets)
             n2 = auto_batch_size(min(int(t_read[stop - 1]) + 1, L), P, d_model, memory_gb)
             if n2 >= n:
                 return stop
             n = n2
 
     start = 0
-    while start < len(targets):
+    while start < n_targets:
         stop = batch_end(start)
-        batch = targets[start:stop]
         r_max = int(t_read[start:stop].max())
         cts = readout_vectors(start, stop)[:r_max + 1]
         grads = [g[:, 0] for g in batched_vjp(r_max)(*[c[:, None] for c in cts])]
         val = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(real_outs, cts)]).sum(axis=0)
         bias = mx.stack([mx.sum(o * c, axis=(1, 2)) for o, c in zip(zero_outs, cts)]).sum(axis=0)
         g_embed, g_mlp = grads[0], grads[1:]  # g_mlp: layers < r_max
-        rows_t = [(nF + nE + nT + i) if kind == "logit" else i for kind, i in batch]
+        rows_t = np.arange(start, stop)  # a target's row: features first, logits after the error and token nodes
+        rows_t[rows_t >= nF] += nE + nT
         # token sources: embedding . gradient
         tok = mx.sum(g_embed * embed[None], axis=-1)  # [B, P]
         # error sources (layers < r_max: the first r_max * P error columns), and feature sources: activation *
@@ -394,10 +387,11 @@ def attribute(model, transcoders: dict[int, SAE] | Replacement, prompt, *, max_n
             rows = decT[:len(outs) * (decT.shape[0] // len(rep.out_layers(layer)))]
             feat.append(mx.concatenate([g_mlp[t][:, p] for t in outs], axis=-1) @ rows)
             n_cols += int(decT.shape[1])
-        edges = mx.concatenate([*feat, *err, tok], axis=1) if r_max else tok
+        edges = mx.concatenate([*feat, *err, tok], axis=1)
         mx.eval(edges, val, bias)
-        # read straight from MLX's buffers (no host temporaries: on a GPU, a copy costs more than the product)
-        e = _host_view(edges)
+        # read straight from MLX's buffer (np.asarray takes it without a copy: on a GPU, a host temporary costs
+        # more than the product)
+        e = np.asarray(edges)
         adjacency[rows_t, :n_cols] = e[:, :n_cols]
         adjacency[rows_t, nF:nF + r_max * P] = e[:, n_cols:n_cols + r_max * P]
         adjacency[rows_t, nF + nE:nF + nE + nT] = e[:, n_cols + r_max * P:]
