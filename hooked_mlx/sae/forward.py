@@ -128,23 +128,18 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
         x_hat, vals, idx, aux = kernels.batchtopk_forward(sae, x, dead, use_dead, target, skip)
     else:
         vals = idx = None
-    if arch == "topk":
-        if not fused_topk:
+    if arch == "topk" or fused_btk:
+        if not (fused_topk or fused_btk):
             vals, idx = kernels.topk_select(pre, cfg.k)
             x_hat = kernels.topk_decode(vals, idx, sae.W_dec, sae.b_dec)
-        # bookkeeping from the sparse latents, never a dense [B,F]
+        # bookkeeping from the sparse latents (TopK's [B,k], BatchTopK's flattened entries), never a dense [B,F]
         v = mx.stop_gradient(vals)
         active = (v > 0).astype(mx.float32)
         fired = mx.zeros((sae.d_sae,), dtype=mx.float32).at[idx.reshape(-1)].add(active.reshape(-1)) > 0
         l0 = mx.sum(active) / B
         l1 = mx.sum(v) / B
-    elif fused_btk:  # bookkeeping from the kept entries
-        v = mx.stop_gradient(vals)
-        active = (v > 0).astype(mx.float32)
-        fired = mx.zeros((sae.d_sae,), dtype=mx.float32).at[idx].add(active) > 0
-        l0 = mx.sum(active) / B
-        l1 = mx.sum(v) / B
-        extras["min_kept"] = mx.min(mx.where(v > 0, v, mx.inf))
+        if fused_btk:
+            extras["min_kept"] = mx.min(mx.where(v > 0, v, mx.inf))
     elif arch == "batchtopk":
         f, cut = kernels.batchtopk_mask(mx.maximum(pre, 0), cfg.k)
         x_hat = kernels.dense_decode(f, sae.W_dec, sae.b_dec)
@@ -162,10 +157,11 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     else:  # pragma: no cover - SAEConfig validates
         raise ValueError(arch)
     t = x if target is None else target
-    if skip is not None and not (fused_topk or fused_btk):  # (the fused branches add it, before their AuxK residual)
+    fused = fused_topk or fused_btk
+    if skip is not None and not fused:  # (the fused branches add it themselves, before their AuxK residual)
         x_hat = x_hat + skip
     mse = M.mse(t, x_hat)
-    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not (fused_topk or fused_btk):
+    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not fused:
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _auxk_loss(pre, t, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
         aux = cfg.aux_k_coefficient * aux

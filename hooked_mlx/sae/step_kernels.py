@@ -73,34 +73,27 @@ class StepKernels:
     def batchtopk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
         """``topk_forward`` for BatchTopK: (x_hat [B,D], vals [k*B], cols [k*B], aux), the batch's kept entries
         flattened (their latents in ``cols``)."""
-        cfg = sae.cfg
-        aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
-        out, _rows = self.module.batchtopk_sae_forward(
-            x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
-            cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_relu=False,
-            ops=self.ops)
-        return self._with_aux(out, x, dead, aux_on, target, skip, cfg.aux_k_coefficient)
+        return self._fused(self.module.batchtopk_sae_forward, sae, x, dead, use_dead, target, skip)
 
     def topk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
         """The trainer's TopK branch on the fused ops: (x_hat [B,D], vals [B,k], idx [B,k], aux) where aux
         is the AuxK term (raw dead pre-activations, no decoder bias, normalised by ``total_variance`` of the
         residual, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False). ``target``:
         what a transcoder predicts (default x); ``skip``: a skip transcoder's ``sae.skip_term(x)``, added to x_hat."""
+        return self._fused(self.module.topk_sae_forward, sae, x, dead, use_dead, target, skip)
+
+    def _fused(self, forward, sae, x, dead, use_dead: bool, target, skip):
+        """One fused forward (``forward``: the TopK or the BatchTopK one) with the trainer's AuxK term: (x_hat with
+        the skip term, vals, idx, aux)."""
         cfg = sae.cfg
         aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
-        out = self.module.topk_sae_forward(
-            x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
-            cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_relu=False,
-            ops=self.ops)
-        return self._with_aux(out, x, dead, aux_on, target, skip, cfg.aux_k_coefficient)
-
-    def _with_aux(self, out, x, dead, aux_on: bool, target, skip, coef: float):
-        """(x_hat with the skip term, vals, idx, the AuxK term: the dead latents' decode against the residual,
-        normalised by ``total_variance``, times ``coef``)."""
+        out = forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
+                      cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+                      aux_relu=False, ops=self.ops)
         x_hat = out.x_hat if skip is None else out.x_hat + skip
         aux = mx.array(0.0)
         if aux_on:
             e = mx.stop_gradient((x if target is None else target) - x_hat)
             loss = mx.sum(mx.square(out.e_hat - e)) / mx.maximum(self.total_variance(e), 1e-12)
-            aux = coef * mx.where(mx.sum(dead) > 0, loss, 0.0)
+            aux = cfg.aux_k_coefficient * mx.where(mx.sum(dead) > 0, loss, 0.0)
         return x_hat, out.vals, out.idx, aux

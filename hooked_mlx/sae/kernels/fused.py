@@ -56,7 +56,8 @@ from .ops import ReferenceOps, adam_hparams
 from .select import REFERENCE_OPS, backend, get_ops, resolve_ops, self_check
 
 __all__ = [
-    "TopKOut", "topk_sae_forward", "batchtopk_sae_forward", "batchtopk_threshold", "batchtopk_mask", "fused_adam_renorm", "adam",
+    "TopKOut", "topk_sae_forward", "batchtopk_sae_forward", "batchtopk_threshold", "batchtopk_mask",
+    "fused_adam_renorm", "adam",
     "backend", "get_ops", "self_check", "ReferenceOps", "adam_hparams",
     "encode_pre", "topk_select", "topk_encode", "sparse_decode", "topk_decode", "scatter_dense",
     "dense_decode", "jumprelu", "heaviside", "topk_sae_loss",
@@ -75,6 +76,7 @@ class TopKOut(NamedTuple):
     e_hat: mx.array | None = None
     aux_vals: mx.array | None = None
     aux_idx: mx.array | None = None
+    rows: mx.array | None = None  # BatchTopK's flattened entries: each one's batch row (``vals`` / ``idx`` [k*B])
 
 
 def _dense_cols(idx: mx.array) -> mx.array:
@@ -170,6 +172,24 @@ def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: in
     and the hooked_mlx trainer) instead of relu'd ones (OpenAI, sparsify). ``W_enc_lowp``: the bf16 copy of W_enc that ``adam(..., lowp_copy=True)`` produced in the
     same pass as the update (saves a cast pass per step; GPU back ends only). ``ops``: a back-end name or ops object (default: the self-checked best).
     """
+    return TopKOut(*_fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input,
+                                   deterministic, aux_relu, W_enc_lowp, ops, batch=False))
+
+
+def batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
+                          apply_b_dec_to_input: bool = True, aux_relu: bool = True, ops=None):
+    """The fused BatchTopK forward (back ends with ``sparse_batchtopk``): as ``topk_sae_forward``, with the batch's
+    k*B largest relu'd pre-activations kept as flattened entries: a ``TopKOut`` whose ``vals``, ``idx`` and ``rows``
+    are [k*B]."""
+    out = _fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input, True, aux_relu, None,
+                         ops, batch=True)
+    return TopKOut(*out[:-1])._replace(rows=out[-1])
+
+
+def _fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input, deterministic, aux_relu,
+                   W_enc_lowp, ops, batch: bool) -> tuple:
+    """Both fused forwards' checks and call: ``_topk_fn``'s outputs (``batch``: k per row, times the batch, kept
+    over the whole batch)."""
     ops = resolve_ops(ops)
     B, D = x.shape
     F = W_dec.shape[0]
@@ -179,26 +199,10 @@ def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: in
         raise ValueError(f"Expected W_enc [{D},{F}] and W_dec [{F},{D}]; got {W_enc.shape} and {W_dec.shape}.")
     ka = 0 if (dead is None or not k_aux) else min(int(k_aux), F)
     d = mx.zeros((F,), mx.float32) if dead is None else dead.astype(mx.float32)
-    fn = _topk_fn(ops, int(k), ka, bool(apply_b_dec_to_input), bool(deterministic), bool(aux_relu))
+    fn = _topk_fn(ops, int(k) * (B if batch else 1), ka, bool(apply_b_dec_to_input), bool(deterministic),
+                  bool(aux_relu), batch)
     wl = W_enc_lowp if (W_enc_lowp is not None and ops.matmul_dtype is not None) else mx.zeros((0,), mx.bfloat16)
-    return TopKOut(*fn(x, W_enc, b_enc, W_dec, b_dec, d, wl))
-
-
-def batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
-                          apply_b_dec_to_input: bool = True, aux_relu: bool = True, ops=None):
-    """The fused BatchTopK forward (back ends with ``sparse_batchtopk``): as ``topk_sae_forward``, with the batch's
-    k*B largest relu'd pre-activations kept as flattened entries. Returns (``TopKOut`` with ``vals`` / ``idx``
-    [k*B] and the AuxK outputs, rows [k*B] of the entries)."""
-    ops = resolve_ops(ops)
-    B, D = x.shape
-    F = W_dec.shape[0]
-    if not 1 <= k <= F:
-        raise ValueError(f"k = {k} is invalid: expected 1 <= k <= d_sae ({F}).")
-    ka = 0 if (dead is None or not k_aux) else min(int(k_aux), F)
-    d = mx.zeros((F,), mx.float32) if dead is None else dead.astype(mx.float32)
-    fn = _topk_fn(ops, int(k) * B, ka, bool(apply_b_dec_to_input), True, bool(aux_relu), True)
-    out = fn(x, W_enc, b_enc, W_dec, b_dec, d, mx.zeros((0,), mx.bfloat16))
-    return TopKOut(*out[:-1]), out[-1]
+    return fn(x, W_enc, b_enc, W_dec, b_dec, d, wl)
 
 
 def topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux=None, aux_coef: float = 1.0, *,

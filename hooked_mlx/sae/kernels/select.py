@@ -13,6 +13,7 @@ import warnings
 import mlx.core as mx
 
 from . import reference as R
+from .native_build import NativeBuildError
 from .native_build import enabled as native_build_enabled
 from .ops import ReferenceOps, adam_hparams
 
@@ -24,8 +25,6 @@ _CHOSEN: dict[str, ReferenceOps] = {}
 
 def _gpu_ops(name: str) -> ReferenceOps:
     if name == "cpu":
-        from .native_build import NativeBuildError
-
         try:
             from .cpu_native import NativeCpuOps
 
