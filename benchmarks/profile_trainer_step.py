@@ -32,6 +32,7 @@ import hooked_mlx  # noqa: F401  (BLAS before mlx.core)
 # isort: split
 from hooked_mlx.sae.fused_update import grad_norm
 from hooked_mlx.sae.kernels import fused as FU
+from hooked_mlx.sae.kernels.gpu import GpuOps, sorted_entries
 from hooked_mlx.sae.kernels.step import FusedTopKStep
 import mlx.core as mx
 from sae_kernels import SHAPES, init_params, lr_for, make_data, timed_ms
@@ -116,14 +117,35 @@ def op_rows(s, B) -> dict:
     m, v = mx.zeros_like(g), mx.zeros_like(g)
     hp = FU.adam_hparams(1e-4, 0.9, 0.999, 1e-8, 1)
     mx.eval(rows, g, m, v, hp)
+    Wd = ops.decoder_weights(p["W_dec"])
+    gd = mx.random.normal((F, D), key=mx.random.key(7))
+    md, vd = mx.zeros_like(gd), mx.zeros_like(gd)
+    mx.eval(Wd, gd, md, vd)
     out = {
         "pre": _timed(lambda: ops.pre(x, p["W_enc"], p["b_enc"], W_lowp)),
         "row_topk": _timed(lambda: ops.row_topk(pre, K)),
-        "decode": _timed(lambda: ops.decode(vals, idx, p["W_dec"])),
-        "gather_dot": _timed(lambda: ops.gather_dot(dY, idx, p["W_dec"])),
+        "decoder_weights": _timed(lambda: ops.decoder_weights(p["W_dec"])),
+        "decode": _timed(lambda: ops.decode(vals, idx, Wd)),
+        "gather_dot": _timed(lambda: ops.gather_dot(dY, idx, Wd)),
         "latent_grads": _timed(lambda: ops.latent_grads(cols, rows, rows, coef, coef, Yl, Xl, F)),
+        "sorted_entries": _timed(lambda: sorted_entries(cols, rows, rows, coef, coef, B, F)),
         "adam_W_enc": _timed(lambda: ops.adam(p["W_enc"], g, m, v, hp)),
+        "adam_W_enc_lowp_copy": _timed(lambda: ops.adam(p["W_enc"], g, m, v, hp, mx.bfloat16)),
+        "adam_rows_W_dec": _timed(lambda: ops.adam_rows(p["W_dec"], gd, md, vd, hp, True, True, 1e-8)),
     }
+    # the same ops with each of the back end's options at its other setting (GPU back ends)
+    if isinstance(ops, GpuOps):
+        out["mlx_adam_W_enc"] = _timed(lambda: FU.ReferenceOps().adam(p["W_enc"], g, m, v, hp))
+        ops.topk_prefilter = not ops.topk_prefilter
+        out[f"row_topk_prefilter_{ops.topk_prefilter}"] = _timed(lambda: ops.row_topk(pre, K))
+        ops.topk_prefilter = not ops.topk_prefilter
+        out["decode_fp32_W"] = _timed(lambda: ops.decode(vals, idx, p["W_dec"]))
+        out["gather_dot_fp32_W"] = _timed(lambda: ops.gather_dot(dY, idx, p["W_dec"]))
+        rows0 = ops.lg_rows
+        for ty in (1, 2, 8):
+            ops.lg_rows = ty
+            out[f"latent_grads_rows{ty}"] = _timed(lambda: ops.latent_grads(cols, rows, rows, coef, coef, Yl, Xl, F))
+        ops.lg_rows = rows0
     return out
 
 

@@ -95,15 +95,26 @@ def _ghost_grad_loss(pre, x, x_hat, W_dec, dead):
     return mx.mean(ell)
 
 
+def fused_path(sae: SAE, kernels: StepKernels) -> bool:
+    """Whether ``train_forward`` runs ``sae`` through the fully fused forward (TopK, or BatchTopK where the back end
+    keeps its entries sparse). The fused step assumes one width in and out: a transcoder with d_out != d_in takes
+    the per-op path, whose decode and latent sums live in the decoder's width alone."""
+    arch = sae.cfg.architecture
+    fused = kernels.fused_topk if arch == "topk" else kernels.fused_batchtopk if arch == "batchtopk" else False
+    return fused and sae.d_out == sae.d_in
+
+
 def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.array,
-                  kernels: StepKernels | None = None, use_dead: bool = True, target: mx.array | None = None):
+                  kernels: StepKernels | None = None, use_dead: bool = True, target: mx.array | None = None,
+                  lowp: dict[str, mx.array] | None = None):
     """The training-time forward of one batch: (loss, (metrics dict, fired [F] bool, extras)).
 
     x [B,D] already normalised. ``dead`` [F] bool marks dead latents (AuxK / ghost grads);
     ``sparsity_scale`` in [0,1] is the sparsity warm-up factor. ``extras`` holds the BatchTopK minimum kept
     value. ``use_dead=False`` skips the dead-latent losses entirely (valid while fewer tokens than the dead
     window have been seen, when no latent can be dead). ``target`` [B, d_out]: what a transcoder predicts
-    (default: x itself, an SAE); a skip transcoder's output adds x @ W_skip.T.
+    (default: x itself, an SAE); a skip transcoder's output adds x @ W_skip.T. ``lowp``: the parameters'
+    low-precision copies the fused forwards read (``StepKernels.lowp_dtypes``), if the caller keeps them.
     """
     kernels = kernels if kernels is not None else StepKernels("reference")
     cfg = sae.cfg
@@ -115,17 +126,15 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
-    # (the fully fused TopK step assumes one width in and out: a transcoder with d_out != d_in takes the per-op
-    # path, whose decode and latent sums live in the decoder's width alone)
-    fused_topk = arch == "topk" and kernels.fused_topk and sae.d_out == sae.d_in
-    fused_btk = arch == "batchtopk" and kernels.fused_batchtopk and sae.d_out == sae.d_in
+    fused_topk = arch == "topk" and fused_path(sae, kernels)
+    fused_btk = arch == "batchtopk" and fused_path(sae, kernels)
     skip = sae.skip_term(x)  # a skip transcoder's linear term (None otherwise)
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
         # never a dense [B,F] gradient (AuxK normalised by the global batch's variance on N ranks)
-        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead, target, skip)
+        x_hat, vals, idx, aux = kernels.topk_forward(sae, x, dead, use_dead, target, skip, lowp)
     elif fused_btk:  # the same, with the batch's k*B entries kept as a flattened list (the native CPU ops)
-        x_hat, vals, idx, aux = kernels.batchtopk_forward(sae, x, dead, use_dead, target, skip)
+        x_hat, vals, idx, aux = kernels.batchtopk_forward(sae, x, dead, use_dead, target, skip, lowp)
     else:
         vals = idx = None
     if arch == "topk" or fused_btk:

@@ -55,22 +55,28 @@ def update_hparams(params: dict[str, mx.array], grads: dict[str, mx.array], opt_
 
 
 def adam_pass(name: str, param: mx.array, grad: mx.array, opt_state: dict, hp: mx.array, *, unit_norm: bool,
-              ops) -> mx.array:
+              ops, lowp: dict[str, mx.array] | None = None) -> mx.array:
     """The second half, for one parameter: its fused Adam pass (the decoder's with projection and renorm),
-    ``opt_state[name]`` updated in place; returns the new parameter."""
+    ``opt_state[name]`` updated in place; returns the new parameter. ``lowp`` (name -> the parameter's
+    low-precision copy that the fused forward reads): a parameter named there gets its new copy written in the
+    same pass, into ``lowp`` in place."""
     st = opt_state[name]
+    dt = lowp[name].dtype if lowp is not None and name in lowp else None
     if name == "W_dec":
-        p, st["m"], st["v"] = ops.adam_rows(param, grad, st["m"], st["v"], hp, unit_norm and ops.fused_optimizer,
-                                            unit_norm, 1e-8)
+        out = ops.adam_rows(param, grad, st["m"], st["v"], hp, unit_norm and ops.fused_optimizer, unit_norm, 1e-8,
+                            dt)
     else:
-        p, st["m"], st["v"] = ops.adam(param, grad, st["m"], st["v"], hp)
+        out = ops.adam(param, grad, st["m"], st["v"], hp, dt)
+    p, st["m"], st["v"] = out[:3]
+    if dt is not None and lowp is not None:
+        lowp[name] = out[3]
     return p
 
 
 def adam_passes(params: dict[str, mx.array], grads: dict[str, mx.array], opt_state: dict, hp: mx.array, *,
-                unit_norm: bool, ops) -> dict[str, mx.array]:
+                unit_norm: bool, ops, lowp: dict[str, mx.array] | None = None) -> dict[str, mx.array]:
     """``adam_pass`` for every parameter that has a gradient: the new parameters."""
-    return {name: adam_pass(name, params[name], g, opt_state, hp, unit_norm=unit_norm, ops=ops)
+    return {name: adam_pass(name, params[name], g, opt_state, hp, unit_norm=unit_norm, ops=ops, lowp=lowp)
             for name, g in grads.items()}
 
 

@@ -70,26 +70,37 @@ class StepKernels:
         on N ranks the global cut gives each rank a different number of entries, and the dense mask runs)."""
         return self.ops is not None and self.ops.sparse_batchtopk and self.world is None
 
-    def batchtopk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
+    def lowp_dtypes(self) -> dict[str, mx.Dtype]:
+        """The parameters whose low-precision copies the fused forwards read (name -> dtype: the encoder's bf16
+        matmul operand, the decoder's bf16 rows on the GPU back ends; empty elsewhere). A trainer that keeps them
+        (written by its Adam passes) passes them as ``lowp``; without them the forward casts each step."""
+        if self.ops is None:
+            return {}
+        dts = {"W_enc": self.ops.matmul_dtype, "W_dec": self.ops.decoder_dtype}
+        return {n: dt for n, dt in dts.items() if dt is not None}
+
+    def batchtopk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None, lowp=None):
         """``topk_forward`` for BatchTopK: (x_hat [B,D], vals [k*B], cols [k*B], aux), the batch's kept entries
         flattened (their latents in ``cols``)."""
-        return self._fused(self.module.batchtopk_sae_forward, sae, x, dead, use_dead, target, skip)
+        return self._fused(self.module.batchtopk_sae_forward, sae, x, dead, use_dead, target, skip, lowp)
 
-    def topk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None):
+    def topk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None, lowp=None):
         """The trainer's TopK branch on the fused ops: (x_hat [B,D], vals [B,k], idx [B,k], aux) where aux
         is the AuxK term (raw dead pre-activations, no decoder bias, normalised by ``total_variance`` of the
         residual, times ``aux_k_coefficient``; 0 when no latent is dead or ``use_dead`` is False). ``target``:
-        what a transcoder predicts (default x); ``skip``: a skip transcoder's ``sae.skip_term(x)``, added to x_hat."""
-        return self._fused(self.module.topk_sae_forward, sae, x, dead, use_dead, target, skip)
+        what a transcoder predicts (default x); ``skip``: a skip transcoder's ``sae.skip_term(x)``, added to x_hat;
+        ``lowp``: the parameters' copies of ``lowp_dtypes`` (a dict; missing ones are cast here)."""
+        return self._fused(self.module.topk_sae_forward, sae, x, dead, use_dead, target, skip, lowp)
 
-    def _fused(self, forward, sae, x, dead, use_dead: bool, target, skip):
+    def _fused(self, forward, sae, x, dead, use_dead: bool, target, skip, lowp):
         """One fused forward (``forward``: the TopK or the BatchTopK one) with the trainer's AuxK term: (x_hat with
         the skip term, vals, idx, aux)."""
         cfg = sae.cfg
         aux_on = bool(use_dead) and cfg.aux_k_coefficient > 0
+        lowp = lowp or {}
         out = forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, cfg.k, dead if aux_on else None,
                       cfg.resolved_aux_k if aux_on else None, apply_b_dec_to_input=cfg.apply_b_dec_to_input,
-                      aux_relu=False, ops=self.ops)
+                      aux_relu=False, W_enc_lowp=lowp.get("W_enc"), W_dec_lowp=lowp.get("W_dec"), ops=self.ops)
         x_hat = out.x_hat if skip is None else out.x_hat + skip
         aux = mx.array(0.0)
         if aux_on:

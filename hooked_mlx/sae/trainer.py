@@ -14,7 +14,7 @@ from ..host import flat_items, to_float, to_floats, to_int
 from . import distributed as D
 from . import metrics as M
 from .config import RUN_TIME_NORMS, TRAINABLE_ARCHITECTURES, SAEConfig
-from .forward import geometric_median, lr_schedule, train_forward
+from .forward import fused_path, geometric_median, lr_schedule, train_forward
 from .fused_update import adam_pass, adam_passes, update_hparams
 from .sae import SAE
 from .step_kernels import StepKernels
@@ -87,6 +87,11 @@ class SAETrainer:
             "sums": {k: mx.array(0.0, dtype=mx.float32) for k in M.TRAIN_KEYS},
             "count": mx.array(0, dtype=mx.int32),
         }
+        #: low-precision copies of parameters that the fused forward reads (the GPU back ends' bf16 W_enc and W_dec),
+        #: written by the Adam passes, so no step casts them; derived state, never checkpointed (rebuilt on load)
+        self._lowp_dtypes = (self.kernels.lowp_dtypes() if self.fused_update and fused_path(self.sae, self.kernels)
+                             else {})
+        self.lowp: dict[str, mx.array] = {}
         self.initialized = False
         self._step_fns: dict[bool, Any] = {}
         self._host_step = 0  # mirrors aux["step"] without a device sync
@@ -118,10 +123,17 @@ class SAETrainer:
         self.initialized = True
         self._build()
 
+    def _refresh_lowp(self) -> None:
+        """The low-precision copies from the current parameters (in place: the compiled step holds the dict)."""
+        self.lowp.clear()
+        self.lowp.update({n: getattr(self.sae, n).astype(dt) for n, dt in self._lowp_dtypes.items()})
+        mx.eval(self.lowp)
+
     def _state(self):
-        return [self.sae.state, self.optimizer.state, self.aux]
+        return [self.sae.state, self.optimizer.state, self.aux, self.lowp]
 
     def _build(self):
+        self._refresh_lowp()
         cfg = self.cfg
         unit_norm = cfg.resolved_decoder_unit_norm
         window = cfg.dead_tokens_window
@@ -136,8 +148,10 @@ class SAETrainer:
         low_memory = fused_ops is not None and self.low_memory
         reduce_dtype = self.grad_reduce_dtype
         lr_fn = lr_schedule(cfg)
+        lowp = self.lowp
         loss_and_grad = nn.value_and_grad(
-            sae, lambda x, dead, sp, t: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead, target=t))
+            sae, lambda x, dead, sp, t: train_forward(sae, x, dead, sp, kernels, use_dead=use_dead, target=t,
+                                                      lowp=lowp))
 
         def body(x_raw, t_raw):
             x = x_raw.astype(mx.float32) * scale
@@ -167,7 +181,8 @@ class SAETrainer:
                 if low_memory:
                     deferred = (grads, hp)  # the passes run after this step, one parameter at a time
                 else:
-                    sae.update(adam_passes(params, grads, opt.state, hp, unit_norm=unit_norm, ops=fused_ops))
+                    sae.update(adam_passes(params, grads, opt.state, hp, unit_norm=unit_norm, ops=fused_ops,
+                                           lowp=lowp))
             else:
                 old_sae = tree_map(lambda a: a, sae.parameters())
                 old_opt = tree_map(lambda a: a, opt.state)
@@ -236,11 +251,11 @@ class SAETrainer:
         unit_norm = self.cfg.resolved_decoder_unit_norm
         for name in sorted(grads, key=lambda n: -grads[n].size):
             new = adam_pass(name, params.pop(name), grads.pop(name), self.optimizer.state, hp, unit_norm=unit_norm,
-                            ops=self.fused_ops)
+                            ops=self.fused_ops, lowp=self.lowp)
             if name == "threshold" and self.cfg.architecture == "jumprelu":
                 new = mx.maximum(new, 0.0)
             self.sae.update({name: new})
-            mx.eval(new, self.optimizer.state[name])
+            mx.eval(new, self.optimizer.state[name], self.lowp)
 
     # -- running ----------------------------------------------------------------------------------------
     def step(self, x: mx.array, target: mx.array | None = None) -> None:

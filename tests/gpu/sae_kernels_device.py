@@ -86,6 +86,19 @@ def kernel_checks(ops, ref):
     v, i = ops.row_topk(tied, k)
     vr, _ = ref.row_topk(tied, k)
     record("row_topk_ties", mx.array_equal(mx.sort(v, -1), mx.sort(vr, -1)).item())
+    # every entry tied (the prefilter's candidates overflow: the select runs on the whole row), and the same
+    # selections with the prefilter off
+    flat = mx.ones((64, F), mx.bfloat16)
+    v, i = ops.row_topk(flat, k)
+    record("row_topk_all_tied", mx.array_equal(v, mx.ones_like(v)).item()
+           and (mx.sort(i, -1)[:, 1:] != mx.sort(i, -1)[:, :-1]).all().item())
+    old_pf = ops.topk_prefilter
+    ops.topk_prefilter = False
+    for nm, pre in (("bf16", pre16), ("fp32", pre32)):
+        v, i = ops.row_topk(pre, k)
+        vr, _ = ref.row_topk(pre, k)
+        record(f"row_topk_{nm}_no_prefilter", mx.array_equal(mx.sort(v, -1), mx.sort(vr, -1)).item())
+    ops.topk_prefilter = old_pf
     for nm, p in (("bf16", pre16), ("fp32", pre32), ("ties", tied)):
         for kk in (64, 4000):
             c = FU.batchtopk_threshold(p, kk, ops)
@@ -95,6 +108,11 @@ def kernel_checks(ops, ref):
     dY = mx.random.normal((B, D), key=ks[5])
     for nm, a, b in (("decode", ops.decode(vals, idx, W_dec), ref.decode(vals, idx, W_dec)),
                      ("gather_dot", ops.gather_dot(dY, idx, W_dec), ref.gather_dot(dY, idx, W_dec))):
+        record(nm, maxrel(a, b) < 1e-5, maxrel=maxrel(a, b))
+    W16 = W_dec.astype(mx.bfloat16)  # the decoder copy the fused forward reads (ops.decoder_weights)
+    for nm, a, b in (("decode_bf16_W", ops.decode(vals, idx, W16), ref.decode(vals, idx, W16.astype(mx.float32))),
+                     ("gather_dot_bf16_W", ops.gather_dot(dY, idx, W16),
+                      ref.gather_dot(dY, idx, W16.astype(mx.float32)))):
         record(nm, maxrel(a, b) < 1e-5, maxrel=maxrel(a, b))
     cols = idx.reshape(-1)
     rows = mx.repeat(mx.arange(B, dtype=mx.uint32), k)
@@ -120,6 +138,13 @@ def kernel_checks(ops, ref):
         errs16 = [maxrel(a, b) for a, b in zip(got16, want16)]
         record(f"latent_grads_{variant}_bf16_operands", max(errs16) < 1e-5, maxrel=errs16)
     ops.lg_variant = old_variant
+    old_rows = ops.lg_rows
+    for ty in (1, 2, 8):
+        ops.lg_rows = ty
+        got = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)
+        errs = [maxrel(a, b) for a, b in zip(got, want)]
+        record(f"latent_grads_v4_rows{ty}", max(errs) < 1e-5, maxrel=errs)
+    ops.lg_rows = old_rows
     got1 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)
     got2 = ops.latent_grads(cols, rows, rows, vals.reshape(-1), ce, dY, x, F, True)
     record("latent_grads_deterministic_bitwise", all(mx.array_equal(a, b).item() for a, b in zip(got1, got2)))
@@ -131,6 +156,18 @@ def kernel_checks(ops, ref):
     want = ref.adam_rows(W_dec, g, m, v, hp, True, True, 1e-8)
     errs = [maxrel(a, b) for a, b in zip(got, want)]
     record("adam_rows", max(errs) < 1e-5, maxrel=errs)
+    got = ops.adam_rows(W_dec, g, m, v, hp, True, True, 1e-8, mx.bfloat16)
+    errs = [maxrel(a, b) for a, b in zip(got[:3], want)]
+    record("adam_rows_lowp_copy", max(errs) < 1e-5 and mx.array_equal(got[3], got[0].astype(mx.bfloat16)).item(),
+           maxrel=errs)
+    for lowp in (None, mx.bfloat16):
+        got = ops.adam(W_enc, g.T, m.T, v.T, hp, lowp)
+        want = ref.adam(W_enc, g.T, m.T, v.T, hp, lowp)
+        errs = [maxrel(a, b) for a, b in zip(got[:3], want[:3])]
+        ok = max(errs) < 1e-5
+        if lowp is not None:
+            ok = ok and mx.array_equal(got[3], got[0].astype(mx.bfloat16)).item()
+        record(f"adam{'_lowp_copy' if lowp is not None else ''}", ok, maxrel=errs)
 
 
 def forward_grad_checks(ops):

@@ -72,9 +72,9 @@ class NativeCpuOps(CpuOps):
             return super().sq_norm(g, W)
         return self._k.sq_norm(g, _NONE if W is None else W, W is not None)
 
-    def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps):
-        if W.ndim != 2:
-            return super().adam_rows(W, g, m, v, hp, remove_parallel, renorm, renorm_eps)
+    def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps, lowp_dtype=None):
+        if W.ndim != 2 or lowp_dtype is not None:
+            return super().adam_rows(W, g, m, v, hp, remove_parallel, renorm, renorm_eps, lowp_dtype)
         return self._k.adam_rows(W, g, m, v, hp, bool(remove_parallel), bool(renorm), float(renorm_eps))
 
     def adam(self, p, g, m, v, hp, lowp_dtype=None):

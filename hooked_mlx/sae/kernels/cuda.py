@@ -3,10 +3,12 @@ launches are ``gpu.GpuOps``'s (see ``fused.py`` for the design).
 
 Kernels:
 
-* ``hk_row_topk``   one block per row: 8-bit radix select on order-preserving keys (2 passes for bf16
-  pre-activations, 4 for fp32; histograms in shared memory with warp-aggregated atomics via
-  ``__match_any_sync``), then one pass writing the entries above the threshold and the needed ties.
-  No sort; the row is read 3 (bf16) or 5 (fp32) times, from L2 after the first.
+* ``hk_row_topk``   one block per row: a prefilter, then an 8-bit radix select on order-preserving keys (2
+  passes for bf16 pre-activations, 4 for fp32; histograms in shared memory with warp-aggregated atomics via
+  ``__match_any_sync``), then one pass writing the entries above the threshold and the needed ties. The
+  prefilter: the k-th largest of the threads' maxima bounds the row's k-th largest from below, so only the
+  entries above it (usually a few hundred) are compacted into shared memory and selected from; the row is read
+  twice. Where more than ``topk_cap`` entries pass (ties, dead masks), the select runs on the whole row.
 * ``hk_radix_hist`` one radix pass over the flattened batch (BatchTopK threshold): block histograms,
   then global atomics; the bin choice between passes is a handful of MLX ops (no host sync).
 * ``hk_decode``     x_hat[b] = sum_j v_bj W[idx_bj] (float4 rows; zero values skipped).
@@ -20,7 +22,8 @@ Kernels:
 * ``hk_sq_norms``   one block per row: |g_r|^2, or with W: |g_r|^2 - (g_r.W_r)^2 (2 - |W_r|^2) (the squared
   norm of the projected decoder gradient), float4 loads, no temporaries; the rows' sum is one small MLX sum.
 
-The plain Adam for W_enc / b_enc / b_dec is MLX's compiled elementwise kernel (already one pass).
+* ``hk_adam``       the elementwise Adam for W_enc / b_enc / b_dec: one float4 pass, optionally writing the bf16
+  copy of the new parameter in it (round to nearest even, as ``astype``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class CudaOps(GpuOps):
     name = "cuda"
     SOURCES = specs(row_topk=S.ROW_TOPK, radix_hist=S.RADIX_HIST, decode=S.DECODE, gather_dot=S.GATHER_DOT,
                     latent_grads=S.LATENT_GRADS, latent_grads_v4=S.LATENT_GRADS_V4,
-                    latent_grads_atomic=S.LATENT_GRADS_ATOMIC, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS)
+                    latent_grads_atomic=S.LATENT_GRADS_ATOMIC, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS,
+                    adam=S.ADAM)
     HEADER = S.HEADER
     radix_bf16 = True
     radix_max_groups = 132 * 8
@@ -53,4 +57,6 @@ class CudaOps(GpuOps):
                                    source=spec.source, header=self.HEADER)
 
     def topk_threads(self, F: int) -> int:
-        return 1024 if F >= 65536 else 512
+        if F >= 4096:
+            return 1024 if F >= 65536 else 512
+        return max(64, min(512, 1 << max(0, (F // 4).bit_length() - 1)))  # at most a quarter of the row: prefilter

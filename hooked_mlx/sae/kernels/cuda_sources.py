@@ -20,6 +20,36 @@ template <bool LP> __device__ __forceinline__ float4 hk_ld4(const void* p, size_
   }
   return *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p) + i);
 }
+// VEC consecutive floats (VEC 4: one float4) at p + i, to / from a register array
+template <int VEC> __device__ __forceinline__ void hk_ldv(const float* p, size_t i, float* out) {
+  if (VEC == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(p + i);
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  } else {
+    for (int j = 0; j < VEC; ++j) out[j] = p[i + j];
+  }
+}
+template <int VEC> __device__ __forceinline__ void hk_stv(float* p, size_t i, const float* v) {
+  if (VEC == 4) *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+  else for (int j = 0; j < VEC; ++j) p[i + j] = v[j];
+}
+// float -> bfloat16 bits, round to nearest even (as astype), NaN kept quiet
+__device__ __forceinline__ unsigned short hk_to_bf16(float f) {
+  const unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+template <int VEC> __device__ __forceinline__ void hk_stbf(void* p, size_t i, const float* v) {
+  unsigned short* q = reinterpret_cast<unsigned short*>(p) + i;
+  if (VEC == 4) {
+    uint2 w;
+    w.x = (unsigned int)hk_to_bf16(v[0]) | ((unsigned int)hk_to_bf16(v[1]) << 16);
+    w.y = (unsigned int)hk_to_bf16(v[2]) | ((unsigned int)hk_to_bf16(v[3]) << 16);
+    *reinterpret_cast<uint2*>(q) = w;
+  } else {
+    for (int j = 0; j < VEC; ++j) q[j] = hk_to_bf16(v[j]);
+  }
+}
 __device__ __forceinline__ float hk_block_sum(float v, float* red) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
@@ -34,12 +64,22 @@ __device__ __forceinline__ float hk_block_sum(float v, float* red) {
 """
 
 ROW_TOPK = r"""
-  // template: K, F, BF16 (bool), HAS_DEAD (bool), RELU (bool: relu the written values)
+  // template: K, F, BF16 (bool), HAS_DEAD (bool), RELU (bool: relu the written values), PF (bool: prefilter),
+  // CAP (candidate capacity of the prefilter, >= blockDim.x)
+  //
+  // PF: each thread's largest key over its entries i = tid + j*nt; the K-th largest of these nt maxima, m, is
+  // a lower bound of the row's K-th largest key (K threads each own an entry >= m; needs K <= nt). The entries
+  // with key >= m (usually a few hundred) are compacted into shared memory and the radix select runs on them.
+  // If more than CAP qualify (ties, dead masks), the select runs on the whole row instead. Either way the
+  // result is the exact top K.
   __shared__ unsigned int hist[256];
   __shared__ unsigned int sel[2];
   __shared__ unsigned int cnt[2];
+  __shared__ unsigned int ckey[PF ? CAP : 1];
+  __shared__ unsigned int cidx[PF ? CAP : 1];
   const int row = blockIdx.x;
   const int tid = threadIdx.x;
+  const int nt = blockDim.x;
   const size_t base = (size_t)row * F;
   const unsigned short* p16 = reinterpret_cast<const unsigned short*>(pre);
   const float* p32 = reinterpret_cast<const float*>(pre);
@@ -49,58 +89,98 @@ ROW_TOPK = r"""
     if (HAS_DEAD && dead[i] == 0.f) return 0u;
     return hk_key(value(i)) >> (32 - KEYBITS);
   };
-  unsigned int prefix = 0, remaining = K;
-  for (int shift = KEYBITS - 8; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    const unsigned int himask = (shift + 8 >= KEYBITS) ? 0u : ((0xFFFFFFFFu << (shift + 8)) & (KEYBITS == 32 ? 0xFFFFFFFFu : 0xFFFFu));
-    for (int i0 = 0; i0 < F; i0 += blockDim.x) {
-      const int i = i0 + tid;
-      unsigned int digit = 256u;
-      if (i < F) {
-        unsigned int key = keyof(i);
-        if ((key & himask) == (prefix & himask)) digit = (key >> shift) & 255u;
-      }
-      unsigned int peers = __match_any_sync(0xffffffffu, digit);
-      if (digit < 256u && (tid & 31) == (__ffs(peers) - 1)) atomicAdd(&hist[digit], (unsigned int)__popc(peers));
-    }
-    __syncthreads();
-    if (tid < 32) {
-      unsigned int s = 0;
-      for (int j = 0; j < 8; ++j) s += hist[255 - 8 * tid - j];
-      unsigned int c = s;
-      for (int o = 1; o < 32; o <<= 1) { unsigned int t = __shfl_up_sync(0xffffffffu, c, o); if (tid >= o) c += t; }
-      unsigned int ball = __ballot_sync(0xffffffffu, c >= remaining);
-      int L = ball ? (__ffs(ball) - 1) : 31;
-      if (tid == L) {
-        unsigned int before = c - s;
-        int bin = 255 - 8 * tid - 7;
-        for (int j = 0; j < 8; ++j) {
-          int b = 255 - 8 * tid - j; unsigned int h = hist[b];
-          if (before + h >= remaining) { bin = b; break; }
-          before += h;
+  // the keys a select runs over: 0 the row, 1 the per-thread maxima (ckey[0:nt]), 2 the candidates (ckey)
+  auto keyat = [&](int mode, int i) -> unsigned int { return mode == 0 ? keyof(i) : ckey[i]; };
+  // radix select of the want-th largest key among n (block-uniform): prefix = that key, remaining = how many
+  // entries equal to it are kept
+  auto radix = [&](int mode, int n, unsigned int want, unsigned int& prefix, unsigned int& remaining) {
+    prefix = 0; remaining = want;
+    for (int shift = KEYBITS - 8; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += nt) hist[i] = 0;
+      __syncthreads();
+      const unsigned int himask = (shift + 8 >= KEYBITS) ? 0u : ((0xFFFFFFFFu << (shift + 8)) & (KEYBITS == 32 ? 0xFFFFFFFFu : 0xFFFFu));
+      for (int i0 = 0; i0 < n; i0 += nt) {  // block-uniform trip count: whole warps in __match_any_sync
+        const int i = i0 + tid;
+        unsigned int digit = 256u;
+        if (i < n) {
+          unsigned int key = keyat(mode, i);
+          if ((key & himask) == (prefix & himask)) digit = (key >> shift) & 255u;
         }
-        sel[0] = prefix | ((unsigned int)bin << shift);
-        sel[1] = remaining - before;
+        unsigned int peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256u && (tid & 31) == (__ffs(peers) - 1)) atomicAdd(&hist[digit], (unsigned int)__popc(peers));
+      }
+      __syncthreads();
+      if (tid < 32) {
+        unsigned int s = 0;
+        for (int j = 0; j < 8; ++j) s += hist[255 - 8 * tid - j];
+        unsigned int c = s;
+        for (int o = 1; o < 32; o <<= 1) { unsigned int t = __shfl_up_sync(0xffffffffu, c, o); if (tid >= o) c += t; }
+        unsigned int ball = __ballot_sync(0xffffffffu, c >= remaining);
+        int L = ball ? (__ffs(ball) - 1) : 31;
+        if (tid == L) {
+          unsigned int before = c - s;
+          int bin = 255 - 8 * tid - 7;
+          for (int j = 0; j < 8; ++j) {
+            int b = 255 - 8 * tid - j; unsigned int h = hist[b];
+            if (before + h >= remaining) { bin = b; break; }
+            before += h;
+          }
+          sel[0] = prefix | ((unsigned int)bin << shift);
+          sel[1] = remaining - before;
+        }
+      }
+      __syncthreads();
+      prefix = sel[0];
+      remaining = sel[1];
+      __syncthreads();
+    }
+  };
+  int mode = 0, n = F;
+  if (PF) {
+    unsigned int mx_ = 0;
+    for (int i = tid; i < F; i += nt) { const unsigned int kk = keyof(i); mx_ = kk > mx_ ? kk : mx_; }
+    ckey[tid] = mx_;
+    if (tid == 0) cnt[0] = 0;
+    __syncthreads();
+    unsigned int m, r_;
+    radix(1, nt, K, m, r_);
+    for (int i0 = 0; i0 < F; i0 += nt) {  // compact the entries with key >= m (block-uniform trip count)
+      const int i = i0 + tid;
+      unsigned int kk = 0;
+      bool c = false;
+      if (i < F) { kk = keyof(i); c = kk >= m; }
+      const unsigned int b = __ballot_sync(0xffffffffu, c);
+      if (b) {
+        const int leader = __ffs(b) - 1;
+        unsigned int at = 0;
+        if ((tid & 31) == leader) at = atomicAdd(&cnt[0], (unsigned int)__popc(b));
+        at = __shfl_sync(0xffffffffu, at, leader);
+        if (c) {
+          const unsigned int pos = at + __popc(b & ((1u << (tid & 31)) - 1u));
+          if (pos < CAP) { ckey[pos] = kk; cidx[pos] = (unsigned int)i; }
+        }
       }
     }
     __syncthreads();
-    prefix = sel[0];
-    remaining = sel[1];
+    const unsigned int nc = cnt[0];
+    if (nc <= CAP) { mode = 2; n = (int)nc; }
     __syncthreads();
   }
+  unsigned int prefix, remaining;
+  radix(mode, n, K, prefix, remaining);
   if (tid == 0) { cnt[0] = 0; cnt[1] = 0; }
   __syncthreads();
   const unsigned int n_gt = K - remaining;
-  for (int i = tid; i < F; i += blockDim.x) {
-    unsigned int key = keyof(i);
+  for (int i = tid; i < n; i += nt) {
+    const unsigned int key = keyat(mode, i);
+    const int col = mode == 2 ? (int)cidx[i] : i;
     int slot = -1;
     if (key > prefix) slot = (int)atomicAdd(&cnt[0], 1u);
     else if (key == prefix) { unsigned int s = atomicAdd(&cnt[1], 1u); if (s < remaining) slot = (int)(n_gt + s); }
     if (slot >= 0) {
-      float v = (key == 0u) ? 0.f : value(i);
+      float v = (key == 0u) ? 0.f : value(col);
       vals[(size_t)row * K + slot] = RELU ? (v > 0.f ? v : 0.f) : v;
-      idx[(size_t)row * K + slot] = (uint32_t)i;
+      idx[(size_t)row * K + slot] = (uint32_t)col;
     }
   }
 """
@@ -135,9 +215,8 @@ RADIX_HIST = r"""
 """
 
 DECODE = r"""
-  // template: KK, D (D % 4 == 0)
+  // template: KK, D (D % 4 == 0), LPW (W in bfloat16)
   const int b = blockIdx.x;
-  const float4* W4 = reinterpret_cast<const float4*>(W);
   const float* v = vals + (size_t)b * KK;
   const uint32_t* ix = idx + (size_t)b * KK;
   for (int d4 = threadIdx.x; d4 < D / 4; d4 += blockDim.x) {
@@ -145,7 +224,7 @@ DECODE = r"""
     for (int j = 0; j < KK; ++j) {
       float a = v[j];
       if (a != 0.f) {
-        float4 w = W4[(size_t)ix[j] * (D / 4) + d4];
+        float4 w = hk_ld4<LPW>(W, (size_t)ix[j] * D + 4 * d4);
         acc.x += a * w.x; acc.y += a * w.y; acc.z += a * w.z; acc.w += a * w.w;
       }
     }
@@ -154,19 +233,18 @@ DECODE = r"""
 """
 
 GATHER_DOT = r"""
-  // template: KK, D (D % 4 == 0); 256 threads
+  // template: KK, D (D % 4 == 0), LPW (W in bfloat16); 256 threads
   __shared__ float4 y[D / 4];
   const int b = blockIdx.x;
   const float4* Y4 = reinterpret_cast<const float4*>(dY) + (size_t)b * (D / 4);
   for (int i = threadIdx.x; i < D / 4; i += blockDim.x) y[i] = Y4[i];
   __syncthreads();
-  const float4* W4 = reinterpret_cast<const float4*>(W);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int j = warp; j < KK; j += nw) {
-    const float4* w = W4 + (size_t)idx[(size_t)b * KK + j] * (D / 4);
+    const size_t w0 = (size_t)idx[(size_t)b * KK + j] * D;
     float acc = 0.f;
     for (int d4 = lane; d4 < D / 4; d4 += 32) {
-      float4 a = w[d4], c = y[d4];
+      float4 a = hk_ld4<LPW>(W, w0 + 4 * d4), c = y[d4];
       acc += a.x * c.x + a.y * c.y + a.z * c.z + a.w * c.w;
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -212,14 +290,15 @@ LATENT_GRADS = r"""
 """
 
 LATENT_GRADS_V4 = r"""
-  // template: F, D (D % 4 == 0), HAS_ENC, TL, LPY / LPX (Y / X in bfloat16); 64 threads x float4 = 256 d's,
-  // TL latents per block, two entries per iteration (independent loads in flight)
+  // template: F, D (D % 4 == 0), HAS_ENC, TL, LPY / LPX (Y / X in bfloat16); block (64, TY): 64 threads x float4
+  // = 256 d's, TL latents per block, TY of them at a time (threadIdx.y), two entries per iteration (independent
+  // loads in flight)
   __shared__ float tile[TL][257];
   const int f0 = blockIdx.x * TL;
   const int d0 = blockIdx.y * 256;
   const int t = threadIdx.x;
   const int d = d0 + 4 * t;
-  for (int l = 0; l < TL; ++l) {
+  for (int l = threadIdx.y; l < TL; l += blockDim.y) {
     const int f = f0 + l;
     float4 ad = make_float4(0.f, 0.f, 0.f, 0.f), ae = make_float4(0.f, 0.f, 0.f, 0.f);
     if (f < F && d < D) {
@@ -255,12 +334,13 @@ LATENT_GRADS_V4 = r"""
   }
   if (HAS_ENC) {
     __syncthreads();
-    const int l = t % TL;
-    for (int dd = t / TL; dd < 256; dd += 64 / TL) {
+    const int t2 = threadIdx.y * 64 + t, nt2 = 64 * blockDim.y;
+    const int l = t2 % TL;
+    for (int dd = t2 / TL; dd < 256; dd += nt2 / TL) {
       if (f0 + l < F && d0 + dd < D) dW_enc[(size_t)(d0 + dd) * F + f0 + l] = tile[l][dd];
     }
-    if (blockIdx.y == 0 && t < TL && f0 + t < F) {
-      const int f = f0 + t;
+    if (blockIdx.y == 0 && t2 < TL && f0 + t2 < F) {
+      const int f = f0 + t2;
       float sacc = 0.f;
       for (int q = offsets[f]; q < offsets[f + 1]; ++q) sacc += coef_enc[q];
       db_enc[f] = sacc;
@@ -284,45 +364,72 @@ LATENT_GRADS_ATOMIC = r"""
 """
 
 ADAM_ROWS = r"""
-  // template: D, REMOVE_PAR, RENORM; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply, renorm_eps]
-  constexpr int PER = (D + 255) / 256;
+  // template: D, REMOVE_PAR, RENORM, LOWP (also write the new row rounded to bfloat16 into W_lp), VEC (4: float4
+  // loads and stores, D % 4 == 0; 1: scalars); 256 threads; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply,
+  // renorm_eps]
+  constexpr int NC = D / VEC;
+  constexpr int PER = (NC + 255) / 256;
   __shared__ float red[33];
   const size_t base = (size_t)blockIdx.x * D;
   const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7], reps = hp[9];
   const bool apply = hp[8] > 0.5f;
-  float w[PER], g[PER];
+  float w[PER * VEC], g[PER * VEC];
   float dot = 0.f;
   #pragma unroll
   for (int i = 0; i < PER; ++i) {
-    const int d = threadIdx.x + i * 256;
-    w[i] = 0.f; g[i] = 0.f;
-    if (d < D) { w[i] = W[base + d]; g[i] = G[base + d]; if (!isfinite(g[i])) g[i] = 0.f; dot += w[i] * g[i]; }
+    const int c = threadIdx.x + i * 256;
+    #pragma unroll
+    for (int j = 0; j < VEC; ++j) { w[i * VEC + j] = 0.f; g[i * VEC + j] = 0.f; }
+    if (c < NC) {
+      hk_ldv<VEC>(W, base + (size_t)c * VEC, w + i * VEC);
+      hk_ldv<VEC>(G, base + (size_t)c * VEC, g + i * VEC);
+      #pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (!isfinite(g[i * VEC + j])) g[i * VEC + j] = 0.f;
+        dot += w[i * VEC + j] * g[i * VEC + j];
+      }
+    }
   }
   if (REMOVE_PAR) {
     dot = hk_block_sum(dot, red);
     #pragma unroll
-    for (int i = 0; i < PER; ++i) g[i] = g[i] - dot * w[i];
+    for (int i = 0; i < PER * VEC; ++i) g[i] = g[i] - dot * w[i];
   }
   float nrm = 0.f;
   #pragma unroll
   for (int i = 0; i < PER; ++i) {
-    const int d = threadIdx.x + i * 256;
-    if (d < D) {
-      float m = b1 * M[base + d] + ob1 * g[i];
-      float v = b2 * V[base + d] + ob2 * (g[i] * g[i]);
-      M_out[base + d] = m;
-      V_out[base + d] = v;
-      float p = w[i] - (c1 * m) / (sqrtf(v) * c2 + eps);
-      w[i] = p;
-      nrm += p * p;
+    const int c = threadIdx.x + i * 256;
+    if (c < NC) {
+      const size_t o = base + (size_t)c * VEC;
+      float mm[VEC], vv[VEC];
+      hk_ldv<VEC>(M, o, mm);
+      hk_ldv<VEC>(V, o, vv);
+      #pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float gj = g[i * VEC + j];
+        mm[j] = b1 * mm[j] + ob1 * gj;
+        vv[j] = b2 * vv[j] + ob2 * (gj * gj);
+        const float p = w[i * VEC + j] - (c1 * mm[j]) / (sqrtf(vv[j]) * c2 + eps);
+        w[i * VEC + j] = p;
+        nrm += p * p;
+      }
+      hk_stv<VEC>(M_out, o, mm);
+      hk_stv<VEC>(V_out, o, vv);
     }
   }
   float den = 1.f;
   if (RENORM) { nrm = hk_block_sum(nrm, red); den = apply ? sqrtf(nrm) + reps : 1.f; }
   #pragma unroll
   for (int i = 0; i < PER; ++i) {
-    const int d = threadIdx.x + i * 256;
-    if (d < D) W_out[base + d] = RENORM ? w[i] / den : w[i];
+    const int c = threadIdx.x + i * 256;
+    if (c < NC) {
+      const size_t o = base + (size_t)c * VEC;
+      float out[VEC];
+      #pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = RENORM ? w[i * VEC + j] / den : w[i * VEC + j];
+      hk_stv<VEC>(W_out, o, out);
+      if (LOWP) hk_stbf<VEC>(W_lp, o, out);
+    }
   }
 """
 
@@ -351,4 +458,28 @@ SQ_NORMS = r"""
   gg = hk_block_sum(gg, red);
   if (HAS_W) { gw = hk_block_sum(gw, red); ww = hk_block_sum(ww, red); }
   if (threadIdx.x == 0) out[blockIdx.x] = HAS_W ? gg - gw * gw * (2.f - ww) : gg;
+"""
+
+ADAM = r"""
+  // template: N (elements, N % 4 == 0), LOWP (also write the new p rounded to bfloat16 into P_lp); one float4 per
+  // thread; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply]; non-finite gradient entries read as 0
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  if (i >= N) return;
+  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7];
+  float p[4], g[4], m[4], v[4];
+  hk_ldv<4>(P, i, p);
+  hk_ldv<4>(G, i, g);
+  hk_ldv<4>(M, i, m);
+  hk_ldv<4>(V, i, v);
+  #pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float gj = isfinite(g[j]) ? g[j] : 0.f;
+    m[j] = b1 * m[j] + ob1 * gj;
+    v[j] = b2 * v[j] + ob2 * (gj * gj);
+    p[j] = p[j] - (c1 * m[j]) / (sqrtf(v[j]) * c2 + eps);
+  }
+  hk_stv<4>(P_out, i, p);
+  hk_stv<4>(M_out, i, m);
+  hk_stv<4>(V_out, i, v);
+  if (LOWP) hk_stbf<4>(P_lp, i, p);
 """

@@ -39,8 +39,9 @@ Trainer integration (``SAEConfig.kernels = "auto"``, the default, is this module
 Precision: GPU back ends run the encoder matmul in bf16 with fp32 accumulation (pre-activations stored
 in bf16, as under sparsify's autocast), and the per-latent gradient sums read bf16 copies of the
 reconstruction gradient and of the (centred) input with fp32 sums (``lowp_backward``: half the gathered
-bytes; ``HOOKED_MLX_SAE_LOWP_BWD=0`` turns it off). Parameters, values, decode, Adam and θ are fp32. The
-reference back end is fp32 end to end and equals the dense reference (``reference.py``) to float32
+bytes; ``HOOKED_MLX_SAE_LOWP_BWD=0`` turns it off). Decode and the gathered dot products read a bf16 copy of
+W_dec, cast once per step (``lowp_decoder``; ``HOOKED_MLX_SAE_LOWP_DEC=0`` turns it off), with fp32 sums.
+Parameters, values, the optimizer state, Adam and θ are fp32. The reference back end is fp32 end to end and equals the dense reference (``reference.py``) to float32
 rounding, which the CPU tests check.
 """
 
@@ -94,44 +95,50 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
     def xc_of(x, b_dec):
         return x - b_dec if apply_b_dec else x
 
+    def dec_w(W_dec, Wd_lowp):
+        # a ready copy, else the back end's cast (the VJP's identical cast is the same node of a compiled graph)
+        return Wd_lowp if Wd_lowp.size else ops.decoder_weights(W_dec)
+
     @mx.custom_function
-    def fwd(x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp):
+    def fwd(x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp, Wd_lowp):
         xc = xc_of(x, b_dec)
         pre = ops.pre(xc, W_enc, b_enc, W_lowp)
+        Wd = dec_w(W_dec, Wd_lowp)
         if batch:
             rows, idx, vals = ops.batch_entries(pre, k)
-            x_hat = ops.entries_decode(rows, idx, vals, W_dec, x.shape[0]) + b_dec
+            x_hat = ops.entries_decode(rows, idx, vals, Wd, x.shape[0]) + b_dec
             last: tuple = (rows,)
         else:
             vals, idx = ops.row_topk(pre, k)
-            x_hat = ops.decode(vals, idx, W_dec) + b_dec
+            x_hat = ops.decode(vals, idx, Wd) + b_dec
             last = ()
         if not aux:
             return (x_hat, vals, idx, *last)
         avals, aidx = ops.row_topk(pre, k_aux, dead, aux_relu)
-        e_hat = ops.decode(avals, aidx, W_dec)
+        e_hat = ops.decode(avals, aidx, Wd)
         return (x_hat, vals, idx, e_hat, avals, aidx, *last)
 
     @fwd.vjp
     def fwd_vjp(primals, cotangents, outputs):
-        x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp = primals
+        x, W_enc, b_enc, W_dec, b_dec, dead, W_lowp, Wd_lowp = primals
         B, D = x.shape
         F = W_dec.shape[0]
         xc = xc_of(x, b_dec)
         d_xhat, d_vals = cotangents[0], cotangents[1]
         vals, idx = outputs[1], outputs[2]
+        Wd = dec_w(W_dec, Wd_lowp)
         if batch:
             rows = outputs[-1]
-            dv = ops.entries_dot(d_xhat, rows, idx, W_dec) + d_vals
+            dv = ops.entries_dot(d_xhat, rows, idx, Wd) + d_vals
         else:
             rows = mx.repeat(mx.arange(B, dtype=mx.uint32), k)
-            dv = ops.gather_dot(d_xhat, idx, W_dec) + d_vals
+            dv = ops.gather_dot(d_xhat, idx, Wd) + d_vals
         dpre = mx.where(vals > 0, dv, 0)
         db_dec = mx.sum(d_xhat, axis=0)
         if aux:
             d_ehat, d_avals = cotangents[3], cotangents[4]
             avals, aidx = outputs[4], outputs[5]
-            dva = ops.gather_dot(d_ehat, aidx, W_dec) + d_avals
+            dva = ops.gather_dot(d_ehat, aidx, Wd) + d_avals
             if aux_relu:
                 dprea = mx.where(avals > 0, dva, 0)
             else:  # raw values: every pick of a dead latent carries gradient (fillers for -inf do not)
@@ -157,37 +164,41 @@ def _topk_fn(ops: ReferenceOps, k: int, k_aux: int, apply_b_dec: bool, determini
             dxc = dxc + ops.enc_rows_sum(dprea, aidx, W_enc)
         if apply_b_dec:
             db_dec = db_dec - W_enc @ db_enc
-        return dxc, dW_enc, db_enc, dW_dec, db_dec, mx.zeros_like(dead), mx.zeros_like(W_lowp)
+        return (dxc, dW_enc, db_enc, dW_dec, db_dec, mx.zeros_like(dead), mx.zeros_like(W_lowp),
+                mx.zeros_like(Wd_lowp))
 
     return fwd
 
 
 def topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
                      apply_b_dec_to_input: bool = True, deterministic: bool = True, aux_relu: bool = True,
-                     W_enc_lowp=None, ops=None) -> TopKOut:
+                     W_enc_lowp=None, W_dec_lowp=None, ops=None) -> TopKOut:
     """Fused TopK SAE forward (see the module docstring). x [B,D] float32.
 
     ``dead`` [F] bool/float (nonzero = dead) with ``k_aux`` > 0 turns on the AuxK outputs; k_aux is
     clipped to F. ``aux_relu=False``: the AuxK values are the dead latents' raw pre-activations (SAELens
     and the hooked_mlx trainer) instead of relu'd ones (OpenAI, sparsify). ``W_enc_lowp``: the bf16 copy of W_enc that ``adam(..., lowp_copy=True)`` produced in the
-    same pass as the update (saves a cast pass per step; GPU back ends only). ``ops``: a back-end name or ops object (default: the self-checked best).
+    same pass as the update (saves a cast pass per step; GPU back ends only); ``W_dec_lowp``: likewise the copy of
+    W_dec in ``ops.decoder_dtype`` that decode reads (``adam_rows(..., lowp_dtype=...)``). ``ops``: a back-end
+    name or ops object (default: the self-checked best).
     """
     return TopKOut(*_fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input,
-                                   deterministic, aux_relu, W_enc_lowp, ops, batch=False))
+                                   deterministic, aux_relu, W_enc_lowp, W_dec_lowp, ops, batch=False))
 
 
 def batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux: int | None = None, *,
-                          apply_b_dec_to_input: bool = True, aux_relu: bool = True, ops=None):
+                          apply_b_dec_to_input: bool = True, aux_relu: bool = True, W_enc_lowp=None, W_dec_lowp=None,
+                          ops=None):
     """The fused BatchTopK forward (back ends with ``sparse_batchtopk``): as ``topk_sae_forward``, with the batch's
     k*B largest relu'd pre-activations kept as flattened entries: a ``TopKOut`` whose ``vals``, ``idx`` and ``rows``
     are [k*B]."""
-    out = _fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input, True, aux_relu, None,
-                         ops, batch=True)
+    out = _fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input, True, aux_relu,
+                         W_enc_lowp, W_dec_lowp, ops, batch=True)
     return TopKOut(*out[:-1])._replace(rows=out[-1])
 
 
 def _fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to_input, deterministic, aux_relu,
-                   W_enc_lowp, ops, batch: bool) -> tuple:
+                   W_enc_lowp, W_dec_lowp, ops, batch: bool) -> tuple:
     """Both fused forwards' checks and call: ``_topk_fn``'s outputs (``batch``: k per row, times the batch, kept
     over the whole batch)."""
     ops = resolve_ops(ops)
@@ -202,16 +213,23 @@ def _fused_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, apply_b_dec_to
     fn = _topk_fn(ops, int(k) * (B if batch else 1), ka, bool(apply_b_dec_to_input), bool(deterministic),
                   bool(aux_relu), batch)
     wl = W_enc_lowp if (W_enc_lowp is not None and ops.matmul_dtype is not None) else mx.zeros((0,), mx.bfloat16)
-    return fn(x, W_enc, b_enc, W_dec, b_dec, d, wl)
+    wdl = W_dec_lowp if (W_dec_lowp is not None and ops.decoder_dtype is not None) else mx.zeros((0,), mx.bfloat16)
+    for name, copy, of, dt in (("W_enc_lowp", wl, W_enc, ops.matmul_dtype), ("W_dec_lowp", wdl, W_dec,
+                                                                            ops.decoder_dtype)):
+        if copy.size and (copy.shape != of.shape or copy.dtype != dt):
+            raise ValueError(f"{name} has shape {copy.shape} and dtype {copy.dtype}; expected {of.shape} in {dt} (a "
+                             f"copy of the parameter in the back end's low precision), or None.")
+    return fn(x, W_enc, b_enc, W_dec, b_dec, d, wl, wdl)
 
 
 def topk_sae_loss(x, W_enc, b_enc, W_dec, b_dec, k: int, dead=None, k_aux=None, aux_coef: float = 1.0, *,
-                  W_enc_lowp=None, ops=None):
+                  W_enc_lowp=None, W_dec_lowp=None, ops=None):
     """sparsify-style FVU loss (+ AuxK, scaled by min(n_dead/k_aux, 1)) with the fused forward.
 
     Returns (loss, (fvu, aux, out)). Used by the benchmark and the device test.
     """
-    out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, W_enc_lowp=W_enc_lowp, ops=ops)
+    out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, W_enc_lowp=W_enc_lowp,
+                           W_dec_lowp=W_dec_lowp, ops=ops)
     tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
     e = x - out.x_hat
     fvu = mx.sum(mx.square(e)) / tv
@@ -248,12 +266,15 @@ def batchtopk_mask(acts: mx.array, k: int, ops=None) -> tuple[mx.array, mx.array
 
 
 def fused_adam_renorm(W_dec, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8, remove_parallel=True,
-                      renorm=True, renorm_eps=1e-8, ops=None):
+                      renorm=True, renorm_eps=1e-8, lowp_copy=False, ops=None):
     """One pass over the decoder rows: g -= (g.w)w; Adam (MLX formula, bias correction, 1-based
-    ``step``); w /= |w| + renorm_eps. Returns (W_dec, m, v). Matches the trainer's three separate steps."""
+    ``step``); w /= |w| + renorm_eps. Returns (W_dec, m, v), plus the copy of the new W_dec that decode reads
+    (``ops.decoder_dtype``, for ``topk_sae_forward(W_dec_lowp=...)``) when ``lowp_copy`` and the back end has one.
+    Matches the trainer's three separate steps."""
     ops = resolve_ops(ops)
     hp = adam_hparams(lr, betas[0], betas[1], eps, step)
-    return ops.adam_rows(W_dec, g, m, v, hp, bool(remove_parallel), bool(renorm), float(renorm_eps))
+    dt = ops.decoder_dtype if lowp_copy else None
+    return ops.adam_rows(W_dec, g, m, v, hp, bool(remove_parallel), bool(renorm), float(renorm_eps), dt)
 
 
 def adam(p, g, m, v, *, lr, step, betas=(0.9, 0.999), eps=1e-8, lowp_copy=False, ops=None):

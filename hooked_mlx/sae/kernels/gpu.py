@@ -5,7 +5,8 @@ template, grid, output shapes) is written once, here.
 
 Kernels (one entry each in a back end's ``SOURCES``; what each computes is in ``cuda.py``'s docstring):
 ``row_topk``, ``radix_hist``, ``decode``, ``gather_dot``, ``latent_grads`` (and optionally ``latent_grads_v4``,
-the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms``.
+the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms`` (and
+optionally ``adam``, the elementwise Adam with the low-precision copy in the same pass).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ _LG_OUT = ("dW_dec", "dW_enc", "db_enc")
 
 
 def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_grads: str, adam_rows: str,
-          sq_norms: str, latent_grads_v4: str | None = None, latent_grads_atomic: str | None = None
-          ) -> dict[str, KernelSpec]:
+          sq_norms: str, latent_grads_v4: str | None = None, latent_grads_atomic: str | None = None,
+          adam: str | None = None) -> dict[str, KernelSpec]:
     """A back end's kernel table from its sources (the names and argument lists are the same on every GPU)."""
     table = {
         "row_topk": KernelSpec(("pre", "dead"), ("vals", "idx"), row_topk),
@@ -39,13 +40,15 @@ def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_g
         "decode": KernelSpec(("vals", "idx", "W"), ("out",), decode),
         "gather_dot": KernelSpec(("dY", "idx", "W"), ("out",), gather_dot),
         "latent_grads": KernelSpec(_LG_IN, _LG_OUT, latent_grads),
-        "adam_rows": KernelSpec(("W", "G", "M", "V", "hp"), ("W_out", "M_out", "V_out"), adam_rows),
+        "adam_rows": KernelSpec(("W", "G", "M", "V", "hp"), ("W_out", "M_out", "V_out", "W_lp"), adam_rows),
         "sq_norms": KernelSpec(("G", "W"), ("out",), sq_norms),
     }
     if latent_grads_v4 is not None:
         table["latent_grads_v4"] = KernelSpec(_LG_IN, _LG_OUT, latent_grads_v4)
     if latent_grads_atomic is not None:
         table["latent_grads_atomic"] = KernelSpec(("cols",) + _LG_IN[1:], _LG_OUT, latent_grads_atomic, atomic=True)
+    if adam is not None:
+        table["adam"] = KernelSpec(("P", "G", "M", "V", "hp"), ("P_out", "M_out", "V_out", "P_lp"), adam)
     return table
 
 
@@ -61,6 +64,8 @@ class GpuOps(ReferenceOps):
     radix_bf16 = False
     #: most thread groups of the radix-histogram kernel
     radix_max_groups = 1024
+    #: candidate capacity of the row top-k prefilter (``ROW_TOPK``'s ``PF``; at least the threads per row)
+    topk_cap = 2048
 
     @staticmethod
     def available() -> bool:
@@ -82,6 +87,13 @@ class GpuOps(ReferenceOps):
         self.lg_variant = os.environ.get("HOOKED_MLX_SAE_LG", "v4")
         #: the per-latent gradient sums read bf16 copies of dY and xc (fp32 sums); HOOKED_MLX_SAE_LOWP_BWD=0: fp32
         self.lowp_backward = os.environ.get("HOOKED_MLX_SAE_LOWP_BWD", "1") != "0"
+        #: decode and the gathered dot products read a bf16 copy of W_dec (fp32 sums); HOOKED_MLX_SAE_LOWP_DEC=0: fp32
+        self.decoder_dtype = None if os.environ.get("HOOKED_MLX_SAE_LOWP_DEC", "1") == "0" else mx.bfloat16
+        #: latents the float4 gradient kernel works on at once per block (its block is (64, lg_rows); 2 was the
+        #: fastest of 1, 2, 4, 8 at both benchmark shapes on the H200: benchmarks/profile_trainer_step.py)
+        self.lg_rows = int(os.environ.get("HOOKED_MLX_SAE_LG_ROWS", "2"))
+        #: the row top-k's prefilter (HOOKED_MLX_SAE_TOPK_PF=0: the radix select over the whole row)
+        self.topk_prefilter = os.environ.get("HOOKED_MLX_SAE_TOPK_PF", "1") != "0"
 
     # -- selection ------------------------------------------------------------------------------------
     def row_topk(self, pre, k, dead=None, relu=True):
@@ -90,10 +102,11 @@ class GpuOps(ReferenceOps):
         if not bf16 and pre.dtype != mx.float32:
             pre = pre.astype(mx.float32)
         nt = self.topk_threads(F)
+        pf = self.topk_prefilter and k <= nt and F >= 4 * nt
         d = mx.zeros((1,), mx.float32) if dead is None else dead.astype(mx.float32)
         vals, idx = self.k["row_topk"](
             inputs=[pre, d], template=[("K", int(k)), ("F", int(F)), ("BF16", bf16), ("HAS_DEAD", dead is not None),
-                                       ("RELU", bool(relu))],
+                                       ("RELU", bool(relu)), ("PF", pf), ("CAP", max(self.topk_cap, nt))],
             grid=(B * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(B, k), (B, k)],
             output_dtypes=[mx.float32, mx.uint32])
         return vals, idx
@@ -125,8 +138,10 @@ class GpuOps(ReferenceOps):
         if D % 4:
             return super().decode(vals, idx, W)
         nt = min(1024, max(32, D // 4))
+        W = _f32_or_bf16(W)
         (out,) = self.k["decode"](inputs=[vals.astype(mx.float32), idx.astype(mx.uint32), W],
-                                  template=[("KK", int(kk)), ("D", int(D))], grid=(B * nt, 1, 1),
+                                  template=[("KK", int(kk)), ("D", int(D)), ("LPW", W.dtype == mx.bfloat16)],
+                                  grid=(B * nt, 1, 1),
                                   threadgroup=(nt, 1, 1), output_shapes=[(B, D)], output_dtypes=[mx.float32])
         return out
 
@@ -135,8 +150,10 @@ class GpuOps(ReferenceOps):
         F, D = W.shape
         if D % 4 or D > 8192:
             return super().gather_dot(dY, idx, W)
+        W = _f32_or_bf16(W)
         (out,) = self.k["gather_dot"](inputs=[dY.astype(mx.float32), idx.astype(mx.uint32), W],
-                                      template=[("KK", int(kk)), ("D", int(D))], grid=(B * 256, 1, 1),
+                                      template=[("KK", int(kk)), ("D", int(D)), ("LPW", W.dtype == mx.bfloat16)],
+                                      grid=(B * 256, 1, 1),
                                       threadgroup=(256, 1, 1), output_shapes=[(B, kk)], output_dtypes=[mx.float32])
         return out
 
@@ -158,10 +175,11 @@ class GpuOps(ReferenceOps):
         tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc), ("LPY", Y.dtype == mx.bfloat16),
                 ("LPX", X.dtype == mx.bfloat16)]
         if self.lg_variant == "v4" and D % 4 == 0 and "latent_grads_v4" in self.k:
-            TL = 16
+            TL, TY = 16, max(1, min(16, self.lg_rows))
             dW_dec, dW_enc, db_enc = self.k["latent_grads_v4"](
-                inputs=ins, template=tmpl + [("TL", TL)], grid=(((F + TL - 1) // TL) * 64, (D + 255) // 256, 1),
-                threadgroup=(64, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3)
+                inputs=ins, template=tmpl + [("TL", TL)],
+                grid=(((F + TL - 1) // TL) * 64, ((D + 255) // 256) * TY, 1), threadgroup=(64, TY, 1),
+                output_shapes=shapes, output_dtypes=[mx.float32] * 3)
         else:
             dW_dec, dW_enc, db_enc = self.k["latent_grads"](
                 inputs=ins, template=tmpl, grid=(((F + 31) // 32) * 256, (D + 255) // 256, 1),
@@ -169,17 +187,33 @@ class GpuOps(ReferenceOps):
         return (dW_dec, dW_enc, db_enc) if has_enc else (dW_dec, None, None)
 
     # -- optimizer ------------------------------------------------------------------------------------------
-    def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps):
+    def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps, lowp_dtype=None):
         F, D = W.shape
-        if D > 16384:
-            return super().adam_rows(W, g, m, v, hp, remove_parallel, renorm, renorm_eps)
+        lowp = lowp_dtype is not None
+        if D > 16384 or (lowp and lowp_dtype != mx.bfloat16) or any(a.dtype != mx.float32 for a in (W, g, m, v)):
+            return super().adam_rows(W, g, m, v, hp, remove_parallel, renorm, renorm_eps, lowp_dtype)
         hp9 = mx.concatenate([hp.astype(mx.float32), mx.array([renorm_eps], mx.float32)])
-        W2, m2, v2 = self.k["adam_rows"](
+        W2, m2, v2, W_lp = self.k["adam_rows"](
             inputs=[W, g, m, v, hp9], template=[("D", int(D)), ("REMOVE_PAR", bool(remove_parallel)),
-                                                ("RENORM", bool(renorm))],
-            grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3,
-            output_dtypes=[mx.float32] * 3)
-        return W2, m2, v2
+                                                ("RENORM", bool(renorm)), ("LOWP", lowp),
+                                                ("VEC", 4 if D % 4 == 0 else 1)],
+            grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3 + [W.shape if lowp else (1,)],
+            output_dtypes=[mx.float32] * 3 + [mx.bfloat16])
+        return (W2, m2, v2, W_lp) if lowp else (W2, m2, v2)
+
+    def adam(self, p, g, m, v, hp, lowp_dtype=None):
+        """One float4 pass (``hk_adam``), the bf16 copy of the new p written in it; the reference elsewhere."""
+        lowp = lowp_dtype is not None
+        if ("adam" not in self.k or p.size % 4 or any(a.dtype != mx.float32 for a in (p, g, m, v))
+                or (lowp and lowp_dtype != mx.bfloat16)):
+            return super().adam(p, g, m, v, hp, lowp_dtype)
+        n = p.size
+        outs = self.k["adam"](
+            inputs=[p, g, m, v, hp.astype(mx.float32)], template=[("N", int(n)), ("LOWP", lowp)],
+            grid=(((n // 4 + 255) // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[p.shape, p.shape, p.shape, p.shape if lowp else (1,)],
+            output_dtypes=[mx.float32, mx.float32, mx.float32, mx.bfloat16])
+        return (outs[0], outs[1], outs[2], outs[3]) if lowp else (outs[0], outs[1], outs[2])
 
     def sq_norm(self, g, W=None):
         """One 256-thread group per row (``hk_sq_norms``), then one small sum; the reference where the kernel does
@@ -192,6 +226,10 @@ class GpuOps(ReferenceOps):
                                     template=[("C", int(C)), ("HAS_W", W is not None)], grid=(R * 256, 1, 1),
                                     threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
         return mx.sum(out)
+
+
+def _f32_or_bf16(W: mx.array) -> mx.array:
+    return W if W.dtype in (mx.float32, mx.bfloat16) else W.astype(mx.float32)
 
 
 def sorted_entries(cols, rows_dec, rows_enc, coef_dec, coef_enc, nrows: int, F: int) -> list[mx.array]:

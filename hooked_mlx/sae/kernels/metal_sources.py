@@ -86,21 +86,24 @@ RADIX_HIST = r"""
 """
 
 DECODE = r"""
-  // template: KK, D (D % 4 == 0)
+  // template: KK, D (D % 4 == 0), LPW (W is bfloat16; the reads convert either)
   const uint b = threadgroup_position_in_grid.x;
-  const device float4* W4 = (const device float4*)W;
   for (uint d4 = thread_position_in_threadgroup.x; d4 < D / 4; d4 += threads_per_threadgroup.x) {
     float4 acc = float4(0.0f);
     for (int j = 0; j < KK; ++j) {
       float a = vals[(size_t)b * KK + j];
-      if (a != 0.0f) acc += a * W4[(size_t)idx[(size_t)b * KK + j] * (D / 4) + d4];
+      if (a != 0.0f) {
+        const size_t o = (size_t)idx[(size_t)b * KK + j] * D + 4 * d4;
+        acc += a * float4(static_cast<float>(W[o]), static_cast<float>(W[o + 1]), static_cast<float>(W[o + 2]),
+                          static_cast<float>(W[o + 3]));
+      }
     }
     ((device float4*)out)[(size_t)b * (D / 4) + d4] = acc;
   }
 """
 
 GATHER_DOT = r"""
-  // template: KK, D (D % 4 == 0); 256 threads (8 simdgroups of 32)
+  // template: KK, D (D % 4 == 0), LPW (W is bfloat16; the reads convert either); 256 threads (8 simdgroups of 32)
   threadgroup float4 y[D / 4];
   const uint b = threadgroup_position_in_grid.x;
   const uint tid = thread_position_in_threadgroup.x;
@@ -108,9 +111,13 @@ GATHER_DOT = r"""
   threadgroup_barrier(mem_flags::mem_threadgroup);
   const uint warp = tid / 32, lane = tid % 32;
   for (uint j = warp; j < KK; j += 8) {
-    const device float4* w = (const device float4*)W + (size_t)idx[(size_t)b * KK + j] * (D / 4);
+    const size_t w0 = (size_t)idx[(size_t)b * KK + j] * D;
     float acc = 0.0f;
-    for (uint d4 = lane; d4 < D / 4; d4 += 32) acc += dot(w[d4], y[d4]);
+    for (uint d4 = lane; d4 < D / 4; d4 += 32) {
+      const size_t o = w0 + 4 * d4;
+      acc += dot(float4(static_cast<float>(W[o]), static_cast<float>(W[o + 1]), static_cast<float>(W[o + 2]),
+                        static_cast<float>(W[o + 3])), y[d4]);
+    }
     acc = simd_sum(acc);
     if (lane == 0) out[(size_t)b * KK + j] = acc;
   }
@@ -152,7 +159,8 @@ LATENT_GRADS = r"""
 """
 
 ADAM_ROWS = r"""
-  // template: D, REMOVE_PAR, RENORM; 256 threads; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply, renorm_eps]
+  // template: D, REMOVE_PAR, RENORM, LOWP (also write the new row in bfloat16 into W_lp), VEC (unused: scalar
+  // loads); 256 threads; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply, renorm_eps]
   constexpr int PER = (D + 255) / 256;
   threadgroup float red[8];
   const uint t = thread_position_in_threadgroup.x;
@@ -199,7 +207,11 @@ ADAM_ROWS = r"""
   }
   for (int i = 0; i < PER; ++i) {
     const uint d = t + i * 256;
-    if (d < D) W_out[base + d] = RENORM ? w[i] / den : w[i];
+    if (d < D) {
+      const float o = RENORM ? w[i] / den : w[i];
+      W_out[base + d] = o;
+      if (LOWP) W_lp[base + d] = static_cast<bfloat16_t>(o);
+    }
   }
 """
 

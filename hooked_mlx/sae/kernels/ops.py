@@ -38,6 +38,8 @@ class ReferenceOps:
     #: update's elementwise work already, and each extra reduction is a separate pass, so the trainer keeps it.
     fused_optimizer = False
     lowp_backward = False  # True: the per-latent gradient sums read bf16 copies of dY and xc (fp32 sums)
+    #: dtype of the W_dec copy that decode and the gathered dot products read (``decoder_weights``); None: W_dec
+    decoder_dtype: mx.Dtype | None = None
     #: True: a BatchTopK step keeps the batch's k*B entries as a flattened list (``batch_entries``) and decodes and
     #: differentiates them sparsely (``entries_decode``, ``entries_dot``, ``latent_grads``), as TopK does; False:
     #: a dense [B,F] mask (where ``batch_entries`` over the flattened batch is the slower choice)
@@ -99,6 +101,11 @@ class ReferenceOps:
         return float_keys(mx.maximum(pre, 0)).reshape(-1)
 
     # decoder ---------------------------------------------------------------------------------------
+    def decoder_weights(self, W_dec: mx.array) -> mx.array:
+        """What ``decode`` / ``gather_dot`` / ``entries_*`` read for W_dec: W_dec itself, or a back end's
+        low-precision copy (``decoder_dtype``; the GPU back ends: bf16, sums in fp32)."""
+        return W_dec if self.decoder_dtype is None else W_dec.astype(self.decoder_dtype)
+
     def decode(self, vals: mx.array, idx: mx.array, W: mx.array) -> mx.array:
         """[B,D] = sum_j vals[:,j] * W[idx[:,j]] (no bias)."""
         return mx.sum(W[idx] * vals[..., None], axis=-2)
@@ -136,13 +143,17 @@ class ReferenceOps:
         gw = mx.sum(g * W, axis=-1)
         return mx.sum(mx.square(g)) - mx.sum(mx.square(gw) * (2.0 - mx.sum(mx.square(W), axis=-1)))
 
-    def adam_rows(self, W, g, m, v, hp, remove_parallel: bool, renorm: bool, renorm_eps: float):
+    def adam_rows(self, W, g, m, v, hp, remove_parallel: bool, renorm: bool, renorm_eps: float, lowp_dtype=None):
         """Decoder pass: g -= (g.w) w; Adam; w /= (|w| + eps). ``hp`` = ``adam_hparams(...)``: [lr, b1, 1-b1, b2,
         1-b2, eps, c1, c2, apply] float32 with c1 = lr / (1 - b1^t), c2 = rsqrt(1 - b2^t) (MLX Adam,
-        bias_correction=True); apply = 0: no update and no renorm."""
-        return _adam_rows_fn(bool(remove_parallel), bool(renorm), float(renorm_eps))(W, g, m, v, hp)
+        bias_correction=True); apply = 0: no update and no renorm. Returns (W, m, v), and with ``lowp_dtype`` the
+        new W in that dtype too (written in the same pass where the back end can)."""
+        out = _adam_rows_fn(bool(remove_parallel), bool(renorm), float(renorm_eps))(W, g, m, v, hp)
+        return out if lowp_dtype is None else (*out, out[0].astype(lowp_dtype))
 
     def adam(self, p, g, m, v, hp, lowp_dtype=None):
+        """Elementwise Adam (the formula of ``adam_rows``): (p, m, v), and with ``lowp_dtype`` the new p in that
+        dtype too."""
         if lowp_dtype is None:
             return _adam_elementwise(p, g, m, v, hp)
         return _adam_elementwise_lowp(p, g, m, v, hp, lowp_dtype)

@@ -121,6 +121,14 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
             chk = mx.take_along_axis(src, got[1].astype(mx.int32), axis=-1)
             chk = mx.maximum(chk, 0) if relu else mx.where(mx.isfinite(chk), chk, 0)
             close(name + " indices", chk, got[0], 1e-6, 1e-6)
+    # a tied row longer than the top-k prefilter's capacity (its fallback to the whole row) and one with few ties
+    for name, src in (("row_topk(all tied)", mx.ones((2, 4096), mx.float32)),
+                      ("row_topk(ties)", mx.round(4 * mx.random.normal((2, 4096), key=k5)) / 4)):
+        got = run(name, lambda src=src: ops.row_topk(src, 16))
+        if got is not None:
+            close(name, mx.sort(got[0], axis=-1), mx.sort(ref.row_topk(src, 16)[0], axis=-1), 0, 0)
+            close(name + " indices", mx.maximum(mx.take_along_axis(src, got[1].astype(mx.int32), axis=-1), 0), got[0],
+                  0, 0)
     keys = ref.acts_keys(pre)
     top = (mx.max(keys) >> 24).astype(mx.uint32) << 24  # the highest occupied first digit
     for shift in (24, 16):
@@ -152,6 +160,13 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     got = run("gather_dot", lambda: ops.gather_dot(dY, idx, W_dec))
     if got is not None:
         close("gather_dot", got, ref.gather_dot(dY, idx, W_dec), 1e-4, 1e-4)
+    Wd = ops.decoder_weights(W_dec)  # the copy the fused forward decodes with (bf16 on the GPU back ends)
+    got = run("decode(decoder_weights)", lambda: ops.decode(vals, idx, Wd))
+    if got is not None:
+        close("decode(decoder_weights)", got, ref.decode(vals, idx, Wd.astype(mx.float32)), 1e-4, 1e-4)
+    got = run("gather_dot(decoder_weights)", lambda: ops.gather_dot(dY, idx, Wd))
+    if got is not None:
+        close("gather_dot(decoder_weights)", got, ref.gather_dot(dY, idx, Wd.astype(mx.float32)), 1e-4, 1e-4)
     n = B * k
     cols = idx.reshape(-1)
     rows = mx.repeat(mx.arange(B, dtype=mx.uint32), k)
@@ -177,6 +192,11 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     if got is not None:
         for nm, a, b in zip("Wmv", got, ref.adam_rows(W_dec, g, m, v, hp, True, True, 1e-8)):
             close(f"adam_rows.{nm}", a, b, 1e-5, 1e-6)
+    got = run("adam_rows(lowp copy)", lambda: ops.adam_rows(W_dec, g, m, v, hp, True, True, 1e-8, mx.bfloat16))
+    if got is not None:
+        for nm, a, b in zip("Wmv", got[:3], ref.adam_rows(W_dec, g, m, v, hp, True, True, 1e-8)):
+            close(f"adam_rows(lowp copy).{nm}", a, b, 1e-5, 1e-6)
+        close("adam_rows(lowp copy).copy", got[3], got[0].astype(mx.bfloat16), 0, 0)
     for nm, args in (("sq_norm", (g,)), ("sq_norm(rows)", (g, W_dec)), ("sq_norm(vector)", (b_enc,))):
         got = run(nm, lambda args=args: ops.sq_norm(*args))
         if got is not None:
@@ -185,6 +205,12 @@ def self_check(ops: ReferenceOps, seed: int = 0) -> list[str]:
     if got is not None:
         for nm, a, b in zip("pmv", got, ref.adam(W_dec, g, m, v, hp)):
             close(f"adam.{nm}", a, b, 1e-5, 1e-6)
+    got = run("adam(lowp copy)", lambda: ops.adam(W_dec, g, m, v, hp, mx.bfloat16))
+    if got is not None:
+        want = ref.adam(W_dec, g, m, v, hp, mx.bfloat16)
+        for nm, a, b in zip("pmv", got[:3], want[:3]):
+            close(f"adam(lowp copy).{nm}", a, b, 1e-5, 1e-6)
+        close("adam(lowp copy).copy", got[3], got[0].astype(mx.bfloat16), 0, 0)  # round to nearest even
     return fails
 
 
