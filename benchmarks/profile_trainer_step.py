@@ -128,14 +128,14 @@ def op_rows(s, B) -> dict:
         "decode": _timed(lambda: ops.decode(vals, idx, Wd)),
         "gather_dot": _timed(lambda: ops.gather_dot(dY, idx, Wd)),
         "latent_grads": _timed(lambda: ops.latent_grads(cols, rows, rows, coef, coef, Yl, Xl, F)),
-        "sorted_entries": _timed(lambda: sorted_entries(cols, rows, rows, coef, coef, B, F)),
+        "sorted_entries_argsort": _timed(lambda: sorted_entries(cols, rows, rows, coef, coef, B, F)),
         "adam_W_enc": _timed(lambda: ops.adam(p["W_enc"], g, m, v, hp)),
         "adam_W_enc_lowp_copy": _timed(lambda: ops.adam(p["W_enc"], g, m, v, hp, mx.bfloat16)),
         "adam_rows_W_dec": _timed(lambda: ops.adam_rows(p["W_dec"], gd, md, vd, hp, True, True, 1e-8)),
     }
     # the same ops with each of the back end's options at its other setting (GPU back ends)
     if isinstance(ops, GpuOps):
-        out["mlx_adam_W_enc"] = _timed(lambda: FU.ReferenceOps().adam(p["W_enc"], g, m, v, hp))
+        out["sorted_entries"] = _timed(lambda: ops.sorted_entries(cols, rows, rows, coef, coef, F))
         ops.topk_prefilter = not ops.topk_prefilter
         out[f"row_topk_prefilter_{ops.topk_prefilter}"] = _timed(lambda: ops.row_topk(pre, K))
         ops.topk_prefilter = not ops.topk_prefilter

@@ -460,26 +460,29 @@ SQ_NORMS = r"""
   if (threadIdx.x == 0) out[blockIdx.x] = HAS_W ? gg - gw * gw * (2.f - ww) : gg;
 """
 
-ADAM = r"""
-  // template: N (elements, N % 4 == 0), LOWP (also write the new p rounded to bfloat16 into P_lp); one float4 per
-  // thread; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply]; non-finite gradient entries read as 0
-  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
-  if (i >= N) return;
-  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7];
-  float p[4], g[4], m[4], v[4];
-  hk_ldv<4>(P, i, p);
-  hk_ldv<4>(G, i, g);
-  hk_ldv<4>(M, i, m);
-  hk_ldv<4>(V, i, v);
-  #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float gj = isfinite(g[j]) ? g[j] : 0.f;
-    m[j] = b1 * m[j] + ob1 * gj;
-    v[j] = b2 * v[j] + ob2 * (gj * gj);
-    p[j] = p[j] - (c1 * m[j]) / (sqrtf(v[j]) * c2 + eps);
+SEG_FILL = r"""
+  // template: N (entries); entry e into a slot of its latent's segment (offsets[col]:offsets[col+1]), in arrival
+  // order (fill: per-latent counters, zero-initialised); its row beside it
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= N) return;
+  const unsigned int f = cols[e];
+  const int s = offsets[f] + atomicAdd(&fill[f], 1);
+  slot_e[s] = (unsigned int)e;
+  slot_r[s] = rows[e];
+"""
+
+SEG_ORDER = r"""
+  // template: N (entries); the entry in slot s to its rank within its latent's segment by (row, entry index):
+  // order = the entries sorted by (latent, row, entry), whatever order SEG_FILL's atomics gave
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= N) return;
+  const unsigned int e = slot_e[s], r = slot_r[s];
+  const unsigned int f = cols[e];
+  const int a = offsets[f], b = offsets[f + 1];
+  int rank = 0;
+  for (int t = a; t < b; ++t) {
+    const unsigned int r2 = slot_r[t], e2 = slot_e[t];
+    rank += (r2 < r) || (r2 == r && e2 < e);
   }
-  hk_stv<4>(P_out, i, p);
-  hk_stv<4>(M_out, i, m);
-  hk_stv<4>(V_out, i, v);
-  if (LOWP) hk_stbf<4>(P_lp, i, p);
+  order[a + rank] = e;
 """

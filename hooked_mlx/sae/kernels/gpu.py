@@ -5,8 +5,9 @@ template, grid, output shapes) is written once, here.
 
 Kernels (one entry each in a back end's ``SOURCES``; what each computes is in ``cuda.py``'s docstring):
 ``row_topk``, ``radix_hist``, ``decode``, ``gather_dot``, ``latent_grads`` (and optionally ``latent_grads_v4``,
-the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms`` (and
-optionally ``adam``, the elementwise Adam with the low-precision copy in the same pass).
+the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms``, and
+``seg_fill`` / ``seg_order`` (the deterministic counting sort of the entries by latent for ``latent_grads``). The
+elementwise Adam is MLX's compiled kernel (as fast here, and it updates donated buffers in place).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ _LG_OUT = ("dW_dec", "dW_enc", "db_enc")
 
 
 def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_grads: str, adam_rows: str,
-          sq_norms: str, latent_grads_v4: str | None = None, latent_grads_atomic: str | None = None,
-          adam: str | None = None) -> dict[str, KernelSpec]:
+          sq_norms: str, seg_fill: str, seg_order: str, latent_grads_v4: str | None = None,
+          latent_grads_atomic: str | None = None) -> dict[str, KernelSpec]:
     """A back end's kernel table from its sources (the names and argument lists are the same on every GPU)."""
     table = {
         "row_topk": KernelSpec(("pre", "dead"), ("vals", "idx"), row_topk),
@@ -42,13 +43,13 @@ def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_g
         "latent_grads": KernelSpec(_LG_IN, _LG_OUT, latent_grads),
         "adam_rows": KernelSpec(("W", "G", "M", "V", "hp"), ("W_out", "M_out", "V_out", "W_lp"), adam_rows),
         "sq_norms": KernelSpec(("G", "W"), ("out",), sq_norms),
+        "seg_fill": KernelSpec(("cols", "rows", "offsets"), ("slot_e", "slot_r", "fill"), seg_fill, atomic=True),
+        "seg_order": KernelSpec(("slot_e", "slot_r", "cols", "offsets"), ("order",), seg_order),
     }
     if latent_grads_v4 is not None:
         table["latent_grads_v4"] = KernelSpec(_LG_IN, _LG_OUT, latent_grads_v4)
     if latent_grads_atomic is not None:
         table["latent_grads_atomic"] = KernelSpec(("cols",) + _LG_IN[1:], _LG_OUT, latent_grads_atomic, atomic=True)
-    if adam is not None:
-        table["adam"] = KernelSpec(("P", "G", "M", "V", "hp"), ("P_out", "M_out", "V_out", "P_lp"), adam)
     return table
 
 
@@ -171,7 +172,7 @@ class GpuOps(ReferenceOps):
                 template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)], grid=(cols.size * 256, 1, 1),
                 threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3, init_value=0)
             return (outs[0], outs[1], outs[2]) if has_enc else (outs[0], None, None)
-        ins = sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, Y.shape[0], F) + [Y, X]
+        ins = self.sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, F) + [Y, X]
         tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc), ("LPY", Y.dtype == mx.bfloat16),
                 ("LPX", X.dtype == mx.bfloat16)]
         if self.lg_variant == "v4" and D % 4 == 0 and "latent_grads_v4" in self.k:
@@ -185,6 +186,27 @@ class GpuOps(ReferenceOps):
                 inputs=ins, template=tmpl, grid=(((F + 31) // 32) * 256, (D + 255) // 256, 1),
                 threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3)
         return (dW_dec, dW_enc, db_enc) if has_enc else (dW_dec, None, None)
+
+    def sorted_entries(self, cols, rows_dec, rows_enc, coef_dec, coef_enc, F: int) -> list[mx.array]:
+        """The entries of ``latent_grads`` sorted by (latent, row, entry), for the segmented per-latent kernels
+        (``hk_latent_grads*``): [offsets [F+1] int32 (latent f's entries are offsets[f]:offsets[f+1]), rows_dec,
+        rows_enc (uint32), coef_dec, coef_enc]. The order within a latent is fixed, so the sums are deterministic.
+        A counting sort: per-latent counts, their prefix sums, an atomic fill of each latent's segment
+        (``hk_seg_fill``) and each entry's rank within its segment (``hk_seg_order``; a segment of n entries
+        costs n^2 comparisons, spread over n threads), no comparison sort."""
+        cols = cols.astype(mx.uint32)
+        rows = rows_dec.astype(mx.uint32)
+        n = cols.size
+        counts = mx.zeros((F,), mx.int32).at[cols.astype(mx.int32)].add(1)
+        offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
+        grid = (((n + 255) // 256) * 256, 1, 1)
+        slot_e, slot_r, _ = self.k["seg_fill"](
+            inputs=[cols, rows, offsets], template=[("N", int(n))], grid=grid, threadgroup=(256, 1, 1),
+            output_shapes=[(n,), (n,), (F,)], output_dtypes=[mx.uint32, mx.uint32, mx.int32], init_value=0)
+        (order,) = self.k["seg_order"](
+            inputs=[slot_e, slot_r, cols, offsets], template=[("N", int(n))], grid=grid, threadgroup=(256, 1, 1),
+            output_shapes=[(n,)], output_dtypes=[mx.uint32])
+        return [offsets, rows[order], rows_enc.astype(mx.uint32)[order], coef_dec[order], coef_enc[order]]
 
     # -- optimizer ------------------------------------------------------------------------------------------
     def adam_rows(self, W, g, m, v, hp, remove_parallel, renorm, renorm_eps, lowp_dtype=None):
@@ -200,20 +222,6 @@ class GpuOps(ReferenceOps):
             grid=(F * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[W.shape] * 3 + [W.shape if lowp else (1,)],
             output_dtypes=[mx.float32] * 3 + [mx.bfloat16])
         return (W2, m2, v2, W_lp) if lowp else (W2, m2, v2)
-
-    def adam(self, p, g, m, v, hp, lowp_dtype=None):
-        """One float4 pass (``hk_adam``), the bf16 copy of the new p written in it; the reference elsewhere."""
-        lowp = lowp_dtype is not None
-        if ("adam" not in self.k or p.size % 4 or any(a.dtype != mx.float32 for a in (p, g, m, v))
-                or (lowp and lowp_dtype != mx.bfloat16)):
-            return super().adam(p, g, m, v, hp, lowp_dtype)
-        n = p.size
-        outs = self.k["adam"](
-            inputs=[p, g, m, v, hp.astype(mx.float32)], template=[("N", int(n)), ("LOWP", lowp)],
-            grid=(((n // 4 + 255) // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
-            output_shapes=[p.shape, p.shape, p.shape, p.shape if lowp else (1,)],
-            output_dtypes=[mx.float32, mx.float32, mx.float32, mx.bfloat16])
-        return (outs[0], outs[1], outs[2], outs[3]) if lowp else (outs[0], outs[1], outs[2])
 
     def sq_norm(self, g, W=None):
         """One 256-thread group per row (``hk_sq_norms``), then one small sum; the reference where the kernel does
@@ -233,9 +241,8 @@ def _f32_or_bf16(W: mx.array) -> mx.array:
 
 
 def sorted_entries(cols, rows_dec, rows_enc, coef_dec, coef_enc, nrows: int, F: int) -> list[mx.array]:
-    """The entries of ``Ops.latent_grads`` sorted by (latent, row), for the segmented per-latent kernels
-    (``hk_latent_grads*``): [offsets [F+1] int32 (latent f's entries are offsets[f]:offsets[f+1]), rows_dec,
-    rows_enc (uint32), coef_dec, coef_enc]. The order within a latent is fixed: the sums are deterministic."""
+    """``GpuOps.sorted_entries`` by MLX ops (an argsort of latent * nrows + row): its definition, which the device
+    test compares the kernels with."""
     cols = cols.astype(mx.uint32)
     order = mx.argsort(cols * nrows + rows_dec.astype(mx.uint32))
     counts = mx.zeros((F,), mx.int32).at[cols.astype(mx.int32)].add(1)

@@ -27,7 +27,8 @@ class MetalOps(GpuOps):
 
     name = "metal"
     SOURCES = specs(row_topk=S.ROW_TOPK, radix_hist=S.RADIX_HIST, decode=S.DECODE, gather_dot=S.GATHER_DOT,
-                    latent_grads=S.LATENT_GRADS, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS)
+                    latent_grads=S.LATENT_GRADS, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS,
+                    seg_fill=S.SEG_FILL, seg_order=S.SEG_ORDER)
     HEADER = S.HEADER
 
     @staticmethod

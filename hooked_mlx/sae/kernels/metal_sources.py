@@ -235,3 +235,28 @@ SQ_NORMS = r"""
     out[threadgroup_position_in_grid.x] = HAS_W ? gg - gw * gw * (2.0f - ww) : gg;
   }
 """
+
+SEG_FILL = r"""
+  // template: N (entries); the CUDA kernel's (cuda_sources.SEG_FILL) design; fill is atomic, zero-initialised
+  const uint e = thread_position_in_grid.x;
+  if (e >= N) return;
+  const uint f = cols[e];
+  const int s = offsets[f] + atomic_fetch_add_explicit(&fill[f], 1, memory_order_relaxed);
+  atomic_store_explicit(&slot_e[s], e, memory_order_relaxed);
+  atomic_store_explicit(&slot_r[s], rows[e], memory_order_relaxed);
+"""
+
+SEG_ORDER = r"""
+  // template: N (entries); as cuda_sources.SEG_ORDER
+  const uint s = thread_position_in_grid.x;
+  if (s >= N) return;
+  const uint e = slot_e[s], r = slot_r[s];
+  const uint f = cols[e];
+  const int a = offsets[f], b = offsets[f + 1];
+  int rank = 0;
+  for (int t = a; t < b; ++t) {
+    const uint r2 = slot_r[t], e2 = slot_e[t];
+    rank += (r2 < r) || (r2 == r && e2 < e);
+  }
+  order[a + rank] = e;
+"""
