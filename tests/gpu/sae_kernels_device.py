@@ -171,6 +171,14 @@ def kernel_checks(ops, ref):
     errs = [maxrel(a, b) for a, b in zip(got[:3], want)]
     record("adam_rows_lowp_copy", max(errs) < 1e-5 and mx.array_equal(got[3], got[0].astype(mx.bfloat16)).item(),
            maxrel=errs)
+    for lowp in (None, mx.bfloat16):  # the elementwise Adam (the back end's kernel where it has one)
+        got = ops.adam(W_enc, g.T, m.T, v.T, hp, lowp)
+        want = ref.adam(W_enc, g.T, m.T, v.T, hp, lowp)
+        errs = [maxrel(a, b) for a, b in zip(got[:3], want[:3])]
+        ok = max(errs) < 1e-5
+        if lowp is not None:
+            ok = ok and mx.array_equal(got[3], got[0].astype(mx.bfloat16)).item()
+        record(f"adam{'_lowp_copy' if lowp is not None else ''}", ok, maxrel=errs)
 
 
 

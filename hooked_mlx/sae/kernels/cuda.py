@@ -23,10 +23,11 @@ Kernels:
   norm of the projected decoder gradient), float4 loads, no temporaries; the rows' sum is one small MLX sum.
 
 * ``hk_seg_fill`` / ``hk_seg_order`` the entries sorted by (latent, row) for ``hk_latent_grads``: an atomic fill of
-  each latent's segment, then each entry's rank within it (a deterministic counting sort, no comparison sort).
-
-The elementwise Adam for W_enc / b_enc / b_dec is MLX's compiled kernel (one pass, the bf16 copy of W_enc in it,
-and it updates donated buffers in place, which a custom kernel cannot).
+  each latent's segment, then each entry's rank within it (a deterministic counting sort, no comparison sort;
+  ``HOOKED_MLX_SAE_SORT=count``: checked on the H200, not yet timed in the trainer, so MLX's argsort is the default).
+* ``hk_adam``       the elementwise Adam for W_enc / b_enc / b_dec: one float4 pass, optionally writing the bf16
+  copy of the new parameter in it (round to nearest even, as ``astype``). Unlike MLX's compiled Adam it cannot
+  update donated buffers in place.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class CudaOps(GpuOps):
     SOURCES = specs(row_topk=S.ROW_TOPK, radix_hist=S.RADIX_HIST, decode=S.DECODE, gather_dot=S.GATHER_DOT,
                     latent_grads=S.LATENT_GRADS, latent_grads_v4=S.LATENT_GRADS_V4,
                     latent_grads_atomic=S.LATENT_GRADS_ATOMIC, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS,
-                    seg_fill=S.SEG_FILL, seg_order=S.SEG_ORDER)
+                    seg_fill=S.SEG_FILL, seg_order=S.SEG_ORDER, adam=S.ADAM)
     HEADER = S.HEADER
     radix_bf16 = True
     radix_max_groups = 132 * 8

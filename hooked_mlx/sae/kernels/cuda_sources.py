@@ -486,3 +486,27 @@ SEG_ORDER = r"""
   }
   order[a + rank] = e;
 """
+ADAM = r"""
+  // template: N (elements, N % 4 == 0), LOWP (also write the new p rounded to bfloat16 into P_lp); one float4 per
+  // thread; hp = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, apply]; non-finite gradient entries read as 0
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  if (i >= N) return;
+  const float b1 = hp[1], ob1 = hp[2], b2 = hp[3], ob2 = hp[4], eps = hp[5], c1 = hp[6], c2 = hp[7];
+  float p[4], g[4], m[4], v[4];
+  hk_ldv<4>(P, i, p);
+  hk_ldv<4>(G, i, g);
+  hk_ldv<4>(M, i, m);
+  hk_ldv<4>(V, i, v);
+  #pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float gj = isfinite(g[j]) ? g[j] : 0.f;
+    m[j] = b1 * m[j] + ob1 * gj;
+    v[j] = b2 * v[j] + ob2 * (gj * gj);
+    p[j] = p[j] - (c1 * m[j]) / (sqrtf(v[j]) * c2 + eps);
+  }
+  hk_stv<4>(P_out, i, p);
+  hk_stv<4>(M_out, i, m);
+  hk_stv<4>(V_out, i, v);
+  if (LOWP) hk_stbf<4>(P_lp, i, p);
+"""
+

@@ -6,8 +6,8 @@ template, grid, output shapes) is written once, here.
 Kernels (one entry each in a back end's ``SOURCES``; what each computes is in ``cuda.py``'s docstring):
 ``row_topk``, ``radix_hist``, ``decode``, ``gather_dot``, ``latent_grads`` (and optionally ``latent_grads_v4``,
 the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms``, and
-``seg_fill`` / ``seg_order`` (the deterministic counting sort of the entries by latent for ``latent_grads``). The
-elementwise Adam is MLX's compiled kernel (as fast here, and it updates donated buffers in place).
+``seg_fill`` / ``seg_order`` (a deterministic counting sort of the entries by latent for ``latent_grads``), and
+optionally ``adam`` (the elementwise Adam with the low-precision copy in the same pass; else MLX's compiled one).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _LG_OUT = ("dW_dec", "dW_enc", "db_enc")
 
 def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_grads: str, adam_rows: str,
           sq_norms: str, seg_fill: str, seg_order: str, latent_grads_v4: str | None = None,
-          latent_grads_atomic: str | None = None) -> dict[str, KernelSpec]:
+          latent_grads_atomic: str | None = None, adam: str | None = None) -> dict[str, KernelSpec]:
     """A back end's kernel table from its sources (the names and argument lists are the same on every GPU)."""
     table = {
         "row_topk": KernelSpec(("pre", "dead"), ("vals", "idx"), row_topk),
@@ -50,6 +50,8 @@ def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_g
         table["latent_grads_v4"] = KernelSpec(_LG_IN, _LG_OUT, latent_grads_v4)
     if latent_grads_atomic is not None:
         table["latent_grads_atomic"] = KernelSpec(("cols",) + _LG_IN[1:], _LG_OUT, latent_grads_atomic, atomic=True)
+    if adam is not None:
+        table["adam"] = KernelSpec(("P", "G", "M", "V", "hp"), ("P_out", "M_out", "V_out", "P_lp"), adam)
     return table
 
 
@@ -93,6 +95,9 @@ class GpuOps(ReferenceOps):
         #: latents the float4 gradient kernel works on at once per block (its block is (64, lg_rows); 2 was the
         #: fastest of 1, 2, 4, 8 at both benchmark shapes on the H200: benchmarks/profile_trainer_step.py)
         self.lg_rows = int(os.environ.get("HOOKED_MLX_SAE_LG_ROWS", "2"))
+        #: how latent_grads orders its entries by latent: "argsort" (MLX's sort; measured in the trainer) or "count"
+        #: (the counting-sort kernels; checked on the H200, not yet timed in the trainer): HOOKED_MLX_SAE_SORT
+        self.entry_sort = os.environ.get("HOOKED_MLX_SAE_SORT", "argsort")
         #: the row top-k's prefilter (HOOKED_MLX_SAE_TOPK_PF=0: the radix select over the whole row)
         self.topk_prefilter = os.environ.get("HOOKED_MLX_SAE_TOPK_PF", "1") != "0"
 
@@ -172,7 +177,10 @@ class GpuOps(ReferenceOps):
                 template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)], grid=(cols.size * 256, 1, 1),
                 threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3, init_value=0)
             return (outs[0], outs[1], outs[2]) if has_enc else (outs[0], None, None)
-        ins = self.sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, F) + [Y, X]
+        if self.entry_sort == "count":
+            ins = self.sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, F) + [Y, X]
+        else:
+            ins = sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, Y.shape[0], F) + [Y, X]
         tmpl = [("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc), ("LPY", Y.dtype == mx.bfloat16),
                 ("LPX", X.dtype == mx.bfloat16)]
         if self.lg_variant == "v4" and D % 4 == 0 and "latent_grads_v4" in self.k:
@@ -223,6 +231,23 @@ class GpuOps(ReferenceOps):
             output_dtypes=[mx.float32] * 3 + [mx.bfloat16])
         return (W2, m2, v2, W_lp) if lowp else (W2, m2, v2)
 
+    def adam(self, p, g, m, v, hp, lowp_dtype=None):
+        """One float4 pass (``hk_adam``), the bf16 copy of the new p written in it; the reference elsewhere.
+
+        Measured on the H200 in the trainer (benchmarks/results/sae_trainer_h200*.json): the S2 step 23.8 ms with
+        this kernel against 25.7 with MLX's compiled Adam (which also wrote the copy, and then peaked higher)."""
+        lowp = lowp_dtype is not None
+        if ("adam" not in self.k or p.size % 4 or any(a.dtype != mx.float32 for a in (p, g, m, v))
+                or (lowp and lowp_dtype != mx.bfloat16)):
+            return super().adam(p, g, m, v, hp, lowp_dtype)
+        n = p.size
+        outs = self.k["adam"](
+            inputs=[p, g, m, v, hp.astype(mx.float32)], template=[("N", int(n)), ("LOWP", lowp)],
+            grid=(((n // 4 + 255) // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[p.shape, p.shape, p.shape, p.shape if lowp else (1,)],
+            output_dtypes=[mx.float32, mx.float32, mx.float32, mx.bfloat16])
+        return (outs[0], outs[1], outs[2], outs[3]) if lowp else (outs[0], outs[1], outs[2])
+
     def sq_norm(self, g, W=None):
         """One 256-thread group per row (``hk_sq_norms``), then one small sum; the reference where the kernel does
         not apply (not float32; a W of another shape)."""
@@ -242,7 +267,7 @@ def _f32_or_bf16(W: mx.array) -> mx.array:
 
 def sorted_entries(cols, rows_dec, rows_enc, coef_dec, coef_enc, nrows: int, F: int) -> list[mx.array]:
     """``GpuOps.sorted_entries`` by MLX ops (an argsort of latent * nrows + row): its definition, which the device
-    test compares the kernels with."""
+    test compares the kernels with, and the order ``latent_grads`` uses by default."""
     cols = cols.astype(mx.uint32)
     order = mx.argsort(cols * nrows + rows_dec.astype(mx.uint32))
     counts = mx.zeros((F,), mx.int32).at[cols.astype(mx.int32)].add(1)
