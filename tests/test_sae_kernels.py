@@ -15,6 +15,7 @@ from hooked_mlx.sae.kernels import fused as FU
 from hooked_mlx.sae.kernels import reference as R
 import mlx.core as mx
 import mlx.optimizers as optim
+import numpy as np
 import pytest
 
 B, D, F, K, K_AUX = 16, 32, 256, 8, 24
@@ -346,3 +347,40 @@ def test_lowp_backward_changes_only_the_latent_sums_within_bf16_rounding():
             assert 0 < err <= 1e-2, (name, err)  # bf16 operands (2^-8 relative), fp32 sums
         else:
             assert err <= 1e-6, (name, err)
+
+
+def _compact_like_the_kernel(pre: np.ndarray, t: float, off: np.ndarray, take: np.ndarray, n_keep: int):
+    """NumPy model of ``hk_bt_compact``: each row's entries above t and its first take[row] at t, in column
+    order, from off[row]."""
+    rows = np.full(n_keep, -1)
+    cols = np.full(n_keep, -1)
+    acts = np.maximum(pre, 0)
+    for r in range(pre.shape[0]):
+        ties = np.nonzero(acts[r] == t)[0][:take[r]]
+        kept = np.sort(np.concatenate([np.nonzero(acts[r] > t)[0], ties]))
+        rows[off[r]:off[r] + len(kept)] = r
+        cols[off[r]:off[r] + len(kept)] = kept
+    return rows, cols, acts[rows, cols]
+
+
+@pytest.mark.parametrize("seed,n_keep", [(0, 37), (1, 200), (2, 640), (3, 1)])
+def test_batch_entry_layout_places_exactly_the_batch_top_entries(seed, n_keep):
+    """The GPU BatchTopK bookkeeping (``gpu.batch_entry_layout``): with the exact cut, every row's share, laid out
+    contiguously in row order, is the batch's n_keep largest relu'd entries, ties at the cut to the first rows."""
+    from hooked_mlx.sae.kernels.gpu import batch_entry_layout
+
+    rng = np.random.default_rng(seed)
+    pre = np.round(rng.normal(size=(16, 40)) * 2) / 2  # many ties; negatives (relu 0) too
+    if seed == 2:
+        pre = -np.abs(pre)  # 640 = every entry, all relu'd to 0
+    t = float(np.sort(np.maximum(pre, 0).ravel())[::-1][n_keep - 1])  # the exact cut (batch_kth_largest)
+    acts = np.maximum(pre, 0)
+    counts = mx.array(np.stack([(acts > t).sum(1), (acts == t).sum(1)], axis=1).astype(np.int32))
+    off, take = (np.array(a) for a in batch_entry_layout(counts, n_keep))
+    rows, cols, vals = _compact_like_the_kernel(pre, t, off, take, n_keep)
+    assert (rows >= 0).all() and len(set(zip(rows.tolist(), cols.tolist()))) == n_keep  # every slot, once
+    assert np.array_equal(np.sort(vals), np.sort(acts.ravel())[::-1][:n_keep][::-1])  # the batch's top n_keep
+    assert (np.diff(rows) >= 0).all()
+    tie_rows = rows[vals == t] if (acts > t).sum() < n_keep else rows[:0]
+    eq_rows = np.repeat(np.arange(16), (acts == t).sum(1))
+    assert np.array_equal(np.sort(tie_rows), eq_rows[:len(tie_rows)])  # ties: the first rows' first

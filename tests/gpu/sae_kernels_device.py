@@ -110,6 +110,28 @@ def kernel_checks(ops, ref):
     for nm, a, b in (("decode", ops.decode(vals, idx, W_dec), ref.decode(vals, idx, W_dec)),
                      ("gather_dot", ops.gather_dot(dY, idx, W_dec), ref.gather_dot(dY, idx, W_dec))):
         record(nm, maxrel(a, b) < 1e-5, maxrel=maxrel(a, b))
+    # BatchTopK's sparse entries (bt_counts + bt_compact): exactly the batch's top k*B relu'd entries, sorted by
+    # (row, column); then their decode and dot products, with the fp32 and the bf16 decoder
+    for nm, p in (("bf16", pre16), ("fp32", pre32), ("ties", tied)):
+        for kk in (64, 4000):
+            nk = min(kk * B, p.size)
+            r_, c_, v_ = ops.batch_entries(p, nk)
+            vr = ref.batch_entries(p, nk)[2]
+            same = mx.array_equal(mx.sort(v_), mx.sort(vr)).item()
+            at = mx.maximum(p.astype(mx.float32), 0)[r_.astype(mx.int32), c_.astype(mx.int32)]
+            consistent = mx.array_equal(at, v_).item()
+            key = r_.astype(mx.int64) * F + c_.astype(mx.int64)
+            ordered = (key[1:] > key[:-1]).all().item()
+            record(f"batch_entries_{nm}_k{kk}", same and consistent and ordered, same_values=same,
+                   values_at_entries=consistent, row_major=ordered)
+    r_, c_, v_ = ops.batch_entries(pre16, k * B)
+    for nm, Wx in (("fp32_W", W_dec), ("bf16_W", W_dec.astype(mx.bfloat16))):
+        a = ops.entries_decode(r_, c_, v_, Wx, B)
+        b = ref.entries_decode(r_, c_, v_, Wx.astype(mx.float32), B)
+        record(f"entries_decode_{nm}", maxrel(a, b) < 1e-5, maxrel=maxrel(a, b))
+        a = ops.entries_dot(dY, r_, c_, Wx)
+        b = ref.entries_dot(dY, r_, c_, Wx.astype(mx.float32))
+        record(f"entries_dot_{nm}", maxrel(a, b) < 1e-5, maxrel=maxrel(a, b))
     W16 = W_dec.astype(mx.bfloat16)  # the decoder copy the fused forward reads (ops.decoder_weights)
     for nm, a, b in (("decode_bf16_W", ops.decode(vals, idx, W16), ref.decode(vals, idx, W16.astype(mx.float32))),
                      ("gather_dot_bf16_W", ops.gather_dot(dY, idx, W16),

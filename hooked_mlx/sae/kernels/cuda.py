@@ -25,6 +25,10 @@ Kernels:
 * ``hk_seg_fill`` / ``hk_seg_order`` the entries sorted by (latent, row) for ``hk_latent_grads``: an atomic fill of
   each latent's segment, then each entry's rank within it (a deterministic counting sort, no comparison sort;
   ``HOOKED_MLX_SAE_SORT=count``: checked on the H200, not yet timed in the trainer, so MLX's argsort is the default).
+* ``hk_bt_counts`` / ``hk_bt_compact`` BatchTopK's entries as a sparse list: after the exact cut (the radix passes
+  above), each row's counts above and at the cut, then one ordered compaction per row (warp ballots), the entries
+  sorted by (row, column), ties at the cut to the first rows. ``hk_entries_dot``: one warp per entry,
+  dY[row] . W[col]. The entries are decoded by ``hk_latent_grads`` with the roles swapped (rows as segments).
 * ``hk_adam``       the elementwise Adam for W_enc / b_enc / b_dec: one float4 pass, optionally writing the bf16
   copy of the new parameter in it (round to nearest even, as ``astype``). Unlike MLX's compiled Adam it cannot
   update donated buffers in place.
@@ -47,7 +51,8 @@ class CudaOps(GpuOps):
     SOURCES = specs(row_topk=S.ROW_TOPK, radix_hist=S.RADIX_HIST, decode=S.DECODE, gather_dot=S.GATHER_DOT,
                     latent_grads=S.LATENT_GRADS, latent_grads_v4=S.LATENT_GRADS_V4,
                     latent_grads_atomic=S.LATENT_GRADS_ATOMIC, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS,
-                    seg_fill=S.SEG_FILL, seg_order=S.SEG_ORDER, adam=S.ADAM)
+                    seg_fill=S.SEG_FILL, seg_order=S.SEG_ORDER, adam=S.ADAM, bt_counts=S.BT_COUNTS,
+                    bt_compact=S.BT_COMPACT, entries_dot=S.ENTRIES_DOT)
     HEADER = S.HEADER
     radix_bf16 = True
     radix_max_groups = 132 * 8

@@ -510,3 +510,90 @@ ADAM = r"""
   if (LOWP) hk_stbf<4>(P_lp, i, p);
 """
 
+BT_COUNTS = r"""
+  // template: F, BF16; one 256-thread block per row: counts[row] = (#entries with relu(pre) > t, # with == t),
+  // t = thresh[0] (the batch's cut, relu'd)
+  __shared__ unsigned int c[2];
+  if (threadIdx.x == 0) { c[0] = 0; c[1] = 0; }
+  __syncthreads();
+  const size_t base = (size_t)blockIdx.x * F;
+  const float t = thresh[0];
+  unsigned int gt = 0, eq = 0;
+  for (int i = threadIdx.x; i < F; i += blockDim.x) {
+    const float v = BF16 ? hk_bf16(reinterpret_cast<const unsigned short*>(pre)[base + i])
+                         : reinterpret_cast<const float*>(pre)[base + i];
+    const float a = v > 0.f ? v : 0.f;
+    gt += a > t;
+    eq += a == t;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    gt += __shfl_xor_sync(0xffffffffu, gt, o);
+    eq += __shfl_xor_sync(0xffffffffu, eq, o);
+  }
+  if ((threadIdx.x & 31) == 0) { atomicAdd(&c[0], gt); atomicAdd(&c[1], eq); }
+  __syncthreads();
+  if (threadIdx.x == 0) { counts[2 * blockIdx.x] = (int)c[0]; counts[2 * blockIdx.x + 1] = (int)c[1]; }
+"""
+
+BT_COMPACT = r"""
+  // template: F, BF16; one 256-thread block per row. Writes the row's kept entries in column order from
+  // off[row]: every relu(pre) > t, and the first take[row] of those == t (the batch's ties go to the first rows).
+  // Ordered compaction, 256 columns at a time: warp ballots, then the warps' totals in shared memory.
+  __shared__ unsigned int wg[8], we[8];
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const size_t base = (size_t)row * F;
+  const float t = thresh[0];
+  const unsigned int take_ = (unsigned int)take[row];
+  const unsigned int out0 = (unsigned int)off[row];
+  const unsigned int lt = (1u << lane) - 1u;
+  unsigned int kept_before = 0, ties_before = 0;
+  for (int c0 = 0; c0 < F; c0 += 256) {  // block-uniform trip count
+    const int i = c0 + tid;
+    float a = 0.f;
+    bool g = false, e = false;
+    if (i < F) {
+      const float v = BF16 ? hk_bf16(reinterpret_cast<const unsigned short*>(pre)[base + i])
+                           : reinterpret_cast<const float*>(pre)[base + i];
+      a = v > 0.f ? v : 0.f;
+      g = a > t;
+      e = a == t;
+    }
+    const unsigned int bg = __ballot_sync(0xffffffffu, g), be = __ballot_sync(0xffffffffu, e);
+    if (lane == 0) { wg[warp] = __popc(bg); we[warp] = __popc(be); }
+    __syncthreads();
+    unsigned int og = 0, oe = 0, tg = 0, te = 0;
+    for (int w = 0; w < 8; ++w) {
+      if (w < warp) { og += wg[w]; oe += we[w]; }
+      tg += wg[w]; te += we[w];
+    }
+    __syncthreads();
+    const unsigned int left = take_ > ties_before ? take_ - ties_before : 0u;
+    const unsigned int m = left < te ? left : te;  // the chunk's ties that are kept: its first m
+    const unsigned int gx = og + __popc(bg & lt), ex = oe + __popc(be & lt);
+    if (g || (e && ex < m)) {
+      const unsigned int slot = out0 + kept_before + gx + (ex < m ? ex : m);
+      rows[slot] = (uint32_t)row;
+      cols[slot] = (uint32_t)i;
+      vals[slot] = a;
+    }
+    kept_before += tg + m;
+    ties_before += te;
+  }
+"""
+
+ENTRIES_DOT = r"""
+  // template: N (entries), D (D % 4 == 0), LPW (W in bfloat16); one warp per entry: out[e] = dY[rows_e] . W[cols_e]
+  const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (e >= N) return;  // (warp-uniform)
+  const float4* y = reinterpret_cast<const float4*>(dY + (size_t)rows[e] * D);
+  const size_t w0 = (size_t)cols[e] * D;
+  float acc = 0.f;
+  for (int d4 = lane; d4 < D / 4; d4 += 32) {
+    const float4 a = y[d4], w = hk_ld4<LPW>(W, w0 + 4 * d4);
+    acc += a.x * w.x + a.y * w.y + a.z * w.z + a.w * w.w;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) out[e] = acc;
+"""

@@ -7,7 +7,8 @@ Kernels (one entry each in a back end's ``SOURCES``; what each computes is in ``
 ``row_topk``, ``radix_hist``, ``decode``, ``gather_dot``, ``latent_grads`` (and optionally ``latent_grads_v4``,
 the float4 variant, and ``latent_grads_atomic``, the scatter-add variant), ``adam_rows``, ``sq_norms``, and
 ``seg_fill`` / ``seg_order`` (a deterministic counting sort of the entries by latent for ``latent_grads``), and
-optionally ``adam`` (the elementwise Adam with the low-precision copy in the same pass; else MLX's compiled one).
+optionally ``adam`` (the elementwise Adam with the low-precision copy in the same pass; else MLX's compiled one)
+and ``bt_counts`` / ``bt_compact`` / ``entries_dot`` (BatchTopK's entries kept sparse: ``sparse_batchtopk``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ _LG_OUT = ("dW_dec", "dW_enc", "db_enc")
 
 def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_grads: str, adam_rows: str,
           sq_norms: str, seg_fill: str, seg_order: str, latent_grads_v4: str | None = None,
-          latent_grads_atomic: str | None = None, adam: str | None = None) -> dict[str, KernelSpec]:
+          latent_grads_atomic: str | None = None, adam: str | None = None, bt_counts: str | None = None,
+          bt_compact: str | None = None, entries_dot: str | None = None) -> dict[str, KernelSpec]:
     """A back end's kernel table from its sources (the names and argument lists are the same on every GPU)."""
     table = {
         "row_topk": KernelSpec(("pre", "dead"), ("vals", "idx"), row_topk),
@@ -52,6 +54,10 @@ def specs(row_topk: str, radix_hist: str, decode: str, gather_dot: str, latent_g
         table["latent_grads_atomic"] = KernelSpec(("cols",) + _LG_IN[1:], _LG_OUT, latent_grads_atomic, atomic=True)
     if adam is not None:
         table["adam"] = KernelSpec(("P", "G", "M", "V", "hp"), ("P_out", "M_out", "V_out", "P_lp"), adam)
+    if bt_counts is not None and bt_compact is not None and entries_dot is not None:  # the sparse BatchTopK path
+        table["bt_counts"] = KernelSpec(("pre", "thresh"), ("counts",), bt_counts)
+        table["bt_compact"] = KernelSpec(("pre", "thresh", "off", "take"), ("rows", "cols", "vals"), bt_compact)
+        table["entries_dot"] = KernelSpec(("dY", "rows", "cols", "W"), ("out",), entries_dot)
     return table
 
 
@@ -98,6 +104,9 @@ class GpuOps(ReferenceOps):
         #: how latent_grads orders its entries by latent: "argsort" (MLX's sort; measured in the trainer) or "count"
         #: (the counting-sort kernels; checked on the H200, not yet timed in the trainer): HOOKED_MLX_SAE_SORT
         self.entry_sort = os.environ.get("HOOKED_MLX_SAE_SORT", "argsort")
+        #: BatchTopK keeps the batch's entries as a sparse list where the back end has the kernels for it
+        #: (HOOKED_MLX_SAE_SPARSE_BTK=0: the dense mask)
+        self.sparse_batchtopk = "bt_compact" in self.k and os.environ.get("HOOKED_MLX_SAE_SPARSE_BTK", "1") != "0"
         #: the row top-k's prefilter (HOOKED_MLX_SAE_TOPK_PF=0: the radix select over the whole row)
         self.topk_prefilter = os.environ.get("HOOKED_MLX_SAE_TOPK_PF", "1") != "0"
 
@@ -136,6 +145,46 @@ class GpuOps(ReferenceOps):
             grid=(groups * nt, 1, 1), threadgroup=(nt, 1, 1), output_shapes=[(256,)], output_dtypes=[mx.uint32],
             init_value=0)
         return hist
+
+    def batch_entries(self, pre, n_keep):
+        """The exact cut (``batch_kth_largest``), each row's counts above and at it (``hk_bt_counts``), the rows'
+        output offsets and tie shares (``batch_entry_layout``), then one ordered compaction per row
+        (``hk_bt_compact``): the entries sorted by (row, column); ties at the cut go to the first rows."""
+        B, F = pre.shape
+        if (not self.sparse_batchtopk or not 0 < n_keep <= pre.size or pre.ndim != 2
+                or pre.dtype not in (mx.float32, mx.bfloat16)):
+            return super().batch_entries(pre, n_keep)
+        bf16 = pre.dtype == mx.bfloat16
+        th = self.batch_kth_largest(pre, n_keep).astype(mx.float32).reshape(1)
+        (counts,) = self.k["bt_counts"](inputs=[pre, th], template=[("F", int(F)), ("BF16", bf16)],
+                                        grid=(B * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(B, 2)],
+                                        output_dtypes=[mx.int32])
+        off, take = batch_entry_layout(counts, n_keep)
+        rows, cols, vals = self.k["bt_compact"](
+            inputs=[pre, th, off, take], template=[("F", int(F)), ("BF16", bf16)], grid=(B * 256, 1, 1),
+            threadgroup=(256, 1, 1), output_shapes=[(n_keep,)] * 3, output_dtypes=[mx.uint32, mx.uint32, mx.float32])
+        return rows, cols, vals
+
+    def entries_decode(self, rows, cols, vals, W, n_rows):
+        # the per-latent gradient kernel with the roles swapped: output row r sums the W rows cols_e of r's entries
+        if not self.sparse_batchtopk or W.shape[-1] % 4:
+            return super().entries_decode(rows, cols, vals, W, n_rows)
+        out, _, _ = self.latent_grads(rows, cols, cols, vals.astype(mx.float32), None, _f32_or_bf16(W), None,
+                                      int(n_rows))
+        return out
+
+    def entries_dot(self, dY, rows, cols, W):
+        D = W.shape[-1]
+        if not self.sparse_batchtopk or D % 4:
+            return super().entries_dot(dY, rows, cols, W)
+        W = _f32_or_bf16(W)
+        n = rows.size
+        (out,) = self.k["entries_dot"](
+            inputs=[dY.astype(mx.float32), rows.astype(mx.uint32), cols.astype(mx.uint32), W],
+            template=[("N", int(n)), ("D", int(D)), ("LPW", W.dtype == mx.bfloat16)],
+            grid=(((n + 7) // 8) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(n,)],
+            output_dtypes=[mx.float32])
+        return out
 
     # -- decoder ----------------------------------------------------------------------------------------
     def decode(self, vals, idx, W):
@@ -177,7 +226,7 @@ class GpuOps(ReferenceOps):
                 template=[("F", int(F)), ("D", int(D)), ("HAS_ENC", has_enc)], grid=(cols.size * 256, 1, 1),
                 threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[mx.float32] * 3, init_value=0)
             return (outs[0], outs[1], outs[2]) if has_enc else (outs[0], None, None)
-        if self.entry_sort == "count":
+        if self.entry_sort == "count" or F * Y.shape[0] >= 2**32:  # (the argsort's key would overflow uint32)
             ins = self.sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, F) + [Y, X]
         else:
             ins = sorted_entries(cols, rows_dec, rows_enc, coef_dec, ce, Y.shape[0], F) + [Y, X]
@@ -259,6 +308,18 @@ class GpuOps(ReferenceOps):
                                     template=[("C", int(C)), ("HAS_W", W is not None)], grid=(R * 256, 1, 1),
                                     threadgroup=(256, 1, 1), output_shapes=[(R,)], output_dtypes=[mx.float32])
         return mx.sum(out)
+
+
+def batch_entry_layout(counts: mx.array, n_keep: int) -> tuple[mx.array, mx.array]:
+    """Where each row's BatchTopK entries go, from ``counts`` [B, 2] int32 (per row: entries above the cut, entries
+    at it): (off [B] int32, the row's first output slot; take [B] int32, how many of its entries at the cut it
+    keeps). Every entry above the cut is kept; the n_keep - (their total) ties go to the first rows, in row order.
+    The rows' entries are then contiguous, in row order: off is the exclusive prefix sum of above + take."""
+    gt, eq = counts[:, 0], counts[:, 1]
+    need = n_keep - mx.sum(gt)
+    take = mx.clip(need - (mx.cumsum(eq) - eq), 0, eq).astype(mx.int32)
+    kept = gt + take
+    return (mx.cumsum(kept) - kept).astype(mx.int32), take
 
 
 def _f32_or_bf16(W: mx.array) -> mx.array:

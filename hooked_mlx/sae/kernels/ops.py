@@ -223,7 +223,8 @@ def radix_kth_largest(ops, pre: mx.array, n_keep: int) -> mx.array:
     prefix = mx.array([0], dtype=mx.uint32)
     remaining = mx.array(n_keep, dtype=mx.int32)
     rev = mx.arange(255, -1, -1)
-    for shift in (24, 16, 8, 0):
+    # bfloat16 values have float32 keys whose low 16 bits are zero: two passes decide them
+    for shift in ((24, 16) if pre.dtype == mx.bfloat16 else (24, 16, 8, 0)):
         hist = ops.radix_histogram(keys, prefix, shift).astype(mx.int32)
         h = hist[rev]  # bins from high to low
         cum = mx.cumsum(h)
