@@ -384,3 +384,21 @@ def test_batch_entry_layout_places_exactly_the_batch_top_entries(seed, n_keep):
     tie_rows = rows[vals == t] if (acts > t).sum() < n_keep else rows[:0]
     eq_rows = np.repeat(np.arange(16), (acts == t).sum(1))
     assert np.array_equal(np.sort(tie_rows), eq_rows[:len(tie_rows)])  # ties: the first rows' first
+
+
+@pytest.mark.parametrize("n_keep", [1, 300, 4096])
+def test_radix_cut_of_bfloat16_values_takes_two_passes_and_is_exact(n_keep):
+    """bfloat16 pre-activations have float32 keys whose low 16 bits are zero: the radix select decides them in
+    two passes, and its cut is still the exact n_keep-th largest relu'd entry."""
+    rng = np.random.default_rng(n_keep)
+    pre = mx.array(rng.normal(size=(32, 128)).astype(np.float32)).astype(mx.bfloat16)
+    calls = []
+
+    class Counting(FU.ReferenceOps):
+        def radix_histogram(self, keys, prefix, shift):
+            calls.append(shift)
+            return super().radix_histogram(keys, prefix, shift)
+
+    got = Counting().batch_kth_largest(pre, n_keep).item()
+    want = np.sort(np.maximum(np.array(pre.astype(mx.float32)), 0).ravel())[::-1][n_keep - 1]
+    assert got == want and calls == [24, 16]

@@ -104,9 +104,11 @@ class GpuOps(ReferenceOps):
         #: how latent_grads orders its entries by latent: "argsort" (MLX's sort; measured in the trainer) or "count"
         #: (the counting-sort kernels; checked on the H200, not yet timed in the trainer): HOOKED_MLX_SAE_SORT
         self.entry_sort = os.environ.get("HOOKED_MLX_SAE_SORT", "argsort")
-        #: BatchTopK keeps the batch's entries as a sparse list where the back end has the kernels for it
-        #: (HOOKED_MLX_SAE_SPARSE_BTK=0: the dense mask)
-        self.sparse_batchtopk = "bt_compact" in self.k and os.environ.get("HOOKED_MLX_SAE_SPARSE_BTK", "1") != "0"
+        #: BatchTopK keeps the batch's entries as a sparse list (the back end's bt_* kernels) with
+        #: HOOKED_MLX_SAE_SPARSE_BTK=1. Off by default until the kernels have run on a GPU: they are CPU-tested
+        #: through their layout arithmetic only, and a kernel failing the first-use self-check would send the whole
+        #: back end to the reference ops. Off: the dense mask, measured (1.13x sparsify at S1).
+        self.sparse_batchtopk = "bt_compact" in self.k and os.environ.get("HOOKED_MLX_SAE_SPARSE_BTK", "0") == "1"
         #: the row top-k's prefilter (HOOKED_MLX_SAE_TOPK_PF=0: the radix select over the whole row)
         self.topk_prefilter = os.environ.get("HOOKED_MLX_SAE_TOPK_PF", "1") != "0"
 
