@@ -1,5 +1,5 @@
-"""CUDA back end of the fused SAE kernels: its sources (``cuda_sources.py``) and ``mx.fast.cuda_kernel``; the
-launches are ``gpu.GpuOps``'s (see ``fused.py`` for the design).
+"""CUDA back end of the fused SAE kernels: its sources (``cuda_sources.py``, ``cuda_sources_backward.py``) and
+``mx.fast.cuda_kernel``; the launches are ``gpu.GpuOps``'s (see ``fused.py`` for the design).
 
 Kernels:
 
@@ -41,6 +41,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import cuda_sources as S
+from . import cuda_sources_backward as SB
 from .gpu import GpuOps, KernelSpec, specs
 
 
@@ -49,9 +50,9 @@ class CudaOps(GpuOps):
 
     name = "cuda"
     SOURCES = specs(row_topk=S.ROW_TOPK, radix_hist=S.RADIX_HIST, decode=S.DECODE, gather_dot=S.GATHER_DOT,
-                    latent_grads=S.LATENT_GRADS, latent_grads_v4=S.LATENT_GRADS_V4,
-                    latent_grads_atomic=S.LATENT_GRADS_ATOMIC, adam_rows=S.ADAM_ROWS, sq_norms=S.SQ_NORMS,
-                    seg_fill=S.SEG_FILL, seg_order=S.SEG_ORDER, adam=S.ADAM, bt_counts=S.BT_COUNTS,
+                    latent_grads=SB.LATENT_GRADS, latent_grads_v4=SB.LATENT_GRADS_V4,
+                    latent_grads_atomic=SB.LATENT_GRADS_ATOMIC, adam_rows=SB.ADAM_ROWS, sq_norms=SB.SQ_NORMS,
+                    seg_fill=SB.SEG_FILL, seg_order=SB.SEG_ORDER, adam=SB.ADAM, bt_counts=S.BT_COUNTS,
                     bt_compact=S.BT_COMPACT, entries_dot=S.ENTRIES_DOT)
     HEADER = S.HEADER
     radix_bf16 = True

@@ -1,7 +1,9 @@
 """The Metal kernel sources of ``metal.py`` (``mx.fast.metal_kernel`` bodies and their shared header): the CUDA
-design (``cuda_sources.py``) in Metal, with the same names, arguments and templates, so that ``gpu.GpuOps``
-launches both. Differences: no warp-match aggregation (plain threadgroup atomics), and no float4 or scatter-add
-variant of the per-latent gradient kernel."""
+design (``cuda_sources.py``, ``cuda_sources_backward.py``) in Metal, with the same names, arguments and templates,
+so that ``gpu.GpuOps`` launches both. Differences: no warp-match aggregation (plain threadgroup atomics); the row
+top-k without the prefilter (it selects over the whole row: ``PF`` is ignored); scalar loads in the decoder Adam
+pass (``VEC`` ignored); none of the optional kernels (the float4 and scatter-add per-latent gradient variants, the
+elementwise Adam, which is then MLX's, and the sparse BatchTopK entries, which then keep the dense mask)."""
 
 HEADER = r"""
 inline uint hk_key(float f) {
@@ -237,7 +239,7 @@ SQ_NORMS = r"""
 """
 
 SEG_FILL = r"""
-  // template: N (entries); the CUDA kernel's (cuda_sources.SEG_FILL) design; fill is atomic, zero-initialised
+  // template: N (entries); the CUDA kernel's (cuda_sources_backward.SEG_FILL) design; fill is atomic, zero-initialised
   const uint e = thread_position_in_grid.x;
   if (e >= N) return;
   const uint f = cols[e];
@@ -247,7 +249,7 @@ SEG_FILL = r"""
 """
 
 SEG_ORDER = r"""
-  // template: N (entries); as cuda_sources.SEG_ORDER
+  // template: N (entries); as cuda_sources_backward.SEG_ORDER
   const uint s = thread_position_in_grid.x;
   if (s >= N) return;
   const uint e = slot_e[s], r = slot_r[s];
