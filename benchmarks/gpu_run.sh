@@ -16,6 +16,9 @@
 #   trainer:          benchmarks/sae_trainer.py with the default settings (the README's table)
 #   trainer-variants: the same with the opt-in settings (HOOKED_MLX_SAE_SORT=count, HOOKED_MLX_SAE_SPARSE_BTK=1),
 #                     the measurement that decides whether they become defaults
+#   memory-variants:  the default trainer alone at S1 and S2 with the memory-related settings changed one at a time:
+#                     MLX's donating Adam for W_enc without its copy (HOOKED_MLX_SAE_ADAM_KERNEL=0
+#                     HOOKED_MLX_SAE_LOWP_COPIES=W_dec), no copies (HOOKED_MLX_SAE_LOWP_COPIES=), and both
 set -uo pipefail
 source .gpu2/install.sh >/dev/null || exit 1
 export MLX_PTX_CACHE_DIR="$HOME/.cache/mlx-ptx"
@@ -33,6 +36,15 @@ for part in $PARTS; do
       HOOKED_MLX_SAE_SORT=count HOOKED_MLX_SAE_SPARSE_BTK=1 timeout 340 python benchmarks/sae_trainer.py --device gpu \
         --device-name "NVIDIA H200" --steps 20 --warmup 5 --json "$OUT/sae_trainer_h200_variants.json" 2>&1 \
         | tee "$OUT/sae_trainer_h200_variants.log" | grep -v -i warn | tail -9 ;;
+    memory-variants)
+      i=0
+      for v in "" "HOOKED_MLX_SAE_ADAM_KERNEL=0 HOOKED_MLX_SAE_LOWP_COPIES=W_dec" "HOOKED_MLX_SAE_LOWP_COPIES=" \
+               "HOOKED_MLX_SAE_ADAM_KERNEL=0 HOOKED_MLX_SAE_LOWP_COPIES="; do
+        i=$((i + 1))
+        echo "== ${v:-defaults}"
+        env $v timeout 150 python benchmarks/sae_trainer.py --device gpu --device-name "NVIDIA H200" --steps 20 \
+          --warmup 5 --gpu-impls trainer --json "$OUT/sae_trainer_h200_memory_$i.json" 2>&1 | grep ' ms/step'
+      done ;;
     *) echo "gpu_run.sh: unknown part $part"; exit 2 ;;
   esac
 done

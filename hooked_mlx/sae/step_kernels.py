@@ -8,6 +8,8 @@ then global. The trainer calls these methods only; there is no attribute probing
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from . import metrics as M
@@ -77,7 +79,10 @@ class StepKernels:
         if self.ops is None:
             return {}
         dts = {"W_enc": self.ops.matmul_dtype, "W_dec": self.ops.decoder_dtype}
-        return {n: dt for n, dt in dts.items() if dt is not None}
+        # HOOKED_MLX_SAE_LOWP_COPIES: which copies to keep (default both; e.g. "W_dec" or "" trade the per-step casts
+        # for memory: each copy is half its parameter)
+        keep = os.environ.get("HOOKED_MLX_SAE_LOWP_COPIES", "W_enc,W_dec").replace(" ", "").split(",")
+        return {n: dt for n, dt in dts.items() if dt is not None and n in keep}
 
     def batchtopk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None, lowp=None):
         """``topk_forward`` for BatchTopK: (x_hat [B,D], vals [k*B], cols [k*B], aux), the batch's kept entries

@@ -101,3 +101,17 @@ def test_forward_refuses_a_copy_of_the_wrong_shape(gpu_like):
     with pytest.raises(ValueError, match=r"W_dec_lowp has shape \(8, 16\).*expected \(16, 8\) in "):
         FU.topk_sae_forward(x, W_enc, mx.zeros((16,)), W_dec, mx.zeros((8,)), 2,
                             W_dec_lowp=W_enc.T.astype(mx.bfloat16).T)
+
+
+def test_the_kept_copies_can_be_chosen(gpu_like, monkeypatch):
+    """HOOKED_MLX_SAE_LOWP_COPIES=W_dec keeps only the decoder's copy (the encoder's operand is then cast in each
+    step); the trainer still ends bit-identical to casting both in every step."""
+    monkeypatch.setenv("HOOKED_MLX_SAE_LOWP_COPIES", "W_dec")
+    data = make_sparse_data()
+    batches = [mx.array(data[i * B:(i + 1) * B]) for i in range(6)]
+    cfg = _cfg("topk")
+    kept = _trainer(cfg, batches, True, False, 6)
+    cast = _trainer(cfg, batches, False, False, 6)
+    assert set(kept.lowp) == {"W_dec"}
+    for name, a in kept.sae.parameters().items():
+        assert mx.array_equal(a, cast.sae.parameters()[name]).item(), name

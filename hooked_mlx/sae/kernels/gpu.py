@@ -109,6 +109,9 @@ class GpuOps(ReferenceOps):
         #: through their layout arithmetic only, and a kernel failing the first-use self-check would send the whole
         #: back end to the reference ops. Off: the dense mask, measured (1.13x sparsify at S1).
         self.sparse_batchtopk = "bt_compact" in self.k and os.environ.get("HOOKED_MLX_SAE_SPARSE_BTK", "0") == "1"
+        #: the elementwise Adam in the back end's kernel, where it has one (HOOKED_MLX_SAE_ADAM_KERNEL=0: MLX's
+        #: compiled Adam, which updates donated buffers in place; the kernel was faster at S2, 23.8 against 25.7 ms)
+        self.adam_kernel = os.environ.get("HOOKED_MLX_SAE_ADAM_KERNEL", "1") != "0"
         #: the row top-k's prefilter (HOOKED_MLX_SAE_TOPK_PF=0: the radix select over the whole row)
         self.topk_prefilter = os.environ.get("HOOKED_MLX_SAE_TOPK_PF", "1") != "0"
 
@@ -288,7 +291,7 @@ class GpuOps(ReferenceOps):
         Measured on the H200 in the trainer (benchmarks/results/sae_trainer_h200*.json): the S2 step 23.8 ms with
         this kernel against 25.7 with MLX's compiled Adam (which also wrote the copy, and then peaked higher)."""
         lowp = lowp_dtype is not None
-        if ("adam" not in self.k or p.size % 4 or any(a.dtype != mx.float32 for a in (p, g, m, v))
+        if (not self.adam_kernel or "adam" not in self.k or p.size % 4 or any(a.dtype != mx.float32 for a in (p, g, m, v))
                 or (lowp and lowp_dtype != mx.bfloat16)):
             return super().adam(p, g, m, v, hp, lowp_dtype)
         n = p.size
