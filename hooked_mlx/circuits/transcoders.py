@@ -84,7 +84,7 @@ class PerLayer(Replacement):
                                  f"{tc.cfg.hook_name_out!r}; expected {want[0]!r} -> {want[1]!r} (every layer's "
                                  f"transcoder reads the same hook).")
             cfg = tc.cfg
-            if cfg.architecture == "gated" or cfg.normalize_activations in RUN_TIME_NORMS:
+            if cfg.arch.gated or cfg.normalize_activations in RUN_TIME_NORMS:
                 raise ValueError(f"Layer {layer}'s transcoder is {cfg.architecture} / {cfg.normalize_activations}: "
                                  f"attribution needs an encoder input that is linear in the MLP input (relu, topk, "
                                  f"batchtopk, jumprelu without a run-time normalisation).")

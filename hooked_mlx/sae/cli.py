@@ -35,6 +35,7 @@ import sys
 import typing
 from typing import Any
 
+from .architectures import ARCHS, TRAINABLE_ARCHITECTURES
 from .config import (
     B_DEC_INITS,
     DTYPES,
@@ -44,7 +45,6 @@ from .config import (
     LR_SCHEDULES,
     NORMALIZATIONS,
     RUN_TIME_NORMS,
-    TRAINABLE_ARCHITECTURES,
     SAEConfig,
 )
 
@@ -193,7 +193,7 @@ def cmd_train_sae(args) -> int:
         if not args.hook:
             raise ValueError("--hook is required: the transcoder's input (e.g. --hook blocks.2.ln2.hook_normalized).")
         arch = args.architecture or SAEConfig.defaults()["architecture"]
-        if "saelens" in args.export and arch not in ("relu", "jumprelu"):
+        if "saelens" in args.export and ARCHS[arch].saelens_transcoder is None:
             raise ValueError(f"--export saelens: SAELens has no {arch} transcoder (it has relu and jumprelu ones, "
                              f"with or without a skip connection). Use --arch relu / jumprelu or drop the export.")
         if "sparsify" in args.export:

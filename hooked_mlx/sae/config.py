@@ -25,20 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-#: the architectures, and what each means
-ARCHITECTURES: dict[str, str] = {
-    "relu": "ReLU + L1 penalty weighted by decoder row norms (Anthropic April 2024); optional ghost grads",
-    "topk": "TopK (Gao et al. 2024): keep the k largest of relu(pre) per token; unit-norm decoder + AuxK",
-    "batchtopk": "BatchTopK (Bussmann et al. 2024): keep the k*B largest over the batch; JumpReLU at inference "
-    "with one running global threshold",
-    "jumprelu": "JumpReLU (Rajamanoharan et al. 2024): per-latent threshold trained with straight-through "
-    "rectangle-kernel pseudo-gradients and an L0 penalty",
-    "gated": "Gated SAE (Rajamanoharan et al. 2024), as SAELens stores it: a gate (x @ W_enc + b_gate > 0) times "
-    "a magnitude relu(x @ (W_enc * exp(r_mag)) + b_mag); loaded, spliced, evaluated and exported, not trained",
-}
-#: architectures the trainer trains (the others are loaded from files)
-TRAINABLE_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-TOPK_FAMILY = ("topk", "batchtopk")
+from .architectures import ARCHITECTURES, ARCHS, Architecture
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 NORMALIZATIONS: dict[str, str] = {
@@ -203,6 +191,11 @@ class SAEConfig:
         return self.d_out or self.d_in
 
     @property
+    def arch(self) -> Architecture:
+        """The architecture's record (``architectures.py``): every fact about it that code branches on."""
+        return ARCHS[self.architecture]
+
+    @property
     def resolved_d_sae(self) -> int:
         return self.d_sae if self.d_sae else self.expansion_factor * self.d_in
 
@@ -214,7 +207,7 @@ class SAEConfig:
     @property
     def resolved_decoder_unit_norm(self) -> bool:
         if self.decoder_unit_norm is None:
-            return self.architecture in TOPK_FAMILY
+            return self.arch.uses_k
         return bool(self.decoder_unit_norm)
 
     @property
@@ -306,17 +299,17 @@ class SAEConfig:
                 f"SAEConfig.shuffle_buffer_tokens = {self.shuffle_buffer_tokens} is invalid: allowed an integer "
                 f">= train_batch_size_tokens ({self.train_batch_size_tokens}), so that a batch can be drawn from it."
             )
-        if self.ghost_grads and self.architecture != "relu":
+        if self.ghost_grads and self.arch.sparsity != "l1":
             raise ValueError(
                 f"SAEConfig.ghost_grads = True is invalid for architecture {self.architecture!r}: allowed only with "
                 f"architecture 'relu' (TopK-family SAEs use AuxK: aux_k_coefficient)."
             )
         d_sae = self.resolved_d_sae
-        if self.d_in and self.architecture in TOPK_FAMILY and self.k > d_sae:
+        if self.d_in and self.arch.uses_k and self.k > d_sae:
             raise ValueError(
                 f"SAEConfig.k = {self.k} is invalid: allowed 1 <= k <= d_sae ({d_sae})."
             )
-        if self.architecture == "batchtopk" and self.train_batch_size_tokens * d_sae >= 2**31:
+        if self.arch.selection == "batch" and self.train_batch_size_tokens * d_sae >= 2**31:
             raise ValueError(
                 f"SAEConfig.train_batch_size_tokens = {self.train_batch_size_tokens} is invalid for batchtopk with "
                 f"d_sae {d_sae}: allowed train_batch_size_tokens * d_sae < 2**31 (MLX int32 shapes)."

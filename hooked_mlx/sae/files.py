@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from ..outputs import staged_dir
 from ..readers import load_safetensors, read_json
+from .architectures import ARCHS
 from .config import FORMAT_VERSION, RUN_TIME_NORMS, SAEConfig
 from .sae import SAE
 
@@ -162,27 +163,23 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
                    dataset_path: str = "", prepend_bos: bool | None = None, overwrite: bool = False) -> str:
     """Write a SAELens v6 folder loadable by ``SAE.load_from_disk(path)`` (new or empty unless ``overwrite``)."""
     cfg = sae.cfg
-    arch = cfg.architecture
+    arch = cfg.arch
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     extra: dict = {}
-    if arch == "relu":
-        sl_arch = "standard"
-    elif arch == "gated":  # SAELens names the magnitude bias b_mag and has no b_enc
-        sl_arch = "gated"
+    sl_arch = arch.saelens  # (batchtopk: a jumprelu with one threshold)
+    if arch.gated:  # SAELens names the magnitude bias b_mag and has no b_enc
         tensors = {"W_enc": sae.W_enc, "b_gate": sae.b_gate, "r_mag": sae.r_mag, "b_mag": sae.b_enc,
                    "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    elif arch == "topk":
-        sl_arch = "topk"
+    elif arch.inference == "topk":
         extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    else:  # jumprelu, and batchtopk as a jumprelu with one threshold
-        sl_arch = "jumprelu"
+    if arch.threshold is not None:
         tensors["threshold"] = sae.threshold
     if cfg.is_transcoder:
-        if arch not in ("relu", "jumprelu"):
-            raise ValueError(f"SAELens has no {arch} transcoder (it has transcoder, skip_transcoder, "
-                             f"jumprelu_transcoder, jumprelu_skip_transcoder); export a relu or jumprelu one.")
-        sl_arch = {"relu": "", "jumprelu": "jumprelu_"}[arch] + ("skip_transcoder" if cfg.skip_connection
-                                                                 else "transcoder")
+        if arch.saelens_transcoder is None:
+            kinds = [a.name for a in ARCHS.values() if a.saelens_transcoder is not None]
+            raise ValueError(f"SAELens has no {arch.name} transcoder (it has transcoder, skip_transcoder, "
+                             f"jumprelu_transcoder, jumprelu_skip_transcoder); export a {' or '.join(kinds)} one.")
+        sl_arch = arch.saelens_transcoder + ("skip_transcoder" if cfg.skip_connection else "transcoder")
         extra["d_out"] = sae.d_out
         if cfg.skip_connection:
             tensors["W_skip"] = sae.W_skip
@@ -212,8 +209,8 @@ def export_saelens(sae: SAE, path: str, *, model_name: str | None = None, contex
             "sequence_separator_token": "bos",
             "disable_concat_sequences": not cfg.packing,
             "exported_by": "hooked_mlx",
-            "hooked_mlx_architecture": arch,
-            "hooked_mlx_k": cfg.k if arch in ("topk", "batchtopk") else None,
+            "hooked_mlx_architecture": arch.name,
+            "hooked_mlx_k": cfg.k if arch.uses_k else None,
             "hooked_mlx_hook_name_out": cfg.hook_name_out or None,
         },
     }
@@ -289,12 +286,12 @@ def load_saelens(path: str, hook_name_out: str | None = None) -> SAE:
         extra={"imported_from": "saelens", "path": os.path.abspath(path)},
     )
     keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if skip else ())
-    if ours == "gated":  # SAELens's magnitude bias b_mag is our b_enc
+    if ARCHS[ours].gated:  # SAELens's magnitude bias b_mag is our b_enc
         keys = ("W_enc", "b_gate", "r_mag", "W_dec", "b_dec")
         t = {("b_enc" if k == "b_mag" else k): v for k, v in t.items()}
         keys += ("b_enc",)
     tensors: dict[str, mx.array] = {k: t[k] for k in keys if k in t}
-    if ours == "jumprelu":
+    if ARCHS[ours].threshold == "learned":
         if "threshold" in t:
             tensors["threshold"] = t["threshold"]
         elif "log_threshold" in t:
@@ -303,7 +300,7 @@ def load_saelens(path: str, hook_name_out: str | None = None) -> SAE:
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected} for architecture {arch!r}.")
     sae = build_sae(cfg, tensors, path)
-    if ours == "topk" and d.get("rescale_acts_by_decoder_norm", False):
+    if ARCHS[ours].inference == "topk" and d.get("rescale_acts_by_decoder_norm", False):
         # SAELens: h *= ||W_dec,i|| before top-k, decode with W_dec / ||W_dec,i||. Fold (SAELens _fold_norm_topk).
         n = sae.decoder_norms()
         sae.W_enc = sae.W_enc * n
@@ -333,7 +330,7 @@ def export_sparsify(sae: SAE, path: str, hookpoint: str | None = None, *, overwr
     if sae.cfg.is_transcoder:
         raise ValueError("export_sparsify writes SAEs; this is a transcoder. Use export_saelens (SAELens has "
                          "transcoder formats).")
-    if sae.cfg.architecture != "topk":
+    if not sae.cfg.arch.sparsify:
         raise ValueError(f"sparsify stores TopK SAEs only; this SAE is {sae.cfg.architecture!r} (use export_saelens).")
     if not sae.cfg.apply_b_dec_to_input:
         raise ValueError("sparsify always subtracts b_dec from the input; this SAE has apply_b_dec_to_input=False.")

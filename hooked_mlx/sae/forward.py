@@ -12,7 +12,7 @@ import mlx.optimizers as optim
 
 from ..host import to_float
 from . import metrics as M
-from .config import TOPK_FAMILY, SAEConfig
+from .config import SAEConfig
 from .sae import SAE
 from .step_kernels import StepKernels
 
@@ -99,8 +99,8 @@ def fused_path(sae: SAE, kernels: StepKernels) -> bool:
     """Whether ``train_forward`` runs ``sae`` through the fully fused forward (TopK, or BatchTopK where the back end
     keeps its entries sparse). The fused step assumes one width in and out: a transcoder with d_out != d_in takes
     the per-op path, whose decode and latent sums live in the decoder's width alone."""
-    arch = sae.cfg.architecture
-    fused = kernels.fused_topk if arch == "topk" else kernels.fused_batchtopk if arch == "batchtopk" else False
+    sel = sae.cfg.arch.selection
+    fused = kernels.fused_topk if sel == "row" else kernels.fused_batchtopk if sel == "batch" else False
     return fused and sae.d_out == sae.d_in
 
 
@@ -118,7 +118,8 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     """
     kernels = kernels if kernels is not None else StepKernels("reference")
     cfg = sae.cfg
-    arch = cfg.architecture
+    arch = cfg.arch  # the architecture's record: its selection (TopK, BatchTopK) or its sparsity penalty
+    sel = arch.selection
     B = x.shape[0]
     pre = kernels.encode_pre(x, sae.W_enc, sae.b_enc, sae.b_dec if cfg.apply_b_dec_to_input else None)
     zero = mx.array(0.0)
@@ -126,8 +127,8 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
-    fused_topk = arch == "topk" and fused_path(sae, kernels)
-    fused_btk = arch == "batchtopk" and fused_path(sae, kernels)
+    fused_topk = sel == "row" and fused_path(sae, kernels)
+    fused_btk = sel == "batch" and fused_path(sae, kernels)
     skip = sae.skip_term(x)  # a skip transcoder's linear term (None otherwise)
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
@@ -137,7 +138,7 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
         x_hat, vals, idx, aux = kernels.batchtopk_forward(sae, x, dead, use_dead, target, skip, lowp)
     else:
         vals = idx = None
-    if arch == "topk" or fused_btk:
+    if sel == "row" or fused_btk:
         if not (fused_topk or fused_btk):
             vals, idx = kernels.topk_select(pre, cfg.k)
             x_hat = kernels.topk_decode(vals, idx, sae.W_dec, sae.b_dec)
@@ -149,32 +150,32 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
         l1 = mx.sum(v) / B
         if fused_btk:
             extras["min_kept"] = mx.min(mx.where(v > 0, v, mx.inf))
-    elif arch == "batchtopk":
+    elif sel == "batch":
         f, cut = kernels.batchtopk_mask(mx.maximum(pre, 0), cfg.k)
         x_hat = kernels.dense_decode(f, sae.W_dec, sae.b_dec)
         extras["min_kept"] = mx.min(mx.where(f > 0, mx.stop_gradient(f), mx.inf))
-    elif arch == "relu":
+    elif arch.sparsity == "l1":  # ReLU
         f = mx.maximum(pre, 0)
         x_hat = kernels.dense_decode(f, sae.W_dec, sae.b_dec)
         dec_norm = mx.linalg.norm(sae.W_dec, axis=-1)
         sparsity = cfg.l1_coefficient * sparsity_scale * mx.mean(mx.sum(f * dec_norm, axis=-1))
-    elif arch == "jumprelu":
+    elif arch.sparsity == "l0":  # JumpReLU: the learned threshold's straight-through step
         f = kernels.jumprelu(pre, sae.threshold, cfg.jumprelu_bandwidth)
         x_hat = kernels.dense_decode(f, sae.W_dec, sae.b_dec)
         l0_ste = mx.mean(mx.sum(kernels.heaviside(pre, sae.threshold, cfg.jumprelu_bandwidth), axis=-1))
         sparsity = cfg.l0_coefficient * sparsity_scale * l0_ste
-    else:  # pragma: no cover - SAEConfig validates
-        raise ValueError(arch)
+    else:  # pragma: no cover - the trainer takes trainable architectures only
+        raise ValueError(f"{arch.name} SAEs are not trained here.")
     t = x if target is None else target
     fused = fused_topk or fused_btk
     if skip is not None and not fused:  # (the fused branches add it themselves, before their AuxK residual)
         x_hat = x_hat + skip
     mse = M.mse(t, x_hat)
-    if use_dead and arch in TOPK_FAMILY and cfg.aux_k_coefficient > 0 and not fused:
+    if use_dead and arch.uses_k and cfg.aux_k_coefficient > 0 and not fused:
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _auxk_loss(pre, t, x_hat, sae.W_dec, dead, cfg.resolved_aux_k, kernels), 0.0)
         aux = cfg.aux_k_coefficient * aux
-    elif use_dead and arch == "relu" and cfg.ghost_grads:
+    elif use_dead and arch.sparsity == "l1" and cfg.ghost_grads:
         n_dead = mx.sum(dead)
         aux = mx.where(n_dead > 0, _ghost_grad_loss(pre, t, x_hat, sae.W_dec, dead), 0.0)
     loss = mse + sparsity + aux

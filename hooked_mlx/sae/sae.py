@@ -27,7 +27,7 @@ import mlx.nn as nn
 
 from ..host import to_float
 from ..shapes import SAEInput, SAELatents, SparseIndices, SparseValues
-from .config import RUN_TIME_NORMS, TOPK_FAMILY, SAEConfig
+from .config import RUN_TIME_NORMS, SAEConfig
 from .kernels import reference as K
 
 #: SAELens's layer_norm epsilon (added to the std)
@@ -59,12 +59,13 @@ class SAE(nn.Module):
         self.b_dec = mx.zeros((Do,))
         if cfg.skip_connection:
             self.W_skip = mx.zeros((Do, D))
-        if cfg.architecture == "jumprelu":
+        arch = cfg.arch
+        if arch.threshold == "learned":
             self.threshold = mx.full((F,), cfg.jumprelu_init_threshold, dtype=mx.float32)
-        elif cfg.architecture == "batchtopk":
+        elif arch.threshold == "running":
             self.threshold = mx.zeros((F,))
             self.freeze(keys=["threshold"], recurse=False)
-        elif cfg.architecture == "gated":  # (b_enc is the magnitude path's bias, SAELens's b_mag)
+        elif arch.gated:  # (b_enc is the magnitude path's bias, SAELens's b_mag)
             self.b_gate = mx.zeros((F,))
             self.r_mag = mx.zeros((F,))
 
@@ -128,24 +129,24 @@ class SAE(nn.Module):
         """Pre-activations [..., d_sae] (a gated SAE's: the magnitude path's)."""
         x = self.normalize_input(self._check(x))
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        if self.cfg.architecture == "gated":
+        if self.cfg.arch.gated:
             return K.encode_pre(x, self.W_enc, mx.zeros_like(self.b_enc), b_dec) * mx.exp(self.r_mag) + self.b_enc
         return K.encode_pre(x, self.W_enc, self.b_enc, b_dec)
 
     def activation(self, pre: mx.array) -> mx.array:
         """Latents [..., d_sae] from pre-activations, with the inference semantics of the architecture."""
-        arch = self.cfg.architecture
-        if arch == "relu":
+        kind = self.cfg.arch.inference
+        if kind == "relu":
             return mx.maximum(pre, 0)
-        if arch == "topk":
+        if kind == "topk":
             lead = pre.shape[:-1]
             p2 = pre.reshape(-1, pre.shape[-1])
             vals, idx = K.topk_select(p2, self.cfg.k)
             return K.scatter_dense(vals, idx, self.d_sae).reshape(*lead, self.d_sae)
-        if arch == "gated":  # the gate reads the shared projection z = (pre - b_mag) / exp(r_mag)
+        if kind == "gated":  # the gate reads the shared projection z = (pre - b_mag) / exp(r_mag)
             gate = (pre - self.b_enc) * mx.exp(-self.r_mag) + self.b_gate
             return mx.where(gate > 0, mx.maximum(pre, 0), 0)
-        # jumprelu and batchtopk (JumpReLU with the learned / running threshold)
+        # "threshold": JumpReLU's learned threshold, BatchTopK's running one
         return mx.where(pre > self.threshold, mx.maximum(pre, 0), 0)
 
     def encode(self, x: SAEInput) -> SAELatents:
@@ -186,7 +187,7 @@ class SAE(nn.Module):
         """Reconstruction x_hat [..., d_in] of x [..., d_in]; a transcoder's prediction [..., d_out] of its
         target activation (plus x @ W_skip.T for a skip transcoder)."""
         x = self._check(x)
-        if self.cfg.architecture == "topk" and self.cfg.normalize_activations not in RUN_TIME_NORMS:
+        if self.cfg.arch.inference == "topk" and self.cfg.normalize_activations not in RUN_TIME_NORMS:
             lead = x.shape[:-1]
             vals, idx = K.topk_encode(x.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
                                       self.cfg.apply_b_dec_to_input)
@@ -215,7 +216,7 @@ class SAE(nn.Module):
         W_enc[:, i] *= n_i, b_enc *= n_i, threshold *= n_i, W_dec[i] /= n_i (valid because the activation
         functions are positively homogeneous; TopK ranking would change, so TopK is refused).
         """
-        if self.cfg.architecture in TOPK_FAMILY:
+        if self.cfg.arch.uses_k:
             raise ValueError("fold_decoder_norms changes TopK rankings; TopK-family decoders are kept at unit norm.")
         n = mx.maximum(self.decoder_norms(), 1e-12)
         self.W_enc = self.W_enc * n
@@ -227,7 +228,7 @@ class SAE(nn.Module):
             self.b_gate = self.b_gate * n
 
     def set_batchtopk_threshold(self, theta: float | mx.array) -> None:
-        if self.cfg.architecture != "batchtopk":
+        if self.cfg.arch.threshold != "running":
             raise ValueError("set_batchtopk_threshold applies to batchtopk SAEs only.")
         self.threshold = mx.full((self.d_sae,), theta, dtype=mx.float32) if not isinstance(theta, mx.array) \
             else mx.broadcast_to(theta.astype(mx.float32), (self.d_sae,))
@@ -239,7 +240,7 @@ class SAE(nn.Module):
         The running threshold of training (an EMA of each batch's smallest kept value) lags behind in short
         runs; this re-estimates it from data, e.g. held-out activations, after training.
         """
-        if self.cfg.architecture != "batchtopk":
+        if self.cfg.arch.threshold != "running":
             raise ValueError("calibrate_threshold applies to batchtopk SAEs only.")
         acts = mx.maximum(self.encode_pre(x.reshape(-1, self.d_in)), 0).reshape(-1)
         n_keep = int(round((self.cfg.k if target_l0 is None else target_l0) * x.reshape(-1, self.d_in).shape[0]))
@@ -258,6 +259,6 @@ class SAE(nn.Module):
         return sum(v.size for _, v in flat_items(self.parameters()))
 
     def __repr__(self) -> str:
-        extra = f", k={self.cfg.k}" if self.cfg.architecture in TOPK_FAMILY else ""
+        extra = f", k={self.cfg.k}" if self.cfg.arch.uses_k else ""
         hook = f", hook={self.cfg.hook_name!r}" if self.cfg.hook_name else ""
         return f"SAE({self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{extra}{hook})"

@@ -13,7 +13,8 @@ from mlx.utils import tree_map, tree_unflatten
 from ..host import flat_items, to_float, to_floats, to_int
 from . import distributed as D
 from . import metrics as M
-from .config import RUN_TIME_NORMS, TRAINABLE_ARCHITECTURES, SAEConfig
+from .architectures import TRAINABLE_ARCHITECTURES
+from .config import RUN_TIME_NORMS, SAEConfig
 from .forward import fused_path, geometric_median, lr_schedule, train_forward
 from .fused_update import adam_pass, adam_passes, update_hparams
 from .sae import SAE
@@ -46,7 +47,7 @@ class SAETrainer:
                  world: D.World | None = None):
         if cfg.d_in <= 0:
             raise ValueError("SAETrainer needs cfg.d_in > 0 (train_saes fills it in from the activation source).")
-        if cfg.architecture not in TRAINABLE_ARCHITECTURES:
+        if not cfg.arch.trainable:
             raise ValueError(f"SAETrainer trains {', '.join(TRAINABLE_ARCHITECTURES)} SAEs; {cfg.architecture!r} SAEs "
                              f"are loaded from files (load_saelens), spliced and evaluated, not trained here.")
         if cfg.normalize_activations in RUN_TIME_NORMS:
@@ -202,19 +203,19 @@ class SAETrainer:
                 # A non-finite loss or gradient skips the update (and every later one until the host reads
                 # the flag): the state stays exactly as before the bad step.
                 ok = mx.isfinite(loss) & mx.isfinite(gnorm) & (aux["bad_step"] < 0)
-            if cfg.architecture == "jumprelu" and deferred is None:
+            if cfg.arch.threshold == "learned" and deferred is None:  # a learned threshold stays >= 0
                 sae.threshold = mx.maximum(sae.threshold, 0.0)
             tsf = mx.where(fired, 0, aux["tokens_since_fired"] + B)
             aux["tokens_since_fired"] = tsf
             theta = aux["theta"]
-            if cfg.architecture == "batchtopk":
+            if cfg.arch.threshold == "running":  # an EMA of each batch's smallest kept value
                 mn = extras["min_kept"]
                 r = cfg.batchtopk_threshold_lr
                 new = mx.where(theta < 0, mn, (1 - r) * theta + r * mn)
                 theta = mx.where(mx.isfinite(mn), new, theta)
                 aux["theta"] = theta
                 thr_metric = mx.maximum(theta, 0.0)
-            elif cfg.architecture == "jumprelu":
+            elif cfg.arch.threshold == "learned":
                 thr_metric = mx.mean(sae.threshold)
             else:
                 thr_metric = mx.array(0.0)
@@ -252,7 +253,7 @@ class SAETrainer:
         for name in sorted(grads, key=lambda n: -grads[n].size):
             new = adam_pass(name, params.pop(name), grads.pop(name), self.optimizer.state, hp, unit_norm=unit_norm,
                             ops=self.fused_ops, lowp=self.lowp)
-            if name == "threshold" and self.cfg.architecture == "jumprelu":
+            if name == "threshold" and self.cfg.arch.threshold == "learned":
                 new = mx.maximum(new, 0.0)
             self.sae.update({name: new})
             mx.eval(new, self.optimizer.state[name], self.lowp)
@@ -322,7 +323,7 @@ class SAETrainer:
         """The trained SAE, taking raw activations: BatchTopK threshold set, input scale folded. (A copy.)"""
         sae = SAE(self.cfg)
         sae.update(tree_map(lambda a: a, self.sae.parameters()))
-        if self.cfg.architecture == "batchtopk":
+        if self.cfg.arch.threshold == "running":
             sae.set_batchtopk_threshold(max(to_float(self.aux["theta"]), 0.0))
         sae.fold_input_scale(self.input_scale)
         mx.eval(sae.parameters())

@@ -84,6 +84,24 @@ def test_metric_keys_are_constants():
     assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
 
 
+def test_architecture_records_state_what_the_code_branches_on():
+    """One record per architecture (``architectures.py``); the facts the trainer, the SAE and the file writers read."""
+    from hooked_mlx.sae.architectures import ARCHS, TOPK_FAMILY, TRAINABLE_ARCHITECTURES
+
+    assert TRAINABLE_ARCHITECTURES == ("relu", "topk", "batchtopk", "jumprelu") and TOPK_FAMILY == ("topk", "batchtopk")
+    facts = {n: (a.inference, a.selection, a.threshold, a.sparsity, a.saelens, a.saelens_transcoder, a.sparsify)
+             for n, a in ARCHS.items()}
+    assert facts == {
+        "relu": ("relu", None, None, "l1", "standard", "", False),
+        "topk": ("topk", "row", None, None, "topk", None, True),
+        "batchtopk": ("threshold", "batch", "running", None, "jumprelu", None, False),
+        "jumprelu": ("threshold", None, "learned", "l0", "jumprelu", "jumprelu_", False),
+        "gated": ("gated", None, None, None, "gated", None, False),
+    }
+    for name in ARCHITECTURES:
+        assert SAEConfig(architecture=name, d_in=8, d_sae=16, k=4).arch is ARCHS[name]
+
+
 def test_every_field_has_help_and_a_cli_flag():
     import argparse
 
