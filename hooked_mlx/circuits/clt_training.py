@@ -118,7 +118,8 @@ class CLTTrainer:
 
     def __init__(self, cfg: SAEConfig, n_layers: int, d_model: int, hook_in: str = HOOK_INS[0],
                  world: D.World | None = None):
-        if cfg.architecture not in ("topk", "jumprelu"):
+        # a CLT keeps the k largest per token (TopK) or learns per-feature thresholds (JumpReLU)
+        if not (cfg.arch.selection == "row" or cfg.arch.threshold == "learned"):
             raise ValueError(f"Cross-layer transcoders train with architecture 'topk' or 'jumprelu'; got "
                              f"{cfg.architecture!r}.")
         if hook_in not in HOOK_INS:
@@ -128,7 +129,7 @@ class CLTTrainer:
         self.world = world if world is not None and world.distributed else None
         F = cfg.d_sae or int(cfg.expansion_factor * d_model)
         self.module = CLTModule(n_layers, d_model, F, seed=cfg.seed, init_threshold=cfg.jumprelu_init_threshold
-                                if cfg.architecture == "jumprelu" else None)
+                                if cfg.arch.threshold == "learned" else None)
         self.optimizer = optim.Adam(learning_rate=lr_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2],
                                     eps=cfg.adam_eps, bias_correction=True)
         self.optimizer.init(self.module.trainable_parameters())
@@ -146,7 +147,7 @@ class CLTTrainer:
         cfg, module, opt = self.cfg, self.module, self.optimizer
         L, k = module.n_layers, cfg.k
         warm = cfg.sparsity_warmup_steps
-        jump = cfg.architecture == "jumprelu"
+        jump = cfg.arch.threshold == "learned"
         aux_on = use_dead and not jump and cfg.aux_k_coefficient > 0
         k_aux = min(cfg.aux_k or max(1, module.d_model // 2), module.d_transcoder)
         w = self.world
