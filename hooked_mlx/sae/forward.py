@@ -127,8 +127,8 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     sparsity = zero
     aux = zero
     f = None
-    fused_topk = sel == "row" and fused_path(sae, kernels)
-    fused_btk = sel == "batch" and fused_path(sae, kernels)
+    fused = fused_path(sae, kernels)
+    fused_topk, fused_btk = fused and sel == "row", fused and sel == "batch"
     skip = sae.skip_term(x)  # a skip transcoder's linear term (None otherwise)
     if fused_topk:
         # the fully fused path (CUDA / Metal / the sparse CPU ops): sparse encoder backward, AuxK included,
@@ -167,7 +167,6 @@ def train_forward(sae: SAE, x: mx.array, dead: mx.array, sparsity_scale: mx.arra
     else:  # pragma: no cover - the trainer takes trainable architectures only
         raise ValueError(f"{arch.name} SAEs are not trained here.")
     t = x if target is None else target
-    fused = fused_topk or fused_btk
     if skip is not None and not fused:  # (the fused branches add it themselves, before their AuxK residual)
         x_hat = x_hat + skip
     mse = M.mse(t, x_hat)

@@ -81,7 +81,10 @@ class StepKernels:
         dts = {"W_enc": self.ops.matmul_dtype, "W_dec": self.ops.decoder_dtype}
         # HOOKED_MLX_SAE_LOWP_COPIES: which copies to keep (default both; e.g. "W_dec" or "" trade the per-step casts
         # for memory: each copy is half its parameter)
-        keep = os.environ.get("HOOKED_MLX_SAE_LOWP_COPIES", "W_enc,W_dec").replace(" ", "").split(",")
+        keep = [n for n in os.environ.get("HOOKED_MLX_SAE_LOWP_COPIES", "W_enc,W_dec").replace(" ", "").split(",") if n]
+        if set(keep) - set(dts):
+            raise ValueError(f"HOOKED_MLX_SAE_LOWP_COPIES names {sorted(set(keep) - set(dts))}; expected a comma-separated "
+                             f"subset of {', '.join(dts)} (or nothing, for no copies).")
         return {n: dt for n, dt in dts.items() if dt is not None and n in keep}
 
     def batchtopk_forward(self, sae, x, dead, use_dead: bool, target=None, skip=None, lowp=None):

@@ -115,3 +115,9 @@ def test_the_kept_copies_can_be_chosen(gpu_like, monkeypatch):
     assert set(kept.lowp) == {"W_dec"}
     for name, a in kept.sae.parameters().items():
         assert mx.array_equal(a, cast.sae.parameters()[name]).item(), name
+
+
+def test_an_unknown_copy_name_is_refused(gpu_like, monkeypatch):
+    monkeypatch.setenv("HOOKED_MLX_SAE_LOWP_COPIES", "W_dec,W_skip")
+    with pytest.raises(ValueError, match=r"HOOKED_MLX_SAE_LOWP_COPIES names \['W_skip'\]; expected .*W_enc, W_dec"):
+        SAETrainer(_cfg("topk"))

@@ -40,9 +40,10 @@ Precision: GPU back ends run the encoder matmul in bf16 with fp32 accumulation (
 in bf16, as under sparsify's autocast), and the per-latent gradient sums read bf16 copies of the
 reconstruction gradient and of the (centred) input with fp32 sums (``lowp_backward``: half the gathered
 bytes; ``HOOKED_MLX_SAE_LOWP_BWD=0`` turns it off). Decode and the gathered dot products read a bf16 copy of
-W_dec, cast once per step (``lowp_decoder``; ``HOOKED_MLX_SAE_LOWP_DEC=0`` turns it off), with fp32 sums.
-Parameters, values, the optimizer state, Adam and θ are fp32. The reference back end is fp32 end to end and equals the dense reference (``reference.py``) to float32
-rounding, which the CPU tests check.
+W_dec (``decoder_dtype``; ``HOOKED_MLX_SAE_LOWP_DEC=0`` turns it off), with fp32 sums: the copy the trainer keeps
+(``W_dec_lowp``, written by the Adam pass), else one cast per step. Parameters, values, the optimizer state, Adam
+and θ are fp32. The reference back end is fp32 end to end and equals the dense reference (``reference.py``) to
+float32 rounding, which the CPU tests check.
 """
 
 from __future__ import annotations

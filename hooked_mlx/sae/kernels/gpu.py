@@ -104,6 +104,8 @@ class GpuOps(ReferenceOps):
         #: how latent_grads orders its entries by latent: "argsort" (MLX's sort; measured in the trainer) or "count"
         #: (the counting-sort kernels; checked on the H200, not yet timed in the trainer): HOOKED_MLX_SAE_SORT
         self.entry_sort = os.environ.get("HOOKED_MLX_SAE_SORT", "argsort")
+        if self.entry_sort not in ("argsort", "count"):
+            raise ValueError(f"HOOKED_MLX_SAE_SORT={self.entry_sort!r} is not a sort; use argsort or count.")
         #: BatchTopK keeps the batch's entries as a sparse list (the back end's bt_* kernels) with
         #: HOOKED_MLX_SAE_SPARSE_BTK=1. Off by default until the kernels have run on a GPU: they are CPU-tested
         #: through their layout arithmetic only, and a kernel failing the first-use self-check would send the whole

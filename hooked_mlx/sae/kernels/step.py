@@ -33,8 +33,8 @@ class FusedTopKStep:
 
         def loss(params, x, W_lowp, Wd_lowp):
             l, (fvu, aux, out) = FU.topk_sae_loss(x, params["W_enc"], params["b_enc"], params["W_dec"],
-                                                  params["b_dec"], k, W_enc_lowp=W_lowp,
-                                                  W_dec_lowp=Wd_lowp if self.dec_lowp else None, ops=ops)
+                                                  params["b_dec"], k, W_enc_lowp=W_lowp, W_dec_lowp=Wd_lowp,
+                                                  ops=ops)
             return l
 
         self.grad_fn = mx.compile(mx.value_and_grad(loss))
